@@ -1,0 +1,1 @@
+//! Timely operators wrapping each stage (the only timely-facing code).

@@ -1,0 +1,16 @@
+//! Qwen2.5-VL in burn: configuration, inputs processor (images, chat prompt,
+//! tokens, M-RoPE positions), vision tower, language model and generation.
+//!
+//! The split follows the model's data path: [`processor`] turns requests into
+//! token ids and pixel patches, [`vision`] encodes pixel patches into merged
+//! image embeddings, [`text`] runs the decoder with a KV cache and
+//! [`generate`] drives greedy / beam-search decoding on top of it.
+
+pub mod config;
+pub mod generate;
+pub mod image;
+pub mod processor;
+pub mod rope_index;
+pub mod text;
+pub mod vision;
+pub mod weights;

@@ -1,0 +1,1 @@
+//! Output sinks: JSON (the original format) and Parquet.
