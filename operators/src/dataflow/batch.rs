@@ -1,0 +1,96 @@
+//! The batched stage operator.
+
+use std::collections::BTreeMap;
+
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+use super::ErrorSlot;
+
+/// A stage's batch function: one output per input, in input order.
+///
+/// It is built per worker (so it may own non-`Send` state such as a model
+/// instance or a cache) and errors are reported as a message naming the
+/// input and the place.
+pub type BatchFn<I, O> = Box<dyn FnMut(Vec<I>) -> Result<Vec<O>, String>>;
+
+/// Wraps `logic` as a timely operator named `name` that runs it on batches of
+/// at least `batch_size` records, or fewer once the input frontier shows no
+/// more records can arrive for the stashed times.
+///
+/// Each output keeps the time of its input, so downstream progress tracking
+/// (and the driver's back-pressure) sees exactly which source batches are
+/// finished. After an error has been recorded in `errors` the operator drops
+/// its input.
+pub fn batched<'s, I, O>(
+    stream: StreamVec<'s, u64, I>,
+    name: &str,
+    batch_size: usize,
+    mut logic: BatchFn<I, O>,
+    errors: ErrorSlot,
+) -> StreamVec<'s, u64, O>
+where
+    I: 'static,
+    O: Clone + 'static,
+{
+    let batch_size = batch_size.max(1);
+    let stage = name.to_string();
+    stream
+        .unary_frontier(Pipeline, name, move |_capability, _info| {
+            // Records waiting to be processed, grouped by time.
+            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<I>)> = BTreeMap::new();
+            let mut stashed = 0usize;
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    if let Some(cap) = cap.retain_least(output.output_index()) {
+                        let time = *cap.time();
+                        let entry = stash.entry(time).or_insert_with(|| (cap, Vec::new()));
+                        for container in data {
+                            stashed += container.len();
+                            entry.1.append(container);
+                        }
+                    }
+                });
+                if stash.is_empty() {
+                    return;
+                }
+                if errors.is_set() {
+                    stash.clear();
+                    stashed = 0;
+                    return;
+                }
+                let complete = stash
+                    .keys()
+                    .next()
+                    .is_some_and(|t| !frontier.frontier().less_equal(t));
+                if stashed < batch_size && !complete {
+                    return;
+                }
+                // Run the whole stash as one batch, remembering each time's share.
+                let mut groups: Vec<(Capability<u64>, usize)> = Vec::new();
+                let mut items = Vec::with_capacity(stashed);
+                for (_, (cap, mut records)) in std::mem::take(&mut stash) {
+                    groups.push((cap, records.len()));
+                    items.append(&mut records);
+                }
+                stashed = 0;
+                let expected = items.len();
+                match logic(items) {
+                    Ok(outputs) if outputs.len() == expected => {
+                        let mut outputs = outputs.into_iter();
+                        for (cap, n) in groups {
+                            output.session(&cap).give_iterator(outputs.by_ref().take(n));
+                        }
+                    }
+                    Ok(outputs) => errors.set(format!(
+                        "internal error in stage `{stage}`: {} outputs for {expected} inputs",
+                        outputs.len()
+                    )),
+                    Err(message) => errors.set(message),
+                }
+            }
+        })
+        .container::<Vec<O>>()
+}

@@ -1,0 +1,144 @@
+//! The per-worker driver: builds the graph, feeds the source with
+//! back-pressure, and runs the worker until the graph has drained.
+
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::{Exchange, Input, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle, StreamVec};
+use timely::worker::Worker;
+use timely::ExchangeData;
+
+use super::ErrorSlot;
+
+/// How the source feeds the graph.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Records sent per source batch (one timely time per batch).
+    pub source_batch: usize,
+    /// How many source batches may be in flight (not yet through the sink)
+    /// before the source waits: bounds memory however large the input is.
+    pub max_inflight: u64,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            source_batch: 256,
+            max_inflight: 4,
+        }
+    }
+}
+
+/// Receives each finished record (query index, serialised bytes) on the
+/// worker that owns the sink (worker 0).
+pub type SinkFn = Box<dyn FnMut(u64, Vec<u8>) -> Result<(), String>>;
+
+/// What a worker did.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOutcome {
+    /// Source records this worker fed into the graph.
+    pub fed: u64,
+}
+
+/// Builds this worker's dataflow and runs it to completion.
+///
+/// * `source`: the records to feed (only on the worker that reads the input;
+///   `None` on the others). Each is routed to the worker `key(record) % peers`.
+/// * `build`: the middle of the graph, from routed source records to
+///   `(query_index, serialised record)` pairs.
+/// * `sink`: called, on worker 0 only, with every finished record.
+///
+/// Stops feeding as soon as any stage reports an error in `errors`, and
+/// returns that error once the graph has drained.
+pub fn run_worker<W, S, F>(
+    worker: &mut Worker,
+    config: &DriverConfig,
+    source: Option<S>,
+    key: fn(&W) -> u64,
+    build: F,
+    sink: Option<SinkFn>,
+    errors: ErrorSlot,
+) -> Result<WorkerOutcome, String>
+where
+    W: ExchangeData + Clone,
+    S: Iterator<Item = Result<W, String>>,
+    F: for<'s> FnOnce(StreamVec<'s, u64, W>) -> StreamVec<'s, u64, (u64, Vec<u8>)>,
+{
+    let mut input: InputHandle<u64, W> = InputHandle::new();
+    let probe = ProbeHandle::new();
+    let sink_errors = errors.clone();
+    worker.dataflow::<u64, _, _>(|scope| {
+        let routed = scope
+            .input_from(&mut input)
+            .container::<Vec<W>>()
+            .exchange(move |w: &W| key(w));
+        let finished = build(routed);
+        let mut sink = sink;
+        finished
+            .exchange(|_: &(u64, Vec<u8>)| 0)
+            .unary(Pipeline, "sink", move |_cap, _info| {
+                move |input, _output| {
+                    input.for_each(|_cap, data| {
+                        for (query_index, bytes) in data.drain(..) {
+                            if sink_errors.is_set() {
+                                continue;
+                            }
+                            match sink.as_mut() {
+                                Some(f) => {
+                                    if let Err(e) = f(query_index, bytes) {
+                                        sink_errors.set(e);
+                                    }
+                                }
+                                None => sink_errors.set(format!(
+                                    "internal error: record {query_index} reached a worker without a sink"
+                                )),
+                            }
+                        }
+                    });
+                }
+            })
+            .container::<Vec<()>>()
+            .probe_with(&probe);
+    });
+
+    let mut outcome = WorkerOutcome::default();
+    if let Some(records) = source {
+        let batch = config.source_batch.max(1);
+        let mut pending = 0usize;
+        for record in records {
+            if errors.is_set() {
+                break;
+            }
+            match record {
+                Ok(r) => {
+                    input.send(r);
+                    outcome.fed += 1;
+                    pending += 1;
+                }
+                Err(e) => {
+                    errors.set(e);
+                    break;
+                }
+            }
+            if pending >= batch {
+                pending = 0;
+                let next = *input.time() + 1;
+                input.advance_to(next);
+                // Back-pressure: keep at most `max_inflight` batches in flight.
+                while !errors.is_set()
+                    && probe.less_than(&next.saturating_sub(config.max_inflight))
+                {
+                    worker.step();
+                }
+            }
+        }
+    }
+    input.close();
+    while !probe.done() {
+        worker.step();
+    }
+    match errors.get() {
+        Some(e) => Err(e),
+        None => Ok(outcome),
+    }
+}

@@ -1,0 +1,320 @@
+//! Command-line interface: every flag of the original `generate_rl_data.py`
+//! with its original spelling (`--sft_ckpt`) and the kebab form
+//! (`--sft-ckpt`), plus leverflow's own.
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// Builds reinforcement-learning data for in-context example selection in
+/// VQA, as a timely dataflow.
+#[derive(Debug, Parser)]
+#[command(name = "leverflow", version, about, long_about = None)]
+#[command(args_override_self = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build RL records: candidates, VQA answers, accuracy, rewards → JSON + Parquet.
+    #[command(after_long_help = GENERATE_EXAMPLE, args_override_self = true)]
+    Generate(Box<GenerateArgs>),
+    /// Write candidate pointer sequences only (no VQA), to inspect a policy fast.
+    #[command(after_long_help = CANDIDATES_EXAMPLE, args_override_self = true)]
+    Candidates(Box<GenerateArgs>),
+    /// Official VQA accuracy of a results file.
+    #[command(after_long_help = SCORE_EXAMPLE)]
+    Score(ScoreArgs),
+    /// Answer one VQA request (or a list, as one batch) with a Qwen2.5-VL checkpoint.
+    #[command(after_long_help = VQA_EXAMPLE)]
+    Vqa(VqaArgs),
+    /// Micro-benchmarks whose figures go into BENCHMARKS.md.
+    #[command(after_long_help = BENCH_EXAMPLE)]
+    Bench(BenchArgs),
+}
+
+const GENERATE_EXAMPLE: &str = "Example (the original tool's flags work unchanged):
+  leverflow generate --sft_ckpt sft.ckpt --beam_data beam.json \\
+    --output_path rl_data.json --query_emb query.pt --cand_emb cand.pt \\
+    --vqa_model /models/Qwen2.5-VL-3B-Instruct --dataset okvqa_local \\
+    --train_ques_path OpenEnded_mscoco_train2014_questions.json \\
+    --train_ann_path mscoco_train2014_annotations.json --train_coco_root train2014/
+
+Re-score an earlier output without a model:
+  leverflow generate ... --vqa_backend replay --replay_from rl_data.json";
+
+const CANDIDATES_EXAMPLE: &str = "Example:
+  leverflow candidates --sft_ckpt sft.ckpt --beam_data beam.json \\
+    --output_path cands.json --query_emb query.pt --cand_emb cand.pt \\
+    --train_ques_path Q.json --train_ann_path A.json --train_coco_root images/";
+
+const SCORE_EXAMPLE: &str = "Example:
+  leverflow score --questions OpenEnded_mscoco_val2014_questions.json \\
+    --annotations mscoco_val2014_annotations.json --predictions results.json";
+
+const VQA_EXAMPLE: &str = "Example:
+  leverflow vqa --vqa_model /models/Qwen2.5-VL-3B-Instruct --request req.json
+where req.json is
+  {\"examples\": [{\"image\": \"a.jpg\", \"question\": \"what color?\", \"answer\": \"red\"}],
+   \"query\": {\"image\": \"b.jpg\", \"question\": \"what shape?\"}}";
+
+const BENCH_EXAMPLE: &str = "Example:
+  leverflow bench score
+  leverflow bench candidates --pool 64";
+
+/// Arguments of `generate` and `candidates`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct GenerateArgs {
+    /// YAML file with the same keys as these flags (`${oc.env:VAR}` is
+    /// replaced by the environment variable VAR); flags given on the command
+    /// line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (flags + YAML + defaults) and exit.
+    #[arg(long = "print_config", visible_alias = "print-config")]
+    pub print_config: bool,
+
+    // ---- inputs ----
+    /// SFT pointer-selector checkpoint (Lightning .ckpt, state-dict .pt, or .safetensors).
+    #[arg(long = "sft_ckpt", visible_alias = "sft-ckpt", value_name = "FILE")]
+    pub sft_ckpt: Option<PathBuf>,
+    /// Beam data (JSON object keyed by query index, or JSON Lines): decides which queries run.
+    #[arg(long = "beam_data", visible_alias = "beam-data", value_name = "FILE")]
+    pub beam_data: Option<PathBuf>,
+    /// Output JSON path (the original format).
+    #[arg(long = "output_path", visible_alias = "output-path", value_name = "FILE")]
+    pub output_path: Option<PathBuf>,
+    /// Query embeddings [N, d] (.pt, .safetensors, .npy); row i = dataset index i.
+    #[arg(long = "query_emb", visible_alias = "query-emb", value_name = "FILE")]
+    pub query_emb: Option<PathBuf>,
+    /// Candidate embeddings [K, d]; row j = candidate position j.
+    #[arg(long = "cand_emb", visible_alias = "cand-emb", value_name = "FILE")]
+    pub cand_emb: Option<PathBuf>,
+    /// JSON list: the dataset index of each candidate-embedding row (default: row = index).
+    #[arg(long = "candidate_indices", visible_alias = "candidate-indices", value_name = "FILE")]
+    pub candidate_indices: Option<PathBuf>,
+    /// Per-query candidate pools `{"<query_idx>": [ids]}`: the pointer picks positions in the pool.
+    #[arg(long = "sampler_cache", visible_alias = "sampler-cache", value_name = "FILE")]
+    pub sampler_cache: Option<PathBuf>,
+    /// VQA model: the directory of a downloaded Qwen2.5-VL checkpoint.
+    #[arg(long = "vqa_model", visible_alias = "vqa-model", default_value = "qwen2.5_vl_3B")]
+    pub vqa_model: String,
+    /// Dataset kind: okvqa_local or vqav2_local.
+    #[arg(long, default_value = "okvqa_local")]
+    pub dataset: String,
+    /// Training questions (official VQA format).
+    #[arg(long = "train_ques_path", visible_alias = "train-ques-path", value_name = "FILE")]
+    pub train_ques_path: Option<PathBuf>,
+    /// Training annotations (official VQA format, or merged vqav2 style).
+    #[arg(long = "train_ann_path", visible_alias = "train-ann-path", value_name = "FILE")]
+    pub train_ann_path: Option<PathBuf>,
+    /// Validation questions (accuracy fallback split).
+    #[arg(long = "val_ques_path", visible_alias = "val-ques-path", value_name = "FILE")]
+    pub val_ques_path: Option<PathBuf>,
+    /// Validation annotations.
+    #[arg(long = "val_ann_path", visible_alias = "val-ann-path", value_name = "FILE")]
+    pub val_ann_path: Option<PathBuf>,
+    /// Merged training file (vqav2 style: annotations holding `question`).
+    #[arg(long = "train_path", visible_alias = "train-path", value_name = "FILE")]
+    pub train_path: Option<PathBuf>,
+    /// Merged validation file.
+    #[arg(long = "val_path", visible_alias = "val-path", value_name = "FILE")]
+    pub val_path: Option<PathBuf>,
+    /// Training image directory.
+    #[arg(long = "train_coco_root", visible_alias = "train-coco-root", value_name = "DIR")]
+    pub train_coco_root: Option<PathBuf>,
+    /// Validation image directory.
+    #[arg(long = "val_coco_root", visible_alias = "val-coco-root", value_name = "DIR")]
+    pub val_coco_root: Option<PathBuf>,
+    /// Image file name pattern ({image_id}, {image_id:012d}, {question_id}).
+    #[arg(long = "image_pattern", visible_alias = "image-pattern", default_value = "COCO_train2014_{image_id:012d}.jpg")]
+    pub image_pattern: String,
+
+    // ---- candidates ----
+    /// Beams per query.
+    #[arg(long = "num_beams", visible_alias = "num-beams", default_value_t = 5)]
+    pub num_beams: usize,
+    /// Sampling temperatures.
+    #[arg(long, num_args = 1.., default_values_t = [1.0, 1.3])]
+    pub temps: Vec<f64>,
+    /// Samples per temperature.
+    #[arg(long = "num_samples_per_temp", visible_alias = "num-samples-per-temp", default_value_t = 2)]
+    pub num_samples_per_temp: usize,
+    /// Uniformly random sequences.
+    #[arg(long = "num_random", visible_alias = "num-random", default_value_t = 1)]
+    pub num_random: usize,
+    /// Similarity-retrieval sequences.
+    #[arg(long = "num_retrieval", visible_alias = "num-retrieval", default_value_t = 0)]
+    pub num_retrieval: usize,
+    /// Examples per prompt (default: the checkpoint's, else 2).
+    #[arg(long = "shot_num", visible_alias = "shot-num")]
+    pub shot_num: Option<usize>,
+    /// Attention heads of the pointer selector (not recoverable from the weights).
+    #[arg(long = "num_heads", visible_alias = "num-heads", default_value_t = 1)]
+    pub num_heads: usize,
+    /// Also add the beam data's own beams as candidates (gen_method source_beam).
+    #[arg(long = "include_source_beams", visible_alias = "include-source-beams")]
+    pub include_source_beams: bool,
+    /// Seed: the RNG of a query is seeded from (seed, query index) only.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    // ---- VQA ----
+    /// VQA backend: qwen2_5_vl or replay.
+    #[arg(long = "vqa_backend", visible_alias = "vqa-backend", default_value = "qwen2_5_vl")]
+    pub vqa_backend: String,
+    /// Earlier leverflow output (JSON or Parquet) whose raw generations the replay backend answers with.
+    #[arg(long = "replay_from", visible_alias = "replay-from", value_name = "FILE")]
+    pub replay_from: Option<PathBuf>,
+    /// Device: cpu, or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Prompts per VQA batch.
+    #[arg(long = "batch_size", visible_alias = "batch-size", default_value_t = 8)]
+    pub batch_size: usize,
+    /// Maximum new tokens.
+    #[arg(long = "max_new_tokens", visible_alias = "max-new-tokens", default_value_t = 5)]
+    pub max_new_tokens: usize,
+    /// Beams of the VQA generation.
+    #[arg(long = "vqa_num_beams", visible_alias = "vqa-num-beams", default_value_t = 3)]
+    pub vqa_num_beams: usize,
+    /// Length penalty of the VQA beam search.
+    #[arg(long = "length_penalty", visible_alias = "length-penalty", default_value_t = 0.0)]
+    pub length_penalty: f64,
+    /// Minimum new tokens.
+    #[arg(long = "min_new_tokens", visible_alias = "min-new-tokens", default_value_t = 0)]
+    pub min_new_tokens: usize,
+    /// Repetition penalty (default: the checkpoint's generation_config.json, as HF does).
+    #[arg(long = "repetition_penalty", visible_alias = "repetition-penalty")]
+    pub repetition_penalty: Option<f64>,
+    /// Compute vqa_gt_prob (teacher-forced probability of the ground-truth answers).
+    #[arg(long = "gt_prob", visible_alias = "gt-prob")]
+    pub gt_prob: bool,
+    /// Vision-embedding cache size in MB.
+    #[arg(long = "vision_cache_mb", visible_alias = "vision-cache-mb", default_value_t = 512)]
+    pub vision_cache_mb: usize,
+    /// What to do when an image is missing: error or skip (the query is recorded as skipped).
+    #[arg(long = "on_missing_image", visible_alias = "on-missing-image", default_value = "error")]
+    pub on_missing_image: String,
+    /// System prompt (default: the original's).
+    #[arg(long = "system_prompt", visible_alias = "system-prompt")]
+    pub system_prompt: Option<String>,
+
+    // ---- accuracy ----
+    /// Strict evaluation: only the official metric with annotation files (default).
+    #[arg(long = "strict_eval", visible_alias = "strict-eval", overrides_with = "no_strict_eval")]
+    pub strict_eval: bool,
+    /// Allow the fallback match (exact 1.0, substring 0.5) when no annotations match.
+    #[arg(long = "no_strict_eval", visible_alias = "no-strict-eval")]
+    pub no_strict_eval: bool,
+    /// Save the rendered prompt of every candidate.
+    #[arg(long = "save_prompts", visible_alias = "save-prompts")]
+    pub save_prompts: bool,
+
+    // ---- rewards ----
+    /// Reward mode (hard_plus_soft, hard_plus_soft_v2, separated, hard_only, soft_only,
+    /// hard01_plus_gtprob, hard01_plus_gtprob_separated, hard_plus_gtprob_plus_rel, legacy).
+    #[arg(long = "reward_mode", visible_alias = "reward-mode", default_value = "hard_plus_soft")]
+    pub reward_mode: String,
+    /// Weight of the hard (0/1) correctness.
+    #[arg(long = "hard_weight", visible_alias = "hard-weight", default_value_t = 1.0)]
+    pub hard_weight: f64,
+    /// Weight of the soft score (accuracy or answer probability).
+    #[arg(long = "soft_weight", visible_alias = "soft-weight", default_value_t = 1.0)]
+    pub soft_weight: f64,
+    /// Weight of the relevance score.
+    #[arg(long = "rel_weight", visible_alias = "rel-weight")]
+    pub rel_weight: Option<f64>,
+    /// Legacy mode: weight of the policy quality term.
+    #[arg(long = "reward_alpha", visible_alias = "reward-alpha", default_value_t = 0.0)]
+    pub reward_alpha: f64,
+    /// Legacy mode: weight of the correctness term.
+    #[arg(long = "reward_beta", visible_alias = "reward-beta", default_value_t = 0.0)]
+    pub reward_beta: f64,
+    /// Legacy mode: correctness as 01 or pm1.
+    #[arg(long = "correctness_mode", visible_alias = "correctness-mode", default_value = "01")]
+    pub correctness_mode: String,
+    /// Legacy mode: use -logprob_score as the quality term.
+    #[arg(long = "use_logprob", visible_alias = "use-logprob")]
+    pub use_logprob: bool,
+
+    // ---- run ----
+    /// First query (position in the beam data's key order), as the original's sharding.
+    #[arg(long = "start_idx", visible_alias = "start-idx", default_value_t = 0)]
+    pub start_idx: usize,
+    /// End query position (exclusive; -1 = all).
+    #[arg(long = "end_idx", visible_alias = "end-idx", default_value_t = -1, allow_hyphen_values = true)]
+    pub end_idx: i64,
+    /// Timely worker threads in this process.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Output formats: json, parquet or both.
+    #[arg(long, default_value = "json,parquet")]
+    pub format: String,
+    /// Parquet output path (default: the output path with `.parquet`).
+    #[arg(long = "parquet_path", visible_alias = "parquet-path", value_name = "FILE")]
+    pub parquet_path: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Progress style: bar, json (one JSON line per update) or none.
+    #[arg(long, default_value = "bar")]
+    pub progress: String,
+}
+
+/// Arguments of `score`.
+#[derive(Debug, Clone, Args)]
+pub struct ScoreArgs {
+    /// Questions file (official format).
+    #[arg(long)]
+    pub questions: PathBuf,
+    /// Annotations file (official format).
+    #[arg(long)]
+    pub annotations: PathBuf,
+    /// Results file `[{"question_id", "answer"}]`.
+    #[arg(long)]
+    pub predictions: PathBuf,
+}
+
+/// Arguments of `vqa`.
+#[derive(Debug, Clone, Args)]
+pub struct VqaArgs {
+    /// Qwen2.5-VL checkpoint directory.
+    #[arg(long = "vqa_model", visible_alias = "vqa-model")]
+    pub vqa_model: PathBuf,
+    /// Request JSON (one request or a list).
+    #[arg(long)]
+    pub request: PathBuf,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Arguments of `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// What to measure: score, candidates, pipeline, vqa.
+    pub what: String,
+    /// Candidate pool size (candidates bench).
+    #[arg(long, default_value_t = 64)]
+    pub pool: usize,
+    /// Queries (candidates / pipeline benches).
+    #[arg(long, default_value_t = 2000)]
+    pub queries: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Timely workers (pipeline bench).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Model directory (vqa bench).
+    #[arg(long = "vqa_model", visible_alias = "vqa-model")]
+    pub vqa_model: Option<PathBuf>,
+    /// Batch size (vqa bench).
+    #[arg(long = "batch_size", visible_alias = "batch-size", default_value_t = 8)]
+    pub batch_size: usize,
+}
