@@ -502,7 +502,8 @@ def check(out: Path, files: dict[str, bytes]) -> None:
     with torch.no_grad():
         inp.weight.copy_(sd["input_proj.weight"])
         for i in range(nl):
-            mhas[i].load_state_dict({k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith(f"cross_attn_layers.{i}.")})
+            prefix = f"cross_attn_layers.{i}."
+            mhas[i].load_state_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
             lns[i].weight.copy_(sd[f"attn_norms.{i}.weight"])
             lns[i].bias.copy_(sd[f"attn_norms.{i}.bias"])
         qp.weight.copy_(sd["query_proj.weight"])
