@@ -4,7 +4,8 @@
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Exchange, Input, Probe};
-use timely::dataflow::{InputHandle, ProbeHandle, StreamVec};
+use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
+use timely::container::CapacityContainerBuilder;
 use timely::worker::Worker;
 use timely::ExchangeData;
 
@@ -64,7 +65,7 @@ where
     S: Iterator<Item = Result<W, String>>,
     F: for<'s> FnOnce(StreamVec<'s, u64, W>) -> StreamVec<'s, u64, (u64, Vec<u8>)>,
 {
-    let mut input: InputHandle<u64, W> = InputHandle::new();
+    let mut input: InputHandleVec<u64, W> = InputHandleVec::new();
     let probe = ProbeHandle::new();
     let sink_errors = errors.clone();
     worker.dataflow::<u64, _, _>(|scope| {
@@ -76,7 +77,7 @@ where
         let mut sink = sink;
         finished
             .exchange(|_: &(u64, Vec<u8>)| 0)
-            .unary(Pipeline, "sink", move |_cap, _info| {
+            .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "sink", move |_cap, _info| {
                 move |input, _output| {
                     input.for_each(|_cap, data| {
                         for (query_index, bytes) in data.drain(..) {
@@ -97,7 +98,6 @@ where
                     });
                 }
             })
-            .container::<Vec<()>>()
             .probe_with(&probe);
     });
 

@@ -1,0 +1,254 @@
+//! `leverflow generate` and `leverflow candidates`: run orchestration.
+//!
+//! 1. load and validate every input ([`inputs`]);
+//! 2. run the timely dataflow on `--workers` threads: the beam reader feeds
+//!    worker 0, records are exchanged by query index to the stages
+//!    ([`stages`]) and the finished records to worker 0's sorted spill;
+//! 3. write the outputs from the spill in ascending query order (atomic
+//!    temp-file + rename, so a failed run leaves nothing at the output path)
+//!    and print the summary ([`summary`]).
+
+pub mod inputs;
+pub mod meta;
+pub mod stages;
+pub mod summary;
+
+use anyhow::{Context, Result};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use leverflow_operators::dataflow::{batched, execute_threads, run_worker, DriverConfig, ErrorSlot, SinkFn};
+use leverflow_operators::sinks::{OutputConfig, OutputWriter, SortedSpill};
+use leverflow_operators::source::{count_records, BeamReader};
+use leverflow_operators::vqa::VqaModel;
+
+use crate::cli::GenerateArgs;
+use crate::progress::{self, Counters, ProgressStyle, Reporter};
+use inputs::Inputs;
+use stages::{QueryWork, VqaStageConfig};
+
+/// Which job to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Candidates, VQA, accuracy, rewards.
+    Generate,
+    /// Candidates only.
+    Candidates,
+}
+
+/// Makes one VQA backend instance per worker.
+pub type VqaFactory = Arc<dyn Fn() -> Result<Box<dyn VqaModel>> + Send + Sync>;
+
+/// Runs `generate` or `candidates` with parsed arguments.
+pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
+    let started = Instant::now();
+    let style = ProgressStyle::parse(&args.progress, args.quiet)?;
+    inputs::validate_args(&args)?;
+    let with_vqa = job == Job::Generate;
+
+    progress::phase(style, "loading inputs (dataset, embeddings, checkpoint)");
+    let inputs = Arc::new(inputs::load(&args, with_vqa)?);
+    let (vqa_factory, model_identity) = if with_vqa {
+        progress::phase(style, "loading the VQA backend");
+        let (f, id) = crate::backends::vqa_factory(&args)?;
+        (Some(f), id)
+    } else {
+        (None, serde_json::Value::Null)
+    };
+    let load_s = started.elapsed().as_secs_f64();
+
+    let beam_path = args
+        .beam_data
+        .clone()
+        .context("missing --beam_data")?;
+    let counters = Arc::new(Counters::default());
+    let total = count_records(&beam_path)?;
+    let (lo, hi) = leverflow_operators::source::slice_bounds(args.start_idx as i64, args.end_idx, total);
+    counters
+        .queries_total
+        .store(hi.saturating_sub(lo), std::sync::atomic::Ordering::Relaxed);
+
+    let spill_dir = inputs
+        .output_path
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    std::fs::create_dir_all(&spill_dir)
+        .with_context(|| format!("cannot create the output directory {}", spill_dir.display()))?;
+
+    let reporter = Reporter::start(
+        style,
+        Arc::clone(&counters),
+        if with_vqa { "generate" } else { "candidates" },
+    );
+    let dataflow_started = Instant::now();
+    let spill_slot: Arc<Mutex<Option<SortedSpill>>> = Arc::default();
+    let skipped: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let workers = args.workers;
+    let vqa_cfg = VqaStageConfig {
+        batch_size: args.batch_size,
+        system_prompt: args
+            .system_prompt
+            .clone()
+            .unwrap_or_else(|| leverflow_operators::vqa::DEFAULT_SYSTEM_PROMPT.to_string()),
+        gt_prob: args.gt_prob,
+        skip_missing_images: args.on_missing_image == "skip",
+    };
+    let include_source = args.include_source_beams;
+    let save_prompts = args.save_prompts;
+    let start_idx = args.start_idx as i64;
+    let end_idx = args.end_idx;
+    let driver = DriverConfig {
+        source_batch: (args.batch_size * 8).clamp(64, 1024),
+        max_inflight: 2 * workers as u64 + 2,
+    };
+    let results = {
+        let inputs = Arc::clone(&inputs);
+        let counters = Arc::clone(&counters);
+        let spill_slot = Arc::clone(&spill_slot);
+        let skipped = Arc::clone(&skipped);
+        let spill_dir = spill_dir.clone();
+        execute_threads(workers, move |worker| -> Result<(), String> {
+            let errors = ErrorSlot::default();
+            let index = worker.index();
+            let source = if index == 0 {
+                let reader = BeamReader::open(&beam_path)
+                    .and_then(|r| r.with_range(start_idx, end_idx))
+                    .map_err(|e| e.to_string())?;
+                Some(reader.map(|r| {
+                    r.map(|b| QueryWork {
+                        query_index: b.query_index,
+                        source_beams: b
+                            .id_list
+                            .iter()
+                            .map(|seq| seq[..seq.len().saturating_sub(1)].to_vec())
+                            .collect(),
+                    })
+                    .map_err(|e| e.to_string())
+                }))
+            } else {
+                None
+            };
+            let sink: Option<SinkFn> = if index == 0 {
+                let spill = SortedSpill::create(&spill_dir).map_err(|e| e.to_string())?;
+                let slot = Arc::clone(&spill_slot);
+                *slot.lock().map_err(|e| e.to_string())? = Some(spill);
+                let skipped = Arc::clone(&skipped);
+                Some(Box::new(move |q: u64, bytes: Vec<u8>| {
+                    if bytes.is_empty() {
+                        skipped
+                            .lock()
+                            .map_err(|e| e.to_string())?
+                            .push((q, "skipped".into()));
+                        return Ok(());
+                    }
+                    let mut guard = slot.lock().map_err(|e| e.to_string())?;
+                    let spill = guard.as_mut().ok_or("internal error: spill missing")?;
+                    spill.push_bytes(q, bytes).map_err(|e| e.to_string())
+                }))
+            } else {
+                None
+            };
+            let vqa_model = match &vqa_factory {
+                Some(f) => Some(f().map_err(|e| format!("{e:#}"))?),
+                None => None,
+            };
+            let inputs = Arc::clone(&inputs);
+            let counters = Arc::clone(&counters);
+            let vqa_cfg = vqa_cfg.clone();
+            let cand_batch = 64;
+            let e2 = errors.clone();
+            run_worker(
+                worker,
+                &driver,
+                source,
+                |w: &QueryWork| w.query_index,
+                move |stream| {
+                    let cands = batched(
+                        stream,
+                        "candidates",
+                        cand_batch,
+                        stages::candidates(Arc::clone(&inputs), include_source),
+                        e2.clone(),
+                    );
+                    match vqa_model {
+                        Some(model) => {
+                            let answered = batched(
+                                cands,
+                                "vqa",
+                                vqa_cfg.batch_size.div_ceil(8).max(1),
+                                stages::vqa(Arc::clone(&inputs), model, vqa_cfg, Arc::clone(&counters)),
+                                e2.clone(),
+                            );
+                            let scored = batched(
+                                answered,
+                                "accuracy",
+                                1,
+                                stages::accuracy_stage(Arc::clone(&inputs)),
+                                e2.clone(),
+                            );
+                            batched(
+                                scored,
+                                "reward",
+                                1,
+                                stages::reward_stage(Arc::clone(&inputs), save_prompts, counters),
+                                e2,
+                            )
+                        }
+                        None => batched(
+                            cands,
+                            "record",
+                            1,
+                            stages::candidates_record_stage(Arc::clone(&inputs), counters),
+                            e2,
+                        ),
+                    }
+                },
+                sink,
+                errors,
+            )
+            .map(|_| ())
+        })
+        .map_err(anyhow::Error::msg)?
+    };
+    reporter.finish();
+    for r in results {
+        r.map_err(anyhow::Error::msg)?;
+    }
+    let dataflow_s = dataflow_started.elapsed().as_secs_f64();
+
+    let spill = spill_slot
+        .lock()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .take()
+        .context("internal error: the sink's spill is missing")?;
+    progress::phase(style, "writing outputs");
+    let write_started = Instant::now();
+    let out_cfg = OutputConfig::for_formats(&inputs.output_path, &inputs.formats)
+        .with_parquet_path(inputs.parquet_path.clone())
+        .with_layout(inputs.layout, with_vqa, save_prompts);
+    let mut writer = OutputWriter::create(&out_cfg)?;
+    let mut summary = summary::Summary::default();
+    for item in spill.finish()? {
+        let (q, record) = item?;
+        summary.add(&record);
+        writer.write(q, &record)?;
+    }
+    let skipped = std::mem::take(&mut *skipped.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
+    summary.skipped = skipped.len() as u64;
+    summary.vqa_calls = counters.vqa_calls.load(std::sync::atomic::Ordering::Relaxed);
+    let timings = meta::Timings {
+        load_s,
+        dataflow_s,
+        write_s: write_started.elapsed().as_secs_f64(),
+        total_s: started.elapsed().as_secs_f64(),
+    };
+    let meta = meta::build(&args, &inputs, &summary, &skipped, &timings, &model_identity);
+    writer.finish(meta)?;
+    summary.print(&inputs, &timings, with_vqa);
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn _inputs_type(_: &Inputs) {}

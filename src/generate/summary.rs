@@ -1,0 +1,167 @@
+//! The end-of-run summary, computed while the sorted records are written.
+
+use std::collections::BTreeMap;
+
+use leverflow_schemas::RlRecord;
+
+use super::inputs::Inputs;
+use super::meta::Timings;
+
+/// Per-`gen_method` counts.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct MethodStats {
+    /// Candidates.
+    pub candidates: u64,
+    /// Sum of `vqa_acc_score`.
+    pub acc_sum: f64,
+    /// Candidates with `vqa_correct = 1`.
+    pub correct: u64,
+}
+
+/// Counts over every written record.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Queries written.
+    pub queries: u64,
+    /// Candidates written.
+    pub candidates: u64,
+    /// Per generation method.
+    pub by_method: BTreeMap<String, MethodStats>,
+    /// Queries with at least one correct candidate.
+    pub queries_with_correct: u64,
+    /// Every reward (for quantiles).
+    pub rewards: Vec<f64>,
+    /// Queries skipped (missing images).
+    pub skipped: u64,
+    /// Prompts sent to the VQA backend.
+    pub vqa_calls: u64,
+}
+
+impl Summary {
+    /// Adds one record.
+    pub fn add(&mut self, r: &RlRecord) {
+        self.queries += 1;
+        let mut any = false;
+        for c in &r.pointer_candidates {
+            self.candidates += 1;
+            let m = self.by_method.entry(c.gen_method.clone()).or_default();
+            m.candidates += 1;
+            m.acc_sum += c.vqa_acc_score.unwrap_or(0.0);
+            if c.vqa_correct == Some(1) {
+                m.correct += 1;
+                any = true;
+            }
+            if let Some(x) = c.reward {
+                self.rewards.push(x);
+            }
+        }
+        if any {
+            self.queries_with_correct += 1;
+        }
+    }
+
+    /// Quantile `q` in [0, 1] of the rewards (nearest rank), if any.
+    pub fn reward_quantile(&self, q: f64) -> Option<f64> {
+        if self.rewards.is_empty() {
+            return None;
+        }
+        let mut v = self.rewards.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        Some(v[i])
+    }
+
+    /// The summary as JSON (also stored in `_meta.counts`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let methods: serde_json::Map<String, serde_json::Value> = self
+            .by_method
+            .iter()
+            .map(|(k, m)| {
+                (
+                    k.clone(),
+                    serde_json::json!({
+                        "candidates": m.candidates,
+                        "mean_acc": if m.candidates > 0 { m.acc_sum / m.candidates as f64 } else { 0.0 },
+                        "correct": m.correct,
+                    }),
+                )
+            })
+            .collect();
+        let mean = if self.rewards.is_empty() {
+            None
+        } else {
+            Some(self.rewards.iter().sum::<f64>() / self.rewards.len() as f64)
+        };
+        serde_json::json!({
+            "queries": self.queries,
+            "candidates": self.candidates,
+            "skipped_queries": self.skipped,
+            "by_gen_method": methods,
+            "queries_with_correct": self.queries_with_correct,
+            "reward_mean": mean,
+            "reward_p10": self.reward_quantile(0.1),
+            "reward_p50": self.reward_quantile(0.5),
+            "reward_p90": self.reward_quantile(0.9),
+            "vqa_calls": self.vqa_calls,
+        })
+    }
+
+    /// Prints the human summary on stdout.
+    pub fn print(&self, inputs: &Inputs, t: &Timings, with_vqa: bool) {
+        println!("leverflow summary");
+        println!("  queries            {}", self.queries);
+        if self.skipped > 0 {
+            println!("  skipped queries    {} (missing images)", self.skipped);
+        }
+        println!("  candidates         {}", self.candidates);
+        for (k, m) in &self.by_method {
+            if with_vqa {
+                println!(
+                    "    {k:<12} {:>8} candidates  mean accuracy {:.3}  correct {}",
+                    m.candidates,
+                    if m.candidates > 0 { m.acc_sum / m.candidates as f64 } else { 0.0 },
+                    m.correct
+                );
+            } else {
+                println!("    {k:<12} {:>8} candidates", m.candidates);
+            }
+        }
+        if with_vqa && self.queries > 0 {
+            println!(
+                "  queries with a correct candidate  {:.1}%",
+                100.0 * self.queries_with_correct as f64 / self.queries as f64
+            );
+            if let (Some(p10), Some(p50), Some(p90)) = (
+                self.reward_quantile(0.1),
+                self.reward_quantile(0.5),
+                self.reward_quantile(0.9),
+            ) {
+                let mean = self.rewards.iter().sum::<f64>() / self.rewards.len() as f64;
+                println!("  reward             mean {mean:.3}  p10 {p10:.3}  p50 {p50:.3}  p90 {p90:.3}");
+            }
+            println!(
+                "  VQA calls          {} ({:.1}/s)",
+                self.vqa_calls,
+                self.vqa_calls as f64 / t.dataflow_s.max(1e-9)
+            );
+        }
+        println!(
+            "  time               {:.2}s (load {:.2}s, dataflow {:.2}s, write {:.2}s); {:.0} candidates/s",
+            t.total_s,
+            t.load_s,
+            t.dataflow_s,
+            t.write_s,
+            self.candidates as f64 / t.dataflow_s.max(1e-9)
+        );
+        for f in &inputs.formats {
+            match f {
+                leverflow_operators::sinks::OutputFormat::Json => {
+                    println!("  JSON               {}", inputs.output_path.display())
+                }
+                leverflow_operators::sinks::OutputFormat::Parquet => {
+                    println!("  Parquet            {}", inputs.parquet_path.display())
+                }
+            }
+        }
+    }
+}
