@@ -218,7 +218,10 @@ pub fn vqa_messages(req: &PromptRequest) -> Value {
         "type": "text",
         "text": format!("Question:{} Short answer:", req.query.question),
     }));
-    let system = req.system_prompt.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT);
+    let system = req
+        .system_prompt
+        .as_deref()
+        .unwrap_or(DEFAULT_SYSTEM_PROMPT);
     json!([
         {"role": "system", "content": system},
         {"role": "user", "content": content},
@@ -254,7 +257,11 @@ fn read_json(path: &Path) -> Result<Value, ProcessorError> {
     })?;
     serde_json::from_str(&text).map_err(|e| ProcessorError::Invalid {
         path: path.to_path_buf(),
-        message: format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+        message: format!(
+            "invalid JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ),
     })
 }
 
@@ -316,7 +323,10 @@ impl Processor {
                     special_tokens.insert(key.to_string(), Value::String(s));
                 }
             }
-            if let Some(xs) = tc.get("additional_special_tokens").and_then(Value::as_array) {
+            if let Some(xs) = tc
+                .get("additional_special_tokens")
+                .and_then(Value::as_array)
+            {
                 let list: Vec<Value> = xs
                     .iter()
                     .filter_map(token_string)
@@ -464,7 +474,9 @@ impl Processor {
             ImageSource::Processed(p) => Arc::clone(p),
             ImageSource::Decoded(img) => Arc::new(self.process_image(img)?),
             ImageSource::Path(path) => Arc::new(self.process_image(&vl_image::load_rgb(path)?)?),
-            ImageSource::Bytes(bytes) => Arc::new(self.process_image(&vl_image::decode_rgb(bytes)?)?),
+            ImageSource::Bytes(bytes) => {
+                Arc::new(self.process_image(&vl_image::decode_rgb(bytes)?)?)
+            }
         })
     }
 
@@ -688,11 +700,9 @@ fn python_method(
                 )),
                 "split" => match arg_str(0) {
                     Some(sep) => JValue::from(s.split(sep).map(String::from).collect::<Vec<_>>()),
-                    None => JValue::from(
-                        s.split_whitespace()
-                            .map(String::from)
-                            .collect::<Vec<_>>(),
-                    ),
+                    None => {
+                        JValue::from(s.split_whitespace().map(String::from).collect::<Vec<_>>())
+                    }
                 },
                 _ => return Err(unknown()),
             })
@@ -747,8 +757,10 @@ mod tests {
     fn cases_json() -> &'static Value {
         static C: OnceLock<Value> = OnceLock::new();
         C.get_or_init(|| {
-            serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap())
-                .unwrap()
+            serde_json::from_str(
+                &std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap(),
+            )
+            .unwrap()
         })
     }
 
@@ -827,7 +839,10 @@ mod tests {
 
     #[test]
     fn system_prompt_constant_matches_fixture() {
-        assert_eq!(cases_json()["system_prompt"].as_str().unwrap(), DEFAULT_SYSTEM_PROMPT);
+        assert_eq!(
+            cases_json()["system_prompt"].as_str().unwrap(),
+            DEFAULT_SYSTEM_PROMPT
+        );
         assert_eq!(processor().eos_token_id(), Some(151645));
         assert_eq!(processor().pad_token_id(), Some(151643));
         assert_eq!(processor().image_token_id(), 151655);
@@ -846,7 +861,11 @@ mod tests {
                 // The request path (messages built here).
                 assert_eq!(p.render(&request_of(row)).unwrap(), want, "{name} row {bi}");
                 // The fixture's own messages (image items carry a file name).
-                assert_eq!(p.render_messages(row, true).unwrap(), want, "{name} row {bi}");
+                assert_eq!(
+                    p.render_messages(row, true).unwrap(),
+                    want,
+                    "{name} row {bi}"
+                );
             }
         }
     }
@@ -858,7 +877,9 @@ mod tests {
         req.system_prompt = None;
         assert_eq!(
             processor().render(&req).unwrap(),
-            cases_json()["cases"][1]["rendered_prompts"][0].as_str().unwrap()
+            cases_json()["cases"][1]["rendered_prompts"][0]
+                .as_str()
+                .unwrap()
         );
     }
 
@@ -932,9 +953,22 @@ mod tests {
     fn image_count_mismatch_is_an_error() {
         let p = processor();
         let e = p
-            .encode_prompt("<|vision_start|><|image_pad|><|vision_end|>x".into(), vec![])
+            .encode_prompt(
+                "<|vision_start|><|image_pad|><|vision_end|>x".into(),
+                vec![],
+            )
             .unwrap_err();
-        assert!(matches!(e, ProcessorError::ImageCount { placeholders: 1, images: 0, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ProcessorError::ImageCount {
+                    placeholders: 1,
+                    images: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -974,7 +1008,9 @@ mod tests {
             "{\"role\": \"u\", \"content\": \"<b>\u{e9}\"}|dflt|a b\n{\"x\": 1}|1|a b\n"
         );
         let err = t
-            .render(JValue::from_serialize(json!({"messages": [], "fail": true})))
+            .render(JValue::from_serialize(
+                json!({"messages": [], "fail": true}),
+            ))
             .unwrap_err();
         assert!(describe(&err).contains("boom"), "{}", describe(&err));
     }

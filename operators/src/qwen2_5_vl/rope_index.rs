@@ -22,7 +22,9 @@ pub enum RopeIndexError {
         available: usize,
     },
     /// An image's token run is shorter than its grid requires.
-    #[error("image {index} starting at token {position} needs {expected} image tokens, found {found}")]
+    #[error(
+        "image {index} starting at token {position} needs {expected} image tokens, found {found}"
+    )]
     ShortImage {
         /// 0-based image number.
         index: usize,
@@ -150,7 +152,12 @@ pub fn mrope_position_ids(
         st = ed + expected;
     }
     push_text(&mut pos, &mut next, n - st);
-    let max = pos.iter().flat_map(|r| r.iter()).copied().max().unwrap_or(-1);
+    let max = pos
+        .iter()
+        .flat_map(|r| r.iter())
+        .copied()
+        .max()
+        .unwrap_or(-1);
     Ok((pos, max + 1 - n as i64))
 }
 
@@ -255,7 +262,17 @@ mod tests {
         let mut ids = vec![VSTART];
         ids.extend(std::iter::repeat_n(IMAGE, 3));
         let e = mrope_position_ids(&ids, &[[1, 4, 4]], 2, IMAGE, VSTART).unwrap_err();
-        assert!(matches!(e, RopeIndexError::ShortImage { expected: 4, found: 3, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                RopeIndexError::ShortImage {
+                    expected: 4,
+                    found: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = mrope_position_ids(&ids, &[], 2, IMAGE, VSTART).unwrap_err();
         assert!(matches!(e, RopeIndexError::MissingGrid { .. }), "{e}");
         let e = mrope_position_ids(&[1, 2], &[[1, 2, 2]], 2, IMAGE, VSTART).unwrap_err();
