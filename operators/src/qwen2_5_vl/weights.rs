@@ -458,7 +458,10 @@ pub fn expected_shapes(config: &Qwen25VlConfig) -> Vec<(String, Vec<usize>)> {
         ("visual.merger.ln_q.weight", vec![d]),
         ("visual.merger.mlp.0.weight", vec![merged, merged]),
         ("visual.merger.mlp.0.bias", vec![merged]),
-        ("visual.merger.mlp.2.weight", vec![v.out_hidden_size, merged]),
+        (
+            "visual.merger.mlp.2.weight",
+            vec![v.out_hidden_size, merged],
+        ),
         ("visual.merger.mlp.2.bias", vec![v.out_hidden_size]),
     ] {
         out.push((name.into(), shape));
@@ -643,7 +646,9 @@ mod tests {
             "{msg}"
         );
         assert!(
-            msg.contains("`visual.blocks.2.attn.qkv.weight`: expected shape [96, 32], found [95, 32]"),
+            msg.contains(
+                "`visual.blocks.2.attn.qkv.weight`: expected shape [96, 32], found [95, 32]"
+            ),
             "{msg}"
         );
         // Single-tensor errors name key and shapes too.
