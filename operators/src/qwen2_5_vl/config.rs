@@ -200,9 +200,9 @@ impl Qwen25VlConfig {
             tie_word_embeddings: tie,
         };
         if text.num_attention_heads == 0
-            || text.hidden_size % text.num_attention_heads != 0
+            || !text.hidden_size.is_multiple_of(text.num_attention_heads)
             || text.num_key_value_heads == 0
-            || text.num_attention_heads % text.num_key_value_heads != 0
+            || !text.num_attention_heads.is_multiple_of(text.num_key_value_heads)
         {
             return Err(invalid(path, "inconsistent attention head counts"));
         }
@@ -221,7 +221,7 @@ impl Qwen25VlConfig {
             .ok_or_else(|| invalid(path, "missing `vision_config`"))?;
         let mut vision: VisionConfig = serde_json::from_value(vision_value.clone())
             .map_err(|e| invalid(path, format!("`vision_config`: {e}")))?;
-        if vision.num_heads == 0 || vision.hidden_size % vision.num_heads != 0 {
+        if vision.num_heads == 0 || !vision.hidden_size.is_multiple_of(vision.num_heads) {
             return Err(invalid(path, "`vision_config`: inconsistent num_heads"));
         }
         vision.tokens_per_second = get_f64_or(vision_value, "tokens_per_second", 2.0);

@@ -289,12 +289,22 @@ pub fn cu_seqlens(grids: &[[usize; 3]]) -> Vec<usize> {
     cu
 }
 
+/// Equal-length attention segments batched together.
+struct SegmentGroup<B: Backend> {
+    /// Rows of the segments in order, or None when they are all rows in
+    /// their natural order.
+    rows: Option<Tensor<B, 1, Int>>,
+    /// Number of segments.
+    count: usize,
+    /// Rows per segment.
+    len: usize,
+}
+
 /// How to run attention restricted to segments: segments of equal length
 /// are gathered into one batch.
 struct SegmentPlan<B: Backend> {
-    /// (rows gathered in segment order, or None when one segment covers all
-    /// rows; number of segments; segment length).
-    groups: Vec<(Option<Tensor<B, 1, Int>>, usize, usize)>,
+    /// One batch per distinct segment length.
+    groups: Vec<SegmentGroup<B>>,
     /// Inverse of the concatenated group order (None when the identity).
     restore: Option<Tensor<B, 1, Int>>,
 }
@@ -318,7 +328,11 @@ impl<B: Backend> SegmentPlan<B> {
             // All segments have the same length: rows are already in order.
             let (&len, starts) = by_len.iter().next().unwrap_or_else(|| unreachable!());
             return Self {
-                groups: vec![(None, starts.len(), len)],
+                groups: vec![SegmentGroup {
+                    rows: None,
+                    count: starts.len(),
+                    len,
+                }],
                 restore: None,
             };
         }
@@ -327,7 +341,11 @@ impl<B: Backend> SegmentPlan<B> {
         for (len, starts) in by_len {
             let rows: Vec<usize> = starts.iter().flat_map(|&s| s..s + len).collect();
             order.extend_from_slice(&rows);
-            groups.push((Some(int_tensor(rows, device)), starts.len(), len));
+            groups.push(SegmentGroup {
+                rows: Some(int_tensor(rows, device)),
+                count: starts.len(),
+                len,
+            });
         }
         let mut inverse = vec![0usize; order.len()];
         for (pos, &row) in order.iter().enumerate() {
@@ -372,8 +390,8 @@ impl<B: Backend> VisionAttention<B> {
         let outs: Vec<Tensor<B, 2>> = plan
             .groups
             .iter()
-            .map(|(rows, count, len)| {
-                let (count, len) = (*count, *len);
+            .map(|g| {
+                let (rows, count, len) = (&g.rows, g.count, g.len);
                 let take = |t: &Tensor<B, 3>| {
                     let t = match rows {
                         Some(r) => t.clone().select(0, r.clone()),
@@ -441,41 +459,6 @@ impl<B: Backend> PatchMerger<B> {
     }
 }
 
-fn load_linear<B: Backend>(
-    store: &WeightStore,
-    prefix: &str,
-    d_in: usize,
-    d_out: usize,
-    bias: bool,
-    device: &B::Device,
-) -> Result<Linear<B>, WeightsError> {
-    let w: Tensor<B, 2> = store.tensor(&format!("{prefix}.weight"), [d_out, d_in], device)?;
-    let b = if bias {
-        let b: Tensor<B, 1> = store.tensor(&format!("{prefix}.bias"), [d_out], device)?;
-        Some(Param::from_tensor(b))
-    } else {
-        None
-    };
-    Ok(Linear {
-        weight: Param::from_tensor(w.transpose()),
-        bias: b,
-    })
-}
-
-fn load_norm<B: Backend>(
-    store: &WeightStore,
-    name: &str,
-    d: usize,
-    eps: f64,
-    device: &B::Device,
-) -> Result<RmsNorm<B>, WeightsError> {
-    let gamma: Tensor<B, 1> = store.tensor(name, [d], device)?;
-    Ok(RmsNorm {
-        gamma: Param::from_tensor(gamma),
-        epsilon: eps,
-    })
-}
-
 impl<B: Backend> VisionTower<B> {
     /// Loads the tower from a checkpoint (`visual.*` tensors, either key
     /// layout), checking every shape.
@@ -506,51 +489,26 @@ impl<B: Backend> VisionTower<B> {
         for b in 0..c.depth {
             let p = format!("visual.blocks.{b}");
             blocks.push(VisionBlock {
-                norm1: load_norm(
-                    store,
-                    &format!("{p}.norm1.weight"),
-                    d,
-                    c.rms_norm_eps,
-                    device,
-                )?,
-                norm2: load_norm(
-                    store,
-                    &format!("{p}.norm2.weight"),
-                    d,
-                    c.rms_norm_eps,
-                    device,
-                )?,
+                norm1: store.rms_norm(&format!("{p}.norm1.weight"), d, c.rms_norm_eps, device)?,
+                norm2: store.rms_norm(&format!("{p}.norm2.weight"), d, c.rms_norm_eps, device)?,
                 attn: VisionAttention {
-                    qkv: load_linear(store, &format!("{p}.attn.qkv"), d, 3 * d, true, device)?,
-                    proj: load_linear(store, &format!("{p}.attn.proj"), d, d, true, device)?,
+                    qkv: store.linear(&format!("{p}.attn.qkv"), d, 3 * d, true, device)?,
+                    proj: store.linear(&format!("{p}.attn.proj"), d, d, true, device)?,
                     num_heads: c.num_heads,
                 },
                 mlp: VisionMlp {
-                    gate: load_linear(store, &format!("{p}.mlp.gate_proj"), d, vi, true, device)?,
-                    up: load_linear(store, &format!("{p}.mlp.up_proj"), d, vi, true, device)?,
-                    down: load_linear(store, &format!("{p}.mlp.down_proj"), vi, d, true, device)?,
+                    gate: store.linear(&format!("{p}.mlp.gate_proj"), d, vi, true, device)?,
+                    up: store.linear(&format!("{p}.mlp.up_proj"), d, vi, true, device)?,
+                    down: store.linear(&format!("{p}.mlp.down_proj"), vi, d, true, device)?,
                 },
                 full_attention: c.fullatt_block_indexes.contains(&b),
             });
         }
         let m = d * c.merge_unit();
         let merger = PatchMerger {
-            ln_q: load_norm(
-                store,
-                "visual.merger.ln_q.weight",
-                d,
-                c.rms_norm_eps,
-                device,
-            )?,
-            fc1: load_linear(store, "visual.merger.mlp.0", m, m, true, device)?,
-            fc2: load_linear(
-                store,
-                "visual.merger.mlp.2",
-                m,
-                c.out_hidden_size,
-                true,
-                device,
-            )?,
+            ln_q: store.rms_norm("visual.merger.ln_q.weight", d, c.rms_norm_eps, device)?,
+            fc1: store.linear("visual.merger.mlp.0", m, m, true, device)?,
+            fc2: store.linear("visual.merger.mlp.2", m, c.out_hidden_size, true, device)?,
             merge_unit: c.merge_unit(),
         };
         Ok(Self {
@@ -579,7 +537,7 @@ impl<B: Backend> VisionTower<B> {
         let m = c.spatial_merge_size;
         let mut patches = 0usize;
         for (i, &[t, h, w]) in grids.iter().enumerate() {
-            if t == 0 || h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+            if t == 0 || h == 0 || w == 0 || !h.is_multiple_of(m) || !w.is_multiple_of(m) {
                 return Err(VisionError::Input(format!(
                     "image {i}: grid [{t}, {h}, {w}] must be positive with h and w divisible by {m}"
                 )));
@@ -826,7 +784,9 @@ mod tests {
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(max_diff < 1e-3, "{case}: max abs diff {max_diff}");
+            eprintln!("{case}: max abs diff {max_diff}");
+            // Acceptance is 1e-3; the implementation reaches ~2e-6.
+            assert!(max_diff < 1e-4, "{case}: max abs diff {max_diff}");
             let entry = meta["cases"]
                 .as_array()
                 .unwrap()

@@ -12,6 +12,8 @@
 //! spelling.
 
 use crate::qwen2_5_vl::config::Qwen25VlConfig;
+use burn::module::Param;
+use burn::nn::{Linear, RmsNorm};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
@@ -359,6 +361,46 @@ impl WeightStore {
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
 
+    /// Loads a Hugging Face linear layer `{prefix}.weight` [d_out, d_in]
+    /// (and `{prefix}.bias` [d_out] when `bias`) as a burn [`Linear`]
+    /// (whose weight is stored transposed, [d_in, d_out]).
+    pub fn linear<B: Backend>(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Linear<B>, WeightsError> {
+        let w: Tensor<B, 2> = self.tensor(&format!("{prefix}.weight"), [d_out, d_in], device)?;
+        let bias = if bias {
+            let b: Tensor<B, 1> = self.tensor(&format!("{prefix}.bias"), [d_out], device)?;
+            Some(Param::from_tensor(b))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(w.transpose()),
+            bias,
+        })
+    }
+
+    /// Loads an RMSNorm weight `name` [d] as a burn [`RmsNorm`] with `eps`
+    /// (same formula as transformers' Qwen2RMSNorm in f32).
+    pub fn rms_norm<B: Backend>(
+        &self,
+        name: &str,
+        d: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<RmsNorm<B>, WeightsError> {
+        let gamma: Tensor<B, 1> = self.tensor(name, [d], device)?;
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(gamma),
+            epsilon: eps,
+        })
+    }
+
     /// Checks every tensor the model needs (see [`expected_shapes`]) and
     /// reports all missing or mis-shaped ones at once.
     pub fn check_all(&self, config: &Qwen25VlConfig) -> Result<(), WeightsError> {
@@ -663,6 +705,36 @@ mod tests {
         // With tying, the missing head falls back to the embedding.
         let tied = WeightStore::open(dir.path(), true).unwrap();
         assert_eq!(tied.shape(LM_HEAD).unwrap(), vec![50, 32]);
+    }
+
+    #[test]
+    fn linear_applies_hf_weight() {
+        let store = WeightStore::open(&fixture_dir(), true).unwrap();
+        let dev = Default::default();
+        let lin = store
+            .linear::<B>("visual.blocks.0.attn.proj", 32, 32, true, &dev)
+            .unwrap();
+        let (w, _) = store.read_f32("visual.blocks.0.attn.proj.weight").unwrap();
+        let (b, _) = store.read_f32("visual.blocks.0.attn.proj.bias").unwrap();
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want: Vec<f32> = (0..32)
+            .map(|o| b[o] + (0..32).map(|i| w[o * 32 + i] * x[i]).sum::<f32>())
+            .collect();
+        let got = lin
+            .forward(Tensor::<B, 2>::from_data(TensorData::new(x, [1, 32]), &dev))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        let e = store
+            .linear::<B>("visual.blocks.0.attn.proj", 32, 31, true, &dev)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("visual.blocks.0.attn.proj.weight"),
+            "{e}"
+        );
     }
 
     #[test]
