@@ -141,7 +141,9 @@ impl FromStr for DatasetKind {
         match s.to_ascii_lowercase().as_str() {
             "okvqa_local" => Ok(DatasetKind::OkvqaLocal),
             "vqav2_local" => Ok(DatasetKind::Vqav2Local),
-            _ => Err(DatasetError::UnknownKind { name: s.to_string() }),
+            _ => Err(DatasetError::UnknownKind {
+                name: s.to_string(),
+            }),
         }
     }
 }
@@ -436,7 +438,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DatasetEr
             path: path.to_path_buf(),
             line: e.line(),
             column: e.column(),
-            message: full.strip_suffix(&suffix).map(str::to_string).unwrap_or(full),
+            message: full
+                .strip_suffix(&suffix)
+                .map(str::to_string)
+                .unwrap_or(full),
         }
     })
 }
@@ -555,13 +560,19 @@ impl VqaDataset {
     /// The dataset index of a question id (first one if repeated), by binary
     /// search over the sorted items.
     pub fn index_of_question_id(&self, question_id: u64) -> Option<u64> {
-        let i = self.items.partition_point(|it| it.question_id < question_id);
+        let i = self
+            .items
+            .partition_point(|it| it.question_id < question_id);
         (self.items.get(i)?.question_id == question_id).then_some(i as u64)
     }
 
     /// The image of the item at `index`, through `cache`; a missing file
     /// error names the index.
-    pub fn load_image(&self, index: u64, cache: &ImageCache) -> Result<Arc<RgbImage>, DatasetError> {
+    pub fn load_image(
+        &self,
+        index: u64,
+        cache: &ImageCache,
+    ) -> Result<Arc<RgbImage>, DatasetError> {
         let item = self.get(index)?;
         cache.get(&item.image_path).map_err(|e| match e {
             DatasetError::MissingImage { path, .. } => DatasetError::MissingImage {
@@ -591,10 +602,12 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DatasetError> {
             })
         }
     };
-    let reader = reader.with_guessed_format().map_err(|source| DatasetError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let reader = reader
+        .with_guessed_format()
+        .map_err(|source| DatasetError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let img = reader.decode().map_err(|e| DatasetError::ImageDecode {
         path: path.to_path_buf(),
         message: e.to_string(),

@@ -218,10 +218,21 @@ struct RawBeamValue {
 
 /// A problem found by a visitor callback; serde_json attaches the position.
 enum Problem {
-    KeyNotInteger { key: String },
-    DuplicateKey { key: u64 },
-    QueryMismatch { key: u64, beam: usize, found: Option<u64> },
-    DuplicatePoolId { key: u64, id: u64 },
+    KeyNotInteger {
+        key: String,
+    },
+    DuplicateKey {
+        key: u64,
+    },
+    QueryMismatch {
+        key: u64,
+        beam: usize,
+        found: Option<u64>,
+    },
+    DuplicatePoolId {
+        key: u64,
+        id: u64,
+    },
 }
 
 /// Why a visitor stopped early.
@@ -243,7 +254,9 @@ impl Problem {
                 found,
                 at,
             },
-            Problem::DuplicatePoolId { key, id } => SourceError::DuplicatePoolId { path, key, id, at },
+            Problem::DuplicatePoolId { key, id } => {
+                SourceError::DuplicatePoolId { path, key, id, at }
+            }
         }
     }
 }
@@ -261,7 +274,9 @@ fn parse_index(key: &str) -> Option<u64> {
 fn json_message(e: &serde_json::Error) -> String {
     let full = e.to_string();
     let suffix = format!(" at line {} column {}", e.line(), e.column());
-    full.strip_suffix(&suffix).map(str::to_string).unwrap_or(full)
+    full.strip_suffix(&suffix)
+        .map(str::to_string)
+        .unwrap_or(full)
 }
 
 fn json_error(path: &Path, e: &serde_json::Error) -> SourceError {
@@ -607,14 +622,15 @@ impl JsonlReader {
     }
 
     fn parse_line(&mut self) -> Result<(), SourceError> {
-        let entries: LineEntries = serde_json::from_slice(&self.buf).map_err(|e| SourceError::Json {
-            path: self.path.clone(),
-            at: Position {
-                line: self.line_no,
-                column: Some(e.column()),
-            },
-            message: json_message(&e),
-        })?;
+        let entries: LineEntries =
+            serde_json::from_slice(&self.buf).map_err(|e| SourceError::Json {
+                path: self.path.clone(),
+                at: Position {
+                    line: self.line_no,
+                    column: Some(e.column()),
+                },
+                message: json_message(&e),
+            })?;
         let entries = entries.0;
         let flat_key = entries
             .iter()
@@ -626,7 +642,10 @@ impl JsonlReader {
             let Some(index) = key_value.as_u64() else {
                 return Err(self.invalid(
                     None,
-                    format!("{} is not a non-negative integer: {key_value}", entries[pos].0),
+                    format!(
+                        "{} is not a non-negative integer: {key_value}",
+                        entries[pos].0
+                    ),
                 ));
             };
             let mut fields = serde_json::Map::new();
@@ -635,7 +654,9 @@ impl JsonlReader {
                     continue;
                 }
                 if fields.contains_key(&k) {
-                    return Err(self.invalid(Some(index.to_string()), format!("duplicate field {k:?}")));
+                    return Err(
+                        self.invalid(Some(index.to_string()), format!("duplicate field {k:?}"))
+                    );
                 }
                 fields.insert(k, v);
             }

@@ -1,7 +1,9 @@
 use super::*;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
@@ -10,7 +12,13 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     p
 }
 
-fn ann(qid: u64, image_id: u64, answers: &[&str], mc: Option<&str>, question: Option<&str>) -> serde_json::Value {
+fn ann(
+    qid: u64,
+    image_id: u64,
+    answers: &[&str],
+    mc: Option<&str>,
+    question: Option<&str>,
+) -> serde_json::Value {
     let mut v = serde_json::json!({
         "question_id": qid,
         "image_id": image_id,
@@ -30,26 +38,49 @@ fn ann(qid: u64, image_id: u64, answers: &[&str], mc: Option<&str>, question: Op
 }
 
 fn merged_cfg(dir: &tempfile::TempDir, anns: Vec<serde_json::Value>) -> DatasetConfig {
-    let p = write(dir, "merged.json", &serde_json::json!({"info": {}, "annotations": anns}).to_string());
-    DatasetConfig::new(DatasetKind::Vqav2Local, DatasetSplit::Train, None, p, dir.path().join("imgs"))
+    let p = write(
+        dir,
+        "merged.json",
+        &serde_json::json!({"info": {}, "annotations": anns}).to_string(),
+    );
+    DatasetConfig::new(
+        DatasetKind::Vqav2Local,
+        DatasetSplit::Train,
+        None,
+        p,
+        dir.path().join("imgs"),
+    )
 }
 
 #[test]
 fn fixture_loads_sorted_with_questions_joined() {
     let q = fixture("vqa_eval/questions.json");
     let a = fixture("vqa_eval/annotations.json");
-    let cfg = DatasetConfig::new(DatasetKind::OkvqaLocal, DatasetSplit::Train, Some(q.clone()), a.clone(), "/data/coco".into());
+    let cfg = DatasetConfig::new(
+        DatasetKind::OkvqaLocal,
+        DatasetSplit::Train,
+        Some(q.clone()),
+        a.clone(),
+        "/data/coco".into(),
+    );
     let ds = VqaDataset::load(&cfg).unwrap();
     assert_eq!(ds.len(), 300);
     assert_eq!(ds.kind(), DatasetKind::OkvqaLocal);
 
-    let qv: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&q).unwrap()).unwrap();
-    let av: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&a).unwrap()).unwrap();
+    let qv: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&q).unwrap()).unwrap();
+    let av: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&a).unwrap()).unwrap();
     let qtext: HashMap<u64, String> = qv["questions"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| (x["question_id"].as_u64().unwrap(), x["question"].as_str().unwrap().to_string()))
+        .map(|x| {
+            (
+                x["question_id"].as_u64().unwrap(),
+                x["question"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let mut anns: Vec<&serde_json::Value> = av["annotations"].as_array().unwrap().iter().collect();
     anns.sort_by_key(|x| x["question_id"].as_u64().unwrap());
@@ -67,18 +98,33 @@ fn fixture_loads_sorted_with_questions_joined() {
             .collect();
         assert_eq!(item.answers, answers);
         assert_eq!(item.answers.len(), 10);
-        assert_eq!(item.icd_answer, raw["multiple_choice_answer"].as_str().unwrap());
+        assert_eq!(
+            item.icd_answer,
+            raw["multiple_choice_answer"].as_str().unwrap()
+        );
         assert_eq!(
             item.image_path,
-            PathBuf::from(format!("/data/coco/COCO_train2014_{:012}.jpg", item.image_id))
+            PathBuf::from(format!(
+                "/data/coco/COCO_train2014_{:012}.jpg",
+                item.image_id
+            ))
         );
         assert_eq!(ds.index_of_question_id(item.question_id), Some(i as u64));
     }
     assert_eq!(ds.items()[0].question_id, 700000);
-    assert_eq!(ds.items()[0].image_path, PathBuf::from("/data/coco/COCO_train2014_000000003433.jpg"));
+    assert_eq!(
+        ds.items()[0].image_path,
+        PathBuf::from("/data/coco/COCO_train2014_000000003433.jpg")
+    );
     assert_eq!(ds.index_of_question_id(1), None);
     let err = ds.get(300).unwrap_err();
-    assert!(matches!(err, DatasetError::IndexOutOfRange { index: 300, len: 300 }));
+    assert!(matches!(
+        err,
+        DatasetError::IndexOutOfRange {
+            index: 300,
+            len: 300
+        }
+    ));
     assert!(err.to_string().contains("300"));
 }
 
@@ -93,10 +139,20 @@ fn index_is_position_after_stable_sort_by_question_id() {
         ann(20, 4, &["b2"], Some("b2"), Some("q20 second")),
     ];
     let ds = VqaDataset::load(&merged_cfg(&d, anns)).unwrap();
-    let got: Vec<(u64, u64, &str)> = ds.items().iter().map(|i| (i.index, i.question_id, i.question.as_str())).collect();
+    let got: Vec<(u64, u64, &str)> = ds
+        .items()
+        .iter()
+        .map(|i| (i.index, i.question_id, i.question.as_str()))
+        .collect();
     assert_eq!(
         got,
-        vec![(0, 5, "q5"), (1, 10, "q10"), (2, 20, "q20 first"), (3, 20, "q20 second"), (4, 30, "q30")]
+        vec![
+            (0, 5, "q5"),
+            (1, 10, "q10"),
+            (2, 20, "q20 first"),
+            (3, 20, "q20 second"),
+            (4, 30, "q30")
+        ]
     );
     assert_eq!(ds.index_of_question_id(20), Some(2));
     assert_eq!(ds.index_of_question_id(30), Some(4));
@@ -117,7 +173,10 @@ fn icd_answer_falls_back_to_most_common_first_seen() {
     let got: Vec<&str> = ds.items().iter().map(|i| i.icd_answer.as_str()).collect();
     assert_eq!(got, vec!["dog", "y", "", "given"]);
     assert_eq!(most_common_answer(&["a".to_string(), "b".to_string()]), "a");
-    assert_eq!(most_common_answer(&["b", "a", "a", "b"].map(String::from)), "b");
+    assert_eq!(
+        most_common_answer(&["b", "a", "a", "b"].map(String::from)),
+        "b"
+    );
 }
 
 #[test]
@@ -128,52 +187,146 @@ fn merged_vqav2_format_and_plain_string_answers() {
         "m.json",
         r#"{"annotations": [{"question_id": 7, "image_id": 42, "question": "what?", "answers": ["yes", {"answer": "no", "raw_answer": "No"}], "multiple_choice_answer": null}]}"#,
     );
-    let cfg = DatasetConfig::new(DatasetKind::Vqav2Local, DatasetSplit::Validation, None, p, "r".into());
+    let cfg = DatasetConfig::new(
+        DatasetKind::Vqav2Local,
+        DatasetSplit::Validation,
+        None,
+        p,
+        "r".into(),
+    );
     let ds = VqaDataset::load(&cfg).unwrap();
     let it = ds.get(0).unwrap();
     assert_eq!(it.question, "what?");
     assert_eq!(it.answers, vec!["yes", "no"]);
     assert_eq!(it.icd_answer, "yes");
-    assert_eq!(it.image_path, Path::new("r").join("COCO_val2014_000000000042.jpg"));
+    assert_eq!(
+        it.image_path,
+        Path::new("r").join("COCO_val2014_000000000042.jpg")
+    );
 }
 
 #[test]
 fn missing_question_text_errors_name_the_question_id() {
     let d = tempfile::tempdir().unwrap();
-    let err = VqaDataset::load(&merged_cfg(&d, vec![ann(1, 1, &["a"], None, Some("q")), ann(77, 1, &["a"], None, None)])).unwrap_err();
-    assert!(matches!(err, DatasetError::NoQuestionText { question_id: 77, .. }), "{err:?}");
+    let err = VqaDataset::load(&merged_cfg(
+        &d,
+        vec![
+            ann(1, 1, &["a"], None, Some("q")),
+            ann(77, 1, &["a"], None, None),
+        ],
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatasetError::NoQuestionText {
+                question_id: 77,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("77"));
 
-    let qp = write(&d, "q.json", r#"{"questions": [{"image_id": 1, "question": "from file", "question_id": 1}]}"#);
+    let qp = write(
+        &d,
+        "q.json",
+        r#"{"questions": [{"image_id": 1, "question": "from file", "question_id": 1}]}"#,
+    );
     let ap = write(&d, "a.json", &serde_json::json!({"annotations": [ann(1, 1, &["a"], None, Some("own")), ann(88, 1, &["a"], None, None)]}).to_string());
-    let cfg = DatasetConfig::new(DatasetKind::OkvqaLocal, DatasetSplit::Train, Some(qp.clone()), ap, "r".into());
+    let cfg = DatasetConfig::new(
+        DatasetKind::OkvqaLocal,
+        DatasetSplit::Train,
+        Some(qp.clone()),
+        ap,
+        "r".into(),
+    );
     let err = VqaDataset::load(&cfg).unwrap_err();
-    assert!(matches!(err, DatasetError::MissingQuestion { question_id: 88, .. }), "{err:?}");
-    assert!(err.to_string().contains("88") && err.to_string().contains("q.json"), "{err}");
+    assert!(
+        matches!(
+            err,
+            DatasetError::MissingQuestion {
+                question_id: 88,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("88") && err.to_string().contains("q.json"),
+        "{err}"
+    );
 
     // The questions file wins over an annotation's own question (as the original merge).
-    let ap = write(&d, "a2.json", &serde_json::json!({"annotations": [ann(1, 1, &["a"], None, Some("own"))]}).to_string());
-    let cfg = DatasetConfig::new(DatasetKind::OkvqaLocal, DatasetSplit::Train, Some(qp), ap, "r".into());
-    assert_eq!(VqaDataset::load(&cfg).unwrap().get(0).unwrap().question, "from file");
+    let ap = write(
+        &d,
+        "a2.json",
+        &serde_json::json!({"annotations": [ann(1, 1, &["a"], None, Some("own"))]}).to_string(),
+    );
+    let cfg = DatasetConfig::new(
+        DatasetKind::OkvqaLocal,
+        DatasetSplit::Train,
+        Some(qp),
+        ap,
+        "r".into(),
+    );
+    assert_eq!(
+        VqaDataset::load(&cfg).unwrap().get(0).unwrap().question,
+        "from file"
+    );
 }
 
 #[test]
 fn malformed_json_names_file_and_line() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(&d, "bad_ann.json", "{\"annotations\": [\n{\"question_id\": 1, \"image_id\": 2,\n \"answers\": [}]}");
-    let cfg = DatasetConfig::new(DatasetKind::OkvqaLocal, DatasetSplit::Train, None, p, "r".into());
+    let p = write(
+        &d,
+        "bad_ann.json",
+        "{\"annotations\": [\n{\"question_id\": 1, \"image_id\": 2,\n \"answers\": [}]}",
+    );
+    let cfg = DatasetConfig::new(
+        DatasetKind::OkvqaLocal,
+        DatasetSplit::Train,
+        None,
+        p,
+        "r".into(),
+    );
     let err = VqaDataset::load(&cfg).unwrap_err();
-    let DatasetError::Json { line, column, .. } = &err else { panic!("{err:?}") };
+    let DatasetError::Json { line, column, .. } = &err else {
+        panic!("{err:?}")
+    };
     assert_eq!(*line, 3);
     assert!(*column > 0);
     let msg = err.to_string();
-    assert!(msg.contains("bad_ann.json") && msg.contains("line 3"), "{msg}");
+    assert!(
+        msg.contains("bad_ann.json") && msg.contains("line 3"),
+        "{msg}"
+    );
 
-    let p = write(&d, "bad_type.json", "{\"annotations\": [{\"question_id\": \"x\", \"image_id\": 2}]}");
-    let cfg = DatasetConfig::new(DatasetKind::OkvqaLocal, DatasetSplit::Train, None, p, "r".into());
-    assert!(matches!(VqaDataset::load(&cfg).unwrap_err(), DatasetError::Json { line: 1, .. }));
+    let p = write(
+        &d,
+        "bad_type.json",
+        "{\"annotations\": [{\"question_id\": \"x\", \"image_id\": 2}]}",
+    );
+    let cfg = DatasetConfig::new(
+        DatasetKind::OkvqaLocal,
+        DatasetSplit::Train,
+        None,
+        p,
+        "r".into(),
+    );
+    assert!(matches!(
+        VqaDataset::load(&cfg).unwrap_err(),
+        DatasetError::Json { line: 1, .. }
+    ));
 
-    let cfg = DatasetConfig::new(DatasetKind::OkvqaLocal, DatasetSplit::Train, None, d.path().join("nope.json"), "r".into());
+    let cfg = DatasetConfig::new(
+        DatasetKind::OkvqaLocal,
+        DatasetSplit::Train,
+        None,
+        d.path().join("nope.json"),
+        "r".into(),
+    );
     let err = VqaDataset::load(&cfg).unwrap_err();
     assert!(matches!(err, DatasetError::Io { .. }) && err.to_string().contains("nope.json"));
 }
@@ -182,36 +335,65 @@ fn malformed_json_names_file_and_line() {
 fn image_pattern_formatting() {
     let p = ImagePattern::parse(DEFAULT_IMAGE_PATTERN).unwrap();
     assert_eq!(p.format(9, 1), "COCO_train2014_000000000009.jpg");
-    assert_eq!(p.format(1234567890123, 1), "COCO_train2014_1234567890123.jpg");
+    assert_eq!(
+        p.format(1234567890123, 1),
+        "COCO_train2014_1234567890123.jpg"
+    );
     let p = ImagePattern::parse("{image_id}/{question_id:08d}_{image_id:5d}.png").unwrap();
     assert_eq!(p.format(42, 7), "42/00000007_   42.png");
     let p = ImagePattern::parse("{{x}}{image_id:d}").unwrap();
     assert_eq!(p.format(3, 0), "{x}3");
-    for bad in ["{image}", "{image_id", "a}b", "{image_id:x}", "{image_id:012f}"] {
+    for bad in [
+        "{image}",
+        "{image_id",
+        "a}b",
+        "{image_id:x}",
+        "{image_id:012f}",
+    ] {
         let err = ImagePattern::parse(bad).unwrap_err();
         assert!(matches!(err, DatasetError::BadImagePattern { .. }), "{bad}");
     }
-    assert_eq!(DatasetSplit::Validation.default_image_pattern(), DEFAULT_VAL_IMAGE_PATTERN);
+    assert_eq!(
+        DatasetSplit::Validation.default_image_pattern(),
+        DEFAULT_VAL_IMAGE_PATTERN
+    );
 
     let d = tempfile::tempdir().unwrap();
     let mut cfg = merged_cfg(&d, vec![ann(5, 11, &["a"], None, Some("q"))]);
     cfg.image_pattern = "img_{question_id}_{image_id:04d}.jpg".into();
     let ds = VqaDataset::load(&cfg).unwrap();
-    assert_eq!(ds.get(0).unwrap().image_path, d.path().join("imgs").join("img_5_0011.jpg"));
+    assert_eq!(
+        ds.get(0).unwrap().image_path,
+        d.path().join("imgs").join("img_5_0011.jpg")
+    );
     cfg.image_pattern = "{nope}".into();
-    assert!(matches!(VqaDataset::load(&cfg).unwrap_err(), DatasetError::BadImagePattern { .. }));
+    assert!(matches!(
+        VqaDataset::load(&cfg).unwrap_err(),
+        DatasetError::BadImagePattern { .. }
+    ));
 }
 
 #[test]
 fn dataset_kind_names() {
-    assert_eq!("okvqa_local".parse::<DatasetKind>().unwrap(), DatasetKind::OkvqaLocal);
-    assert_eq!("VQAv2_local".parse::<DatasetKind>().unwrap(), DatasetKind::Vqav2Local);
+    assert_eq!(
+        "okvqa_local".parse::<DatasetKind>().unwrap(),
+        DatasetKind::OkvqaLocal
+    );
+    assert_eq!(
+        "VQAv2_local".parse::<DatasetKind>().unwrap(),
+        DatasetKind::Vqav2Local
+    );
     assert_eq!(DatasetKind::Vqav2Local.to_string(), "vqav2_local");
-    assert!(matches!("coco".parse::<DatasetKind>(), Err(DatasetError::UnknownKind { .. })));
+    assert!(matches!(
+        "coco".parse::<DatasetKind>(),
+        Err(DatasetError::UnknownKind { .. })
+    ));
 }
 
 fn save_rgb(path: &Path, w: u32, h: u32) {
-    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7])).save(path).unwrap();
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]))
+        .save(path)
+        .unwrap();
 }
 
 #[test]
@@ -228,17 +410,28 @@ fn missing_image_and_decode_errors() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(err.to_string().contains("COCO_train2014_000000000011.jpg") && err.to_string().contains("index 0"));
-    assert!(matches!(cache.get(&d.path().join("x.png")), Err(DatasetError::MissingImage { index: None, .. })));
+    assert!(
+        err.to_string().contains("COCO_train2014_000000000011.jpg")
+            && err.to_string().contains("index 0")
+    );
+    assert!(matches!(
+        cache.get(&d.path().join("x.png")),
+        Err(DatasetError::MissingImage { index: None, .. })
+    ));
 
     std::fs::create_dir_all(d.path().join("imgs")).unwrap();
     let img = d.path().join("imgs/COCO_train2014_000000000011.jpg");
     std::fs::write(&img, b"not an image at all").unwrap();
     let err = ds.load_image(0, &cache).unwrap_err();
-    assert!(matches!(&err, DatasetError::ImageDecode { path, .. } if path == &img), "{err:?}");
+    assert!(
+        matches!(&err, DatasetError::ImageDecode { path, .. } if path == &img),
+        "{err:?}"
+    );
 
     // A real JPEG (content sniffed, not the extension).
-    image::RgbImage::from_pixel(8, 6, image::Rgb([200, 100, 50])).save_with_format(&img, image::ImageFormat::Jpeg).unwrap();
+    image::RgbImage::from_pixel(8, 6, image::Rgb([200, 100, 50]))
+        .save_with_format(&img, image::ImageFormat::Jpeg)
+        .unwrap();
     let got = ds.load_image(0, &cache).unwrap();
     assert_eq!(got.dimensions(), (8, 6));
     assert!(ds.load_image(1, &cache).is_err());
@@ -248,15 +441,30 @@ fn missing_image_and_decode_errors() {
 fn rgba_and_grey_convert_like_pil() {
     let d = tempfile::tempdir().unwrap();
     let rgba = d.path().join("a.png");
-    image::RgbaImage::from_pixel(2, 2, image::Rgba([10, 20, 30, 0])).save(&rgba).unwrap();
+    image::RgbaImage::from_pixel(2, 2, image::Rgba([10, 20, 30, 0]))
+        .save(&rgba)
+        .unwrap();
     let grey = d.path().join("g.png");
-    image::GrayImage::from_pixel(3, 1, image::Luma([77])).save(&grey).unwrap();
+    image::GrayImage::from_pixel(3, 1, image::Luma([77]))
+        .save(&grey)
+        .unwrap();
     let la = d.path().join("la.png");
-    image::GrayAlphaImage::from_pixel(1, 1, image::LumaA([5, 9])).save(&la).unwrap();
+    image::GrayAlphaImage::from_pixel(1, 1, image::LumaA([5, 9]))
+        .save(&la)
+        .unwrap();
     let cache = ImageCache::new(1);
-    assert_eq!(cache.get(&rgba).unwrap().get_pixel(1, 1), &image::Rgb([10, 20, 30]));
-    assert_eq!(cache.get(&grey).unwrap().get_pixel(2, 0), &image::Rgb([77, 77, 77]));
-    assert_eq!(cache.get(&la).unwrap().get_pixel(0, 0), &image::Rgb([5, 5, 5]));
+    assert_eq!(
+        cache.get(&rgba).unwrap().get_pixel(1, 1),
+        &image::Rgb([10, 20, 30])
+    );
+    assert_eq!(
+        cache.get(&grey).unwrap().get_pixel(2, 0),
+        &image::Rgb([77, 77, 77])
+    );
+    assert_eq!(
+        cache.get(&la).unwrap().get_pixel(0, 0),
+        &image::Rgb([5, 5, 5])
+    );
 }
 
 #[test]

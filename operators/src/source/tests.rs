@@ -2,7 +2,9 @@ use super::*;
 use std::io::Write;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
@@ -47,7 +49,11 @@ fn extra_keys_with_any_value_are_ignored() {
     let recs = read_all(&p).unwrap();
     assert_eq!(
         recs,
-        vec![BeamRecord { query_index: 7, id_list: vec![vec![1, 2, 7]], score_list: vec![0.5] }]
+        vec![BeamRecord {
+            query_index: 7,
+            id_list: vec![vec![1, 2, 7]],
+            score_list: vec![0.5]
+        }]
     );
 }
 
@@ -60,7 +66,11 @@ fn pretty_printed_json_is_detected_as_json() {
         "{\n  \"1\": {\"id_list\": [[3, 1]], \"score_list\": [1.0]},\n  \"0\": {\"id_list\": [[4, 0]], \"score_list\": [2.0]}\n}\n",
     );
     assert_eq!(detect_format(&p).unwrap(), BeamFormat::Json);
-    let keys: Vec<u64> = read_all(&p).unwrap().iter().map(|r| r.query_index).collect();
+    let keys: Vec<u64> = read_all(&p)
+        .unwrap()
+        .iter()
+        .map(|r| r.query_index)
+        .collect();
     assert_eq!(keys, vec![1, 0]);
 }
 
@@ -80,7 +90,11 @@ fn jsonl_both_forms_autodetected() {
         assert_eq!(recs[1].score_list, vec![0.2, 0.1]);
     }
     // A single flat-form line is JSON Lines too.
-    let p = write(&d, "one.json", "{\"query_idx\": 9, \"id_list\": [[1, 9]], \"score_list\": [1]}");
+    let p = write(
+        &d,
+        "one.json",
+        "{\"query_idx\": 9, \"id_list\": [[1, 9]], \"score_list\": [1]}",
+    );
     assert_eq!(detect_format(&p).unwrap(), BeamFormat::JsonLines);
     assert_eq!(read_all(&p).unwrap()[0].query_index, 9);
 }
@@ -105,23 +119,39 @@ fn truncated_json_names_file_line_and_column() {
         other => panic!("unexpected {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("trunc.json") && msg.contains("line 3, column"), "{msg}");
+    assert!(
+        msg.contains("trunc.json") && msg.contains("line 3, column"),
+        "{msg}"
+    );
     assert!(it.next().is_none());
 }
 
 #[test]
 fn malformed_json_error() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(&d, "bad.json", "{\"0\": {\"id_list\": [[1, 0]] \"score_list\": [0.5]}}");
+    let p = write(
+        &d,
+        "bad.json",
+        "{\"0\": {\"id_list\": [[1, 0]] \"score_list\": [0.5]}}",
+    );
     let err = read_all(&p).unwrap_err();
-    let SourceError::Json { at, message, .. } = &err else { panic!("{err:?}") };
+    let SourceError::Json { at, message, .. } = &err else {
+        panic!("{err:?}")
+    };
     assert_eq!(at.line, 1);
-    assert_eq!(at.column, Some(29));
+    assert_eq!(at.column, Some(28));
     assert!(message.contains("expected"), "{message}");
     assert!(!message.contains("at line"), "{message}");
     // Wrong value types are reported the same way.
-    let p = write(&d, "bad2.json", "{\"0\": {\"id_list\": [[1, -1]], \"score_list\": [0.5]}}");
-    assert!(matches!(read_all(&p).unwrap_err(), SourceError::Json { .. }));
+    let p = write(
+        &d,
+        "bad2.json",
+        "{\"0\": {\"id_list\": [[1, -1]], \"score_list\": [0.5]}}",
+    );
+    assert!(matches!(
+        read_all(&p).unwrap_err(),
+        SourceError::Json { .. }
+    ));
     // A missing field too.
     let p = write(&d, "bad3.json", "{\"0\": {\"id_list\": [[1, 0]]}}");
     let err = read_all(&p).unwrap_err();
@@ -139,25 +169,62 @@ fn jsonl_errors_name_the_line() {
     let recs: Vec<_> = BeamReader::open(&p).unwrap().collect();
     assert_eq!(recs.len(), 2);
     let err = recs[1].as_ref().unwrap_err();
-    let SourceError::Json { at, .. } = err else { panic!("{err:?}") };
+    let SourceError::Json { at, .. } = err else {
+        panic!("{err:?}")
+    };
     assert_eq!(at.line, 2);
     assert!(err.to_string().contains("b.jsonl"));
 
     let p = write(&d, "c.jsonl", "{\"0\": {\"id_list\": [[1, 0]], \"score_list\": [0.5]}}\n{\"0\": {\"id_list\": [[1, 0]], \"score_list\": [0.5]}}\n");
     let err = read_all(&p).unwrap_err();
-    assert!(matches!(err, SourceError::DuplicateKey { key: 0, at: Position { line: 2, .. }, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SourceError::DuplicateKey {
+                key: 0,
+                at: Position { line: 2, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 
-    let p = write(&d, "e.jsonl", "{\"q\": {\"id_list\": [[1, 0]], \"score_list\": [0.5]}}\n");
+    let p = write(
+        &d,
+        "e.jsonl",
+        "{\"q\": {\"id_list\": [[1, 0]], \"score_list\": [0.5]}}\n",
+    );
     let err = read_all(&p).unwrap_err();
-    assert!(matches!(&err, SourceError::KeyNotInteger { key, .. } if key == "q"), "{err:?}");
+    assert!(
+        matches!(&err, SourceError::KeyNotInteger { key, .. } if key == "q"),
+        "{err:?}"
+    );
 
-    let p = write(&d, "f.jsonl", "{\"query_idx\": 4, \"id_list\": [[1, 0]], \"score_list\": [0.5]}\n");
+    let p = write(
+        &d,
+        "f.jsonl",
+        "{\"query_idx\": 4, \"id_list\": [[1, 0]], \"score_list\": [0.5]}\n",
+    );
     let err = read_all(&p).unwrap_err();
-    assert!(matches!(err, SourceError::QueryMismatch { key: 4, beam: 0, found: Some(0), .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SourceError::QueryMismatch {
+                key: 4,
+                beam: 0,
+                found: Some(0),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 
     let p = write(&d, "g.jsonl", "{\"query_idx\": 4, \"id_list\": [[1, 4]]}\n");
     let err = read_all(&p).unwrap_err();
-    assert!(matches!(&err, SourceError::InvalidRecord { key: Some(k), .. } if k == "4"), "{err:?}");
+    assert!(
+        matches!(&err, SourceError::InvalidRecord { key: Some(k), .. } if k == "4"),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("line 1"), "{err}");
 }
 
@@ -193,31 +260,82 @@ fn duplicate_key_is_an_error() {
         "{\"2\": {\"id_list\": [[1, 2]], \"score_list\": [0.5]},\n \"02\": {\"id_list\": [[1, 2]], \"score_list\": [0.5]}}",
     );
     let err = read_all(&p).unwrap_err();
-    assert!(matches!(err, SourceError::DuplicateKey { key: 2, at: Position { line: 2, .. }, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SourceError::DuplicateKey {
+                key: 2,
+                at: Position { line: 2, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("duplicate query index 2"));
 }
 
 #[test]
 fn query_mismatch_names_the_key() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(&d, "m.json", "{\"5\": {\"id_list\": [[1, 5], [2, 6]], \"score_list\": [0.5, 0.4]}}");
+    let p = write(
+        &d,
+        "m.json",
+        "{\"5\": {\"id_list\": [[1, 5], [2, 6]], \"score_list\": [0.5, 0.4]}}",
+    );
     let err = read_all(&p).unwrap_err();
-    assert!(matches!(err, SourceError::QueryMismatch { key: 5, beam: 1, found: Some(6), .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SourceError::QueryMismatch {
+                key: 5,
+                beam: 1,
+                found: Some(6),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("query 5"), "{err}");
-    let p = write(&d, "e.json", "{\"5\": {\"id_list\": [[]], \"score_list\": [0.5]}}");
+    let p = write(
+        &d,
+        "e.json",
+        "{\"5\": {\"id_list\": [[]], \"score_list\": [0.5]}}",
+    );
     let err = read_all(&p).unwrap_err();
-    assert!(matches!(err, SourceError::QueryMismatch { key: 5, beam: 0, found: None, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SourceError::QueryMismatch {
+                key: 5,
+                beam: 0,
+                found: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn empty_and_non_object_files() {
     let d = tempfile::tempdir().unwrap();
     let p = write(&d, "e.json", "  \n ");
-    assert!(matches!(BeamReader::open(&p), Err(SourceError::Empty { .. })));
+    assert!(matches!(
+        BeamReader::open(&p),
+        Err(SourceError::Empty { .. })
+    ));
     let p = write(&d, "a.json", "\n [1, 2]");
-    let Err(SourceError::NotAnObject { found, at, .. }) = BeamReader::open(&p) else { panic!() };
+    let Err(SourceError::NotAnObject { found, at, .. }) = BeamReader::open(&p) else {
+        panic!()
+    };
     assert_eq!(found, '[');
-    assert_eq!(at, Position { line: 2, column: Some(2) });
+    assert_eq!(
+        at,
+        Position {
+            line: 2,
+            column: Some(2)
+        }
+    );
     // An empty .jsonl file is simply empty.
     let p = write(&d, "e.jsonl", "");
     assert_eq!(read_all(&p).unwrap(), vec![]);
@@ -243,7 +361,11 @@ fn slice_bounds_follow_python() {
 #[test]
 fn range_slices_keys_in_file_order() {
     let path = fixture("pointer_selector/beam_data.json");
-    let all: Vec<u64> = read_all(&path).unwrap().iter().map(|r| r.query_index).collect();
+    let all: Vec<u64> = read_all(&path)
+        .unwrap()
+        .iter()
+        .map(|r| r.query_index)
+        .collect();
     let take = |s: i64, e: i64| -> Vec<u64> {
         BeamReader::open(&path)
             .unwrap()
@@ -266,8 +388,12 @@ fn range_slices_keys_in_file_order() {
         "o.json",
         r#"{"9": {"id_list": [[1, 9]], "score_list": [1]}, "2": {"id_list": [[1, 2]], "score_list": [1]}, "5": {"id_list": [[1, 5]], "score_list": [1]}}"#,
     );
-    let got: Vec<u64> =
-        BeamReader::open(&p).unwrap().with_range(1, 3).unwrap().map(|r| r.unwrap().query_index).collect();
+    let got: Vec<u64> = BeamReader::open(&p)
+        .unwrap()
+        .with_range(1, 3)
+        .unwrap()
+        .map(|r| r.unwrap().query_index)
+        .collect();
     assert_eq!(got, vec![2, 5]);
     assert_eq!(count_records(&p).unwrap(), 3);
 }
@@ -280,7 +406,9 @@ fn dropping_a_reader_early_stops_the_parser() {
         if i > 0 {
             text.push(',');
         }
-        text.push_str(&format!("\"{i}\": {{\"id_list\": [[1, {i}]], \"score_list\": [0.5]}}"));
+        text.push_str(&format!(
+            "\"{i}\": {{\"id_list\": [[1, {i}]], \"score_list\": [0.5]}}"
+        ));
     }
     text.push('}');
     let p = write(&d, "big.json", &text);
@@ -305,14 +433,34 @@ fn sampler_cache_fixture_and_errors() {
     let d = tempfile::tempdir().unwrap();
     let p = write(&d, "s.json", "{\"1\": [1, 2, 3],\n \"2\": [4, 5, 4]}");
     let err = load_sampler_cache(&p).unwrap_err();
-    assert!(matches!(err, SourceError::DuplicatePoolId { key: 2, id: 4, at: Position { line: 2, .. }, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SourceError::DuplicatePoolId {
+                key: 2,
+                id: 4,
+                at: Position { line: 2, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("query 2") && err.to_string().contains("candidate id 4"));
     let p = write(&d, "s2.json", "{\"x\": [1]}");
-    assert!(matches!(load_sampler_cache(&p).unwrap_err(), SourceError::KeyNotInteger { .. }));
+    assert!(matches!(
+        load_sampler_cache(&p).unwrap_err(),
+        SourceError::KeyNotInteger { .. }
+    ));
     let p = write(&d, "s3.json", "{\"1\": [1, 2.5]}");
-    assert!(matches!(load_sampler_cache(&p).unwrap_err(), SourceError::Json { .. }));
+    assert!(matches!(
+        load_sampler_cache(&p).unwrap_err(),
+        SourceError::Json { .. }
+    ));
     let p = write(&d, "s4.json", "{\"1\": [1], \"1\": [2]}");
-    assert!(matches!(load_sampler_cache(&p).unwrap_err(), SourceError::DuplicateKey { key: 1, .. }));
+    assert!(matches!(
+        load_sampler_cache(&p).unwrap_err(),
+        SourceError::DuplicateKey { key: 1, .. }
+    ));
 }
 
 #[test]
@@ -323,11 +471,25 @@ fn candidate_indices_fixture_and_errors() {
     let p = write(&d, "c.json", "[3, 4, 3]");
     assert!(matches!(
         load_candidate_indices(&p).unwrap_err(),
-        SourceError::DuplicateCandidate { id: 3, first: 0, second: 2, .. }
+        SourceError::DuplicateCandidate {
+            id: 3,
+            first: 0,
+            second: 2,
+            ..
+        }
     ));
     let p = write(&d, "c2.json", "[3, \"4\"]");
     let err = load_candidate_indices(&p).unwrap_err();
-    assert!(matches!(err, SourceError::Json { at: Position { line: 1, .. }, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SourceError::Json {
+                at: Position { line: 1, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 /// Streams a generated ~50 MB file; run with `--ignored`.
