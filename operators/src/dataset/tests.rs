@@ -517,3 +517,11 @@ fn cache_eviction_is_lru_and_bounded() {
     assert_eq!(cache.len(), 3);
     assert_eq!(ImageCache::new(2).capacity_bytes(), 2 << 20);
 }
+
+#[test]
+fn shared_types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<ImageCache>();
+    assert_send_sync::<VqaDataset>();
+    assert_send_sync::<DatasetError>();
+}

@@ -526,3 +526,14 @@ fn streams_a_large_file() {
     }
     assert_eq!(count, n);
 }
+
+#[test]
+fn reader_can_move_to_another_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<BeamReader>();
+    assert_send::<SourceError>();
+    let path = fixture("pointer_selector/beam_data.json");
+    let reader = BeamReader::open(&path).unwrap();
+    let n = std::thread::spawn(move || reader.count()).join().unwrap();
+    assert_eq!(n, 20);
+}
