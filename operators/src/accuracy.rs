@@ -6,8 +6,8 @@
 //! * [`GtAnswers`]: a question's ground truth prepared once; scoring a
 //!   normalised prediction is a few string comparisons
 //!   (`vqa_acc_score`, and `vqa_correct` = [`vqa_correct`]).
-//! * [`postprocess_generation`]: `postprocess_vqa_generation`.
-//! * [`relevance`]: `compute_relevance` (token F1 and difflib ratio).
+//! * [`postprocess_generation`] reproduces `postprocess_vqa_generation`.
+//! * [`relevance`] reproduces `compute_relevance` (token F1 and difflib ratio).
 //! * [`fallback_accuracy`], [`EvalMode`], [`EvalSplit`]: the
 //!   `--no_strict_eval` string-matching fallback and the labels recorded in
 //!   `vqa_eval_mode` / `eval_split_used`.

@@ -17,7 +17,7 @@ pub fn fallback_accuracy(pred: &str, gt_raw: &[String]) -> f64 {
         .iter()
         .map(|g| super::normalize::py_strip(&g.to_lowercase()).to_owned())
         .collect();
-    if gts.iter().any(|g| *g == pred) {
+    if gts.contains(&pred) {
         return 1.0;
     }
     if gts

@@ -159,12 +159,12 @@ impl<'a> SequenceMatcher<'a> {
             self.prev[j] = 0;
         }
         self.prev_set.clear();
-        for i in alo..ahi {
+        for (i, ai) in a.iter().enumerate().take(ahi).skip(alo) {
             for &j in &self.cur_set {
                 self.cur[j] = 0;
             }
             self.cur_set.clear();
-            if let Some(js) = self.b2j.get(&a[i]) {
+            if let Some(js) = self.b2j.get(ai) {
                 for &j in js {
                     if j < blo {
                         continue;
