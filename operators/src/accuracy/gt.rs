@@ -37,6 +37,11 @@ pub struct GtAnswers {
 }
 
 impl GtAnswers {
+    /// Same as [`GtAnswers::from_raw`]: prepares raw ground-truth answers.
+    pub fn new<S: AsRef<str>>(raw: &[S]) -> Self {
+        Self::from_raw(raw)
+    }
+
     /// Prepares raw ground-truth answers: each is normalised with the official
     /// normalisation; answers are told apart by position (`j != i`).
     pub fn from_raw<S: AsRef<str>>(raw: &[S]) -> Self {
