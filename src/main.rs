@@ -2,11 +2,18 @@
 //! selection in VQA as a timely dataflow.
 //!
 //! This binary is the edge: command-line parsing ([`cli`]), `--config` YAML
-//! ([`config`]), run orchestration ([`generate`]), progress and summaries
-//! ([`progress`]); the stages themselves live in `leverflow-operators`.
+//! ([`config`]), run orchestration ([`generate`]), VQA backends
+//! ([`backends`], [`qwen`]), progress ([`progress`]) and benchmarks
+//! ([`bench`]); the stages themselves live in `leverflow-operators`.
 
+mod backends;
+mod bench;
+mod benches;
 mod cli;
 mod config;
+mod generate;
+mod progress;
+mod qwen;
 
 use anyhow::Result;
 use clap::Parser;
@@ -22,11 +29,27 @@ fn real_main() -> Result<()> {
     let args = config::expand_config_args(std::env::args().collect())?;
     let cli = cli::Cli::parse_from(args);
     match cli.command {
-        cli::Command::Generate(_) | cli::Command::Candidates(_) => {
-            anyhow::bail!("not wired yet")
-        }
-        cli::Command::Score(_) | cli::Command::Vqa(_) | cli::Command::Bench(_) => {
-            anyhow::bail!("not wired yet")
-        }
+        cli::Command::Generate(a) => run_job(*a, generate::Job::Generate),
+        cli::Command::Candidates(a) => run_job(*a, generate::Job::Candidates),
+        cli::Command::Score(a) => score(&a),
+        cli::Command::Vqa(a) => qwen::run_vqa_command(&a),
+        cli::Command::Bench(a) => benches::run(&a),
     }
+}
+
+fn run_job(args: cli::GenerateArgs, job: generate::Job) -> Result<()> {
+    if args.print_config {
+        print!("{}", serde_yaml::to_string(&args)?);
+        return Ok(());
+    }
+    generate::run(args, job)
+}
+
+fn score(a: &cli::ScoreArgs) -> Result<()> {
+    let index = leverflow_operators::accuracy::load_questions_annotations(&a.questions, &a.annotations)?;
+    let report = leverflow_operators::accuracy::score_predictions(&index, &a.predictions)?;
+    let full = report.to_json();
+    let out = serde_json::json!({"overall": full["overall"], "perQuestion": full["perQuestion"]});
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
 }

@@ -14,3 +14,4 @@ pub mod rope_index;
 pub mod text;
 pub mod vision;
 pub mod weights;
+pub mod model;

@@ -1,0 +1,302 @@
+//! The `qwen2_5_vl` backend at the binary edge: device selection (CPU
+//! `ndarray`, or CUDA with `--features cuda`), the `vqa` subcommand and the
+//! VQA benchmark.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use leverflow_operators::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
+use leverflow_operators::qwen2_5_vl::model::{Qwen25Vl, QwenVqa};
+use leverflow_operators::qwen2_5_vl::processor::{ImageSource, PromptRequest, VqaExample, VqaQuery};
+use leverflow_operators::vqa::VqaModel;
+
+use crate::cli::{BenchArgs, GenerateArgs, VqaArgs};
+use crate::generate::VqaFactory;
+
+/// The CPU backend.
+pub type Cpu = burn::backend::NdArray<f32>;
+
+/// The CUDA backend (bf16 weights and activations).
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda<half::bf16, i32>;
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// CPU through ndarray.
+    Cpu,
+    /// CUDA device index.
+    Cuda(usize),
+}
+
+/// Parses `--device`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let idx = match s {
+        "cuda" => Some(0),
+        _ => s.strip_prefix("cuda:").and_then(|i| i.parse().ok()),
+    };
+    match idx {
+        Some(i) if cfg!(feature = "cuda") => Ok(Device::Cuda(i)),
+        Some(_) => bail!("--device {s}: this leverflow was built without CUDA support; rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use --device cpu"),
+        None => bail!("--device {s}: expected cpu or cuda:N"),
+    }
+}
+
+fn overrides(args: &GenerateArgs) -> GenerationOverrides {
+    GenerationOverrides {
+        max_new_tokens: Some(args.max_new_tokens),
+        min_new_tokens: Some(args.min_new_tokens),
+        num_beams: Some(args.vqa_num_beams),
+        length_penalty: Some(args.length_penalty),
+        repetition_penalty: args.repetition_penalty,
+        do_sample: Some(false),
+        ..Default::default()
+    }
+}
+
+fn factory_on<B: Backend>(
+    dir: &Path,
+    device: B::Device,
+    over: GenerationOverrides,
+    cache_mb: usize,
+) -> Result<(VqaFactory, serde_json::Value)>
+where
+    Qwen25Vl<B>: Send + Sync,
+{
+    let model = Arc::new(Qwen25Vl::<B>::load(dir, &device)?);
+    let generation = GenerationConfig::resolve(&over, &model.generation_defaults)?;
+    let identity = QwenVqa::new(Arc::clone(&model), generation.clone(), 0).identity();
+    let f: VqaFactory = Arc::new(move || {
+        Ok(Box::new(QwenVqa::new(Arc::clone(&model), generation.clone(), cache_mb)) as Box<dyn VqaModel>)
+    });
+    Ok((f, identity))
+}
+
+/// The per-worker factory for `--vqa_backend qwen2_5_vl`.
+pub fn factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value)> {
+    let dir = PathBuf::from(&args.vqa_model);
+    if !dir.is_dir() {
+        bail!("--vqa_model {}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...). leverflow never downloads models at run time.", args.vqa_model);
+    }
+    let over = overrides(args);
+    match parse_device(&args.device)? {
+        Device::Cpu => factory_on::<Cpu>(&dir, Default::default(), over, args.vision_cache_mb),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => factory_on::<Gpu>(
+            &dir,
+            burn::backend::cuda::CudaDevice::new(i),
+            over,
+            args.vision_cache_mb,
+        ),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => unreachable!("parse_device rejects cuda without the feature"),
+    }
+}
+
+/// One request of `leverflow vqa`.
+#[derive(Debug, Deserialize)]
+struct Request {
+    #[serde(default)]
+    examples: Vec<RequestExample>,
+    query: RequestQuery,
+    #[serde(default)]
+    system_prompt: Option<String>,
+    #[serde(default)]
+    gen: RequestGen,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestExample {
+    image: PathBuf,
+    question: String,
+    answer: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestQuery {
+    image: PathBuf,
+    question: String,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct RequestGen {
+    num_beams: Option<usize>,
+    max_new_tokens: Option<usize>,
+    min_new_tokens: Option<usize>,
+    length_penalty: Option<f64>,
+    repetition_penalty: Option<f64>,
+    do_sample: Option<bool>,
+}
+
+fn read_requests(path: &Path) -> Result<Vec<Request>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!("{}: invalid JSON at line {} column {}: {e}", path.display(), e.line(), e.column())
+    })?;
+    let items = match value {
+        serde_json::Value::Array(xs) => xs,
+        other => vec![other],
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut r: Request = serde_json::from_value(v)
+                .map_err(|e| anyhow::anyhow!("{}: request {i}: {e}", path.display()))?;
+            // Relative image paths are relative to the request file.
+            for e in &mut r.examples {
+                e.image = base.join(&e.image);
+            }
+            r.query.image = base.join(&r.query.image);
+            Ok(r)
+        })
+        .collect()
+}
+
+fn to_prompt_request(r: &Request) -> PromptRequest {
+    PromptRequest {
+        system_prompt: r.system_prompt.clone(),
+        examples: r
+            .examples
+            .iter()
+            .map(|e| VqaExample {
+                image: ImageSource::Path(e.image.clone()),
+                question: e.question.clone(),
+                answer: e.answer.clone(),
+            })
+            .collect(),
+        query: VqaQuery {
+            image: ImageSource::Path(r.query.image.clone()),
+            question: r.query.question.clone(),
+        },
+    }
+}
+
+fn run_vqa_on<B: Backend>(args: &VqaArgs, device: B::Device) -> Result<()> {
+    let requests = read_requests(&args.request)?;
+    let model = Arc::new(Qwen25Vl::<B>::load(&args.vqa_model, &device)?);
+    // Requests with the same generation settings are answered as one batch.
+    let mut outputs: Vec<Option<serde_json::Value>> = vec![None; requests.len()];
+    let mut groups: Vec<(&RequestGen, Vec<usize>)> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        match groups.iter_mut().find(|(g, _)| **g == r.gen) {
+            Some((_, idx)) => idx.push(i),
+            None => groups.push((&r.gen, vec![i])),
+        }
+    }
+    for (gen, idx) in groups {
+        let over = GenerationOverrides {
+            max_new_tokens: gen.max_new_tokens.or(Some(5)),
+            min_new_tokens: gen.min_new_tokens.or(Some(0)),
+            num_beams: gen.num_beams.or(Some(3)),
+            length_penalty: gen.length_penalty.or(Some(0.0)),
+            repetition_penalty: gen.repetition_penalty,
+            do_sample: gen.do_sample.or(Some(false)),
+            ..Default::default()
+        };
+        let generation = GenerationConfig::resolve(&over, &model.generation_defaults)?;
+        let mut qv = QwenVqa::new(Arc::clone(&model), generation, 256);
+        let reqs: Vec<PromptRequest> = idx.iter().map(|&i| to_prompt_request(&requests[i])).collect();
+        let answers = qv.answer_requests(&reqs, None)?;
+        for (i, a) in idx.into_iter().zip(answers) {
+            let answer = leverflow_operators::accuracy::postprocess_generation(Some(&a.raw_generation));
+            outputs[i] = Some(serde_json::json!({
+                "prompt_text": a.prompt_text,
+                "input_ids": a.input_ids,
+                "generated_ids": a.generated_ids,
+                "raw_generation": a.raw_generation,
+                "answer": answer,
+            }));
+        }
+    }
+    for o in outputs.into_iter().flatten() {
+        println!("{}", serde_json::to_string(&o)?);
+    }
+    Ok(())
+}
+
+/// `leverflow vqa`.
+pub fn run_vqa_command(args: &VqaArgs) -> Result<()> {
+    match parse_device(&args.device)? {
+        Device::Cpu => run_vqa_on::<Cpu>(args, Default::default()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => run_vqa_on::<Gpu>(args, burn::backend::cuda::CudaDevice::new(i)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => unreachable!("parse_device rejects cuda without the feature"),
+    }
+}
+
+/// `leverflow bench vqa`: prompts/s at batch 1 (a loop) and at `--batch_size`
+/// on the same prompts (the tiny fixture model unless `--vqa_model`).
+pub fn bench_vqa(args: &BenchArgs) -> Result<()> {
+    let dir = args.vqa_model.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl_tiny")
+    });
+    let device = Default::default();
+    let model = Arc::new(Qwen25Vl::<Cpu>::load(&dir, &device)?);
+    let generation = GenerationConfig::resolve(
+        &GenerationOverrides {
+            max_new_tokens: Some(5),
+            min_new_tokens: Some(0),
+            num_beams: Some(3),
+            length_penalty: Some(0.0),
+            do_sample: Some(false),
+            ..Default::default()
+        },
+        &model.generation_defaults,
+    )?;
+    let images: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
+        .with_context(|| format!("{}: no images/ folder with prompt images", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("easyvqa")))
+        .collect();
+    let mut images = images;
+    images.sort();
+    if images.len() < 3 {
+        bail!("{}: need at least 3 easyvqa_*.png images", dir.display());
+    }
+    let n = args.queries.clamp(8, 64);
+    let reqs: Vec<PromptRequest> = (0..n)
+        .map(|i| PromptRequest {
+            system_prompt: None,
+            examples: (1..=2)
+                .map(|k| VqaExample {
+                    image: ImageSource::Path(images[(i + k) % images.len()].clone()),
+                    question: "what shape is in the image?".into(),
+                    answer: "circle".into(),
+                })
+                .collect(),
+            query: VqaQuery {
+                image: ImageSource::Path(images[i % images.len()].clone()),
+                question: "what color is the shape?".into(),
+            },
+        })
+        .collect();
+    let reps = args.reps.max(1);
+    for batch in [1usize, args.batch_size.max(1)] {
+        let secs = crate::bench::time_runs(reps, || {
+            // A fresh cache each run: every image is encoded again.
+            let mut qv = QwenVqa::new(Arc::clone(&model), generation.clone(), 256);
+            for chunk in reqs.chunks(batch) {
+                qv.answer_requests(chunk, None)?;
+            }
+            Ok(())
+        })?;
+        crate::bench::report(
+            "vqa",
+            "prompts",
+            n as f64,
+            &secs,
+            serde_json::json!({"batch_size": batch, "model": dir.display().to_string()}),
+        );
+    }
+    Ok(())
+}
