@@ -1,0 +1,344 @@
+//! The original project's JSON output: one object
+//! `{"<query_idx>": record, ..., "_meta": meta}`.
+//!
+//! Queries are written in strictly ascending numeric index order, candidates
+//! in the order given, and `_meta` last because it holds counts and timings
+//! known only at the end.  JSON object key order carries no meaning for the
+//! readers (the original reader walks the keys and skips the non-numeric
+//! ones; [`read_rl_json`] accepts any order).  Output is compact by default;
+//! floats use serde_json's shortest round-trip formatting (non-finite floats
+//! become `null`).  Writes go through an [`AtomicFile`].
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use leverflow_schemas::{RlRecord, META_KEY};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::Deserializer as _;
+use serde_json::Value;
+
+use super::{AtomicFile, SinkError};
+
+/// Options of [`JsonSink`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JsonOptions {
+    /// Indent with two spaces (like the original's `json.dump(indent=2)`)
+    /// instead of compact output.
+    pub pretty: bool,
+}
+
+/// Streaming writer of the JSON output.
+pub struct JsonSink {
+    out: AtomicFile,
+    path: PathBuf,
+    options: JsonOptions,
+    last: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl JsonSink {
+    /// Opens the output (a temporary file until [`JsonSink::finish`]).
+    pub fn create(path: impl AsRef<Path>, options: JsonOptions) -> Result<Self, SinkError> {
+        let path = path.as_ref().to_path_buf();
+        let mut out = AtomicFile::create(&path)?;
+        out.write_all(b"{")
+            .map_err(|e| SinkError::io(&path, "writing", e))?;
+        Ok(JsonSink {
+            out,
+            path,
+            options,
+            last: None,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Serialises `value` into `self.buf` as `"key": value` (preceded by the
+    /// separator for entry number > 0).
+    fn entry<T: serde::Serialize>(&mut self, key: &str, value: &T) -> Result<(), SinkError> {
+        self.buf.clear();
+        // Records always precede `_meta`, so the first entry is the one
+        // written while no record has been.
+        if self.last.is_some() {
+            self.buf.push(b',');
+        }
+        let what = || format!("serialising key {key:?}");
+        if self.options.pretty {
+            self.buf.extend_from_slice(b"\n  ");
+            serde_json::to_writer(&mut self.buf, key)
+                .map_err(|e| SinkError::json(&self.path, what(), e))?;
+            self.buf.extend_from_slice(b": ");
+            let pretty = serde_json::to_vec_pretty(value)
+                .map_err(|e| SinkError::json(&self.path, what(), e))?;
+            // Strings never hold a raw newline (JSON escapes it), so indenting
+            // after every newline nests the value one level.
+            for &b in &pretty {
+                self.buf.push(b);
+                if b == b'\n' {
+                    self.buf.extend_from_slice(b"  ");
+                }
+            }
+        } else {
+            serde_json::to_writer(&mut self.buf, key)
+                .map_err(|e| SinkError::json(&self.path, what(), e))?;
+            self.buf.push(b':');
+            serde_json::to_writer(&mut self.buf, value)
+                .map_err(|e| SinkError::json(&self.path, what(), e))?;
+        }
+        self.out
+            .write_all(&self.buf)
+            .map_err(|e| SinkError::io(&self.path, "writing", e))
+    }
+
+    /// Writes the record of `query_index` (strictly greater than the previous one).
+    pub fn write_record(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
+        if let Some(previous) = self.last {
+            if query_index <= previous {
+                return Err(SinkError::OutOfOrder {
+                    path: self.path.clone(),
+                    index: query_index,
+                    previous,
+                });
+            }
+        }
+        self.entry(&query_index.to_string(), record)?;
+        self.last = Some(query_index);
+        Ok(())
+    }
+
+    /// Writes `"_meta": meta`, closes the object and moves the file into place.
+    pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
+        self.entry(META_KEY, meta)?;
+        let end: &[u8] = if self.options.pretty { b"\n}\n" } else { b"}\n" };
+        self.out
+            .write_all(end)
+            .map_err(|e| SinkError::io(&self.path, "writing", e))?;
+        self.out.finish()
+    }
+}
+
+/// Streams an RL JSON file: calls `on_record(query_index, record)` for each
+/// numeric key in file order and returns `_meta` (if present).  Other
+/// non-numeric keys are skipped, as the original reader does.  Memory holds
+/// one record at a time.
+pub fn visit_rl_json<F>(path: impl AsRef<Path>, mut on_record: F) -> Result<Option<Value>, SinkError>
+where
+    F: FnMut(u64, RlRecord) -> Result<(), SinkError>,
+{
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
+    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(1 << 20, file));
+    let mut visitor = TopVisitor {
+        on_record: &mut on_record,
+        meta: None,
+        stopped: None,
+    };
+    let result = (&mut de).deserialize_map(&mut visitor);
+    if let Some(err) = visitor.stopped.take() {
+        return Err(err);
+    }
+    result.map_err(|e| SinkError::json(path, "reading", e))?;
+    de.end()
+        .map_err(|e| SinkError::json(path, "trailing content after the top-level object", e))?;
+    Ok(visitor.meta)
+}
+
+/// Reads a whole RL JSON file: `(_meta, records in file order)`.  A query
+/// index that appears twice is an error.
+pub fn read_rl_json(
+    path: impl AsRef<Path>,
+) -> Result<(Option<Value>, Vec<(u64, RlRecord)>), SinkError> {
+    let path = path.as_ref();
+    let mut records = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let meta = visit_rl_json(path, |idx, rec| {
+        if !seen.insert(idx) {
+            return Err(SinkError::invalid(path, format!("query key \"{idx}\" appears twice")));
+        }
+        records.push((idx, rec));
+        Ok(())
+    })?;
+    Ok((meta, records))
+}
+
+struct TopVisitor<'f, F> {
+    on_record: &'f mut F,
+    meta: Option<Value>,
+    /// Error returned by the callback (serde errors cannot carry it).
+    stopped: Option<SinkError>,
+}
+
+impl<'de, F> Visitor<'de> for &mut TopVisitor<'_, F>
+where
+    F: FnMut(u64, RlRecord) -> Result<(), SinkError>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object {\"<query_idx>\": record, ..., \"_meta\": {...}}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == META_KEY {
+                self.meta = Some(map.next_value()?);
+            } else if let Ok(idx) = key.parse::<u64>() {
+                let rec: RlRecord = map.next_value_seed(Keyed(&key))?;
+                if let Err(e) = (self.on_record)(idx, rec) {
+                    self.stopped = Some(e);
+                    return Err(de::Error::custom("stopped by the record callback"));
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deserialises a record, naming its key in errors.
+struct Keyed<'k>(&'k str);
+
+impl<'de> DeserializeSeed<'de> for Keyed<'_> {
+    type Value = RlRecord;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<RlRecord, D::Error> {
+        <RlRecord as serde::Deserialize>::deserialize(d)
+            .map_err(|e| de::Error::custom(format!("record \"{}\": {e}", self.0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leverflow_schemas::{CandidateRecord, PointerLayout, QueryRecord};
+    use serde_json::json;
+
+    fn record(i: u64) -> RlRecord {
+        let mut c = CandidateRecord::new(&[1, 2], &[21, 22], PointerLayout::PerQueryPool, "beam", 0.1)
+            .unwrap();
+        c.beam_rank = Some(0);
+        c.beam_score = Some(1.0 / 3.0);
+        RlRecord {
+            query: QueryRecord {
+                query_id: i,
+                question_id: i + 100,
+                image_id: 7,
+                question: "line1\nline2 \"quoted\" ü".into(),
+                gt_answers_raw: vec!["x".into()],
+                gt_answers_norm: vec!["x".into()],
+            },
+            candidate_pool_ids: Some(vec![20, 21, 22]),
+            pointer_candidates: vec![c],
+        }
+    }
+
+    #[test]
+    fn compact_layout_and_meta_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rl.json");
+        let mut sink = JsonSink::create(&path, JsonOptions::default()).unwrap();
+        sink.write_record(2, &record(2)).unwrap();
+        sink.write_record(10, &record(10)).unwrap();
+        assert!(!path.exists());
+        sink.finish(&json!({"n_queries": 2, "elapsed_s": 0.5})).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let r2 = serde_json::to_string(&record(2)).unwrap();
+        let r10 = serde_json::to_string(&record(10)).unwrap();
+        assert_eq!(
+            text,
+            format!("{{\"2\":{r2},\"10\":{r10},\"_meta\":{{\"n_queries\":2,\"elapsed_s\":0.5}}}}\n")
+        );
+        assert!(text.contains("0.3333333333333333"), "shortest round-trip float");
+        let (meta, recs) = read_rl_json(&path).unwrap();
+        assert_eq!(meta.unwrap()["n_queries"], 2);
+        assert_eq!(recs, vec![(2, record(2)), (10, record(10))]);
+    }
+
+    #[test]
+    fn pretty_output_parses_to_the_same_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let compact = dir.path().join("a.json");
+        let pretty = dir.path().join("b.json");
+        for (p, o) in [(&compact, false), (&pretty, true)] {
+            let mut sink = JsonSink::create(p, JsonOptions { pretty: o }).unwrap();
+            for i in [0u64, 1, 5] {
+                sink.write_record(i, &record(i)).unwrap();
+            }
+            sink.finish(&json!({"a": [1, 2]})).unwrap();
+        }
+        let a: Value = serde_json::from_str(&std::fs::read_to_string(&compact).unwrap()).unwrap();
+        let text = std::fs::read_to_string(&pretty).unwrap();
+        let b: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(a, b);
+        assert!(text.starts_with("{\n  \"0\": {\n    \"query\": {\n      \"query_id\": 0,"), "{text}");
+        assert!(text.ends_with("\n  \"_meta\": {\n    \"a\": [\n      1,\n      2\n    ]\n  }\n}\n"), "{text}");
+    }
+
+    #[test]
+    fn empty_output_has_only_meta() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.json");
+        JsonSink::create(&path, JsonOptions::default())
+            .unwrap()
+            .finish(&json!({}))
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"_meta\":{}}\n");
+        let (meta, recs) = read_rl_json(&path).unwrap();
+        assert_eq!(meta, Some(json!({})));
+        assert!(recs.is_empty());
+    }
+
+    #[test]
+    fn out_of_order_writes_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.json");
+        let mut sink = JsonSink::create(&path, JsonOptions::default()).unwrap();
+        sink.write_record(3, &record(3)).unwrap();
+        assert!(matches!(
+            sink.write_record(3, &record(3)),
+            Err(SinkError::OutOfOrder { index: 3, previous: 3, .. })
+        ));
+        assert!(sink.write_record(1, &record(1)).is_err());
+        drop(sink);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn reader_accepts_original_style_files() {
+        // Meta first, an unknown non-numeric key, extra candidate keys, pretty-printed.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orig.json");
+        let v = json!({
+            "_meta": {"created_at": "x"},
+            "notes": [1, 2],
+            "4": {"query": {"query_id": 4, "question_id": "4001", "image_id": 9, "question": "q",
+                            "gt_answers_raw": ["a"], "gt_answers_norm": ["a"]},
+                  "pointer_candidates": [{"pointer": [20, 21], "pointer_pos": [0, 1],
+                      "gen_method": "beam", "beam_score": 0.5, "logprob_score": -1.0,
+                      "vqa_prompt_len": 3, "eval_split_used": null}]}
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        let (meta, recs) = read_rl_json(&path).unwrap();
+        assert_eq!(meta.unwrap()["created_at"], "x");
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].0, 4);
+        assert_eq!(recs[0].1.query.question_id, 4001);
+        assert_eq!(recs[0].1.pointer_candidates[0].pointer_pos, Some(vec![0, 1]));
+    }
+
+    #[test]
+    fn reader_errors_name_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.json");
+        std::fs::write(&path, r#"{"7": {"query": {"query_id": 7}, "pointer_candidates": []}}"#).unwrap();
+        let err = read_rl_json(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.json") && err.contains("record \"7\""), "{err}");
+        std::fs::write(&path, r#"{"1": {"query": {"query_id": 1, "question_id": 1, "image_id": 1, "question": "", "gt_answers_raw": [], "gt_answers_norm": []}, "pointer_candidates": []}, "1": {"query": {"query_id": 1, "question_id": 1, "image_id": 1, "question": "", "gt_answers_raw": [], "gt_answers_norm": []}, "pointer_candidates": []}}"#).unwrap();
+        let err = read_rl_json(&path).unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
+        std::fs::write(&path, r#"{"_meta": {}} x"#).unwrap();
+        assert!(read_rl_json(&path).is_err());
+    }
+}
