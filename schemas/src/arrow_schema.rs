@@ -31,10 +31,25 @@ pub fn list_u64() -> DataType {
 fn vqa_fields() -> Vec<Field> {
     use DataType::{Boolean, Float64, UInt8, Utf8};
     vec![
-        field("vqa_raw_generation", Utf8, true, "VQA model generation before post-processing."),
+        field(
+            "vqa_raw_generation",
+            Utf8,
+            true,
+            "VQA model generation before post-processing.",
+        ),
         field("vqa_pred_answer", Utf8, true, "Post-processed VQA answer."),
-        field("vqa_correct", UInt8, true, "1 if the VQA accuracy is > 0, else 0."),
-        field("vqa_acc_score", Float64, true, "Official VQA accuracy of the answer, in [0, 1]."),
+        field(
+            "vqa_correct",
+            UInt8,
+            true,
+            "1 if the VQA accuracy is > 0, else 0.",
+        ),
+        field(
+            "vqa_acc_score",
+            Float64,
+            true,
+            "Official VQA accuracy of the answer, in [0, 1].",
+        ),
         field(
             "vqa_gt_prob",
             Float64,
@@ -66,9 +81,19 @@ fn vqa_fields() -> Vec<Field> {
             true,
             "Annotation split used for the accuracy: train, val or fallback.",
         ),
-        field("eval_failed", Boolean, true, "True when evaluating this candidate failed."),
+        field(
+            "eval_failed",
+            Boolean,
+            true,
+            "True when evaluating this candidate failed.",
+        ),
         field("reward", Float64, true, "Scalar reward of the candidate."),
-        field("advantage", Float64, true, "Group-normalised advantage within the query."),
+        field(
+            "advantage",
+            Float64,
+            true,
+            "Group-normalised advantage within the query.",
+        ),
     ]
 }
 
@@ -94,7 +119,12 @@ pub fn arrow_schema(per_query_pool: bool, with_vqa: bool, with_prompts: bool) ->
             "Dataset index of the query (the JSON record key).",
         ),
         field("question_id", UInt64, false, "VQA question id."),
-        field("image_id", UInt64, false, "COCO image id of the query image."),
+        field(
+            "image_id",
+            UInt64,
+            false,
+            "COCO image id of the query image.",
+        ),
         field("question", Utf8, false, "Question text."),
         field(
             "gt_answers_raw",

@@ -28,7 +28,9 @@ pub const JSON_SCHEMA_TEXT: &str = include_str!("../rl_record.schema.json");
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
     /// Positions and dataset indices of one candidate differ in length.
-    #[error("pointer positions ({positions}) and dataset indices ({dataset_indices}) differ in length")]
+    #[error(
+        "pointer positions ({positions}) and dataset indices ({dataset_indices}) differ in length"
+    )]
     PointerLength {
         /// Number of positions.
         positions: usize,

@@ -80,8 +80,8 @@ fn pointer_fields_follow_the_layout() {
 
 #[test]
 fn candidate_accessors_recover_indices_and_positions() {
-    let c = CandidateRecord::new(&[1, 4], &[21, 24], PointerLayout::PerQueryPool, "beam", 0.0)
-        .unwrap();
+    let c =
+        CandidateRecord::new(&[1, 4], &[21, 24], PointerLayout::PerQueryPool, "beam", 0.0).unwrap();
     assert_eq!(c.dataset_indices(), &[21, 24]);
     assert_eq!(c.positions(), Some(&[1u64, 4][..]));
     let c = CandidateRecord::new(
@@ -122,8 +122,14 @@ fn serialisation_order_and_skipping() {
         r#"{"query":{"query_id":7,"question_id":71,"image_id":9007,"question":"what is 7?","gt_answers_raw":["Two","2"],"gt_answers_norm":["2","2"]},"pointer_candidates":[{"pointer":[3,5],"pointer_pos":[3,5],"gen_method":"beam","logprob_score":-0.1}]}"#
     );
 
-    let c = CandidateRecord::new(&[0, 1], &[40, 41], PointerLayout::PerQueryPool, "random", 2.0)
-        .unwrap();
+    let c = CandidateRecord::new(
+        &[0, 1],
+        &[40, 41],
+        PointerLayout::PerQueryPool,
+        "random",
+        2.0,
+    )
+    .unwrap();
     let rec = RlRecord {
         query: query(8),
         candidate_pool_ids: Some(vec![40, 41]),
@@ -138,7 +144,10 @@ fn serialisation_order_and_skipping() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(ckeys, ["pointer", "pointer_global", "gen_method", "logprob_score"]);
+    assert_eq!(
+        ckeys,
+        ["pointer", "pointer_global", "gen_method", "logprob_score"]
+    );
     let back: RlRecord = serde_json::from_value(v).unwrap();
     assert_eq!(back, rec);
 }
@@ -219,7 +228,10 @@ fn assert_described(v: &Value, path: &str) {
 #[test]
 fn json_schema_is_documented_and_covers_every_field() {
     let schema = json_schema();
-    assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
     assert_described(&schema, "$");
     for def in ["query", "candidate", "meta"] {
         assert!(schema["$defs"][def]["description"].is_string(), "{def}");
@@ -342,7 +354,11 @@ fn arrow_schema_columns_and_descriptions() {
     assert_eq!(&full_names[16..29], vqa_column_names().as_slice());
     for f in full.fields() {
         let d = f.metadata().get(DESCRIPTION_KEY);
-        assert!(d.is_some_and(|d| !d.is_empty()), "{} has no description", f.name());
+        assert!(
+            d.is_some_and(|d| !d.is_empty()),
+            "{} has no description",
+            f.name()
+        );
     }
     // Every candidate field of the JSON has a column (pointer_global is folded into pointer).
     let c = serde_json::to_value(full_candidate(PointerLayout::PerQueryPool)).unwrap();

@@ -77,7 +77,9 @@ fn check(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Vec<S
     };
     for key in obj.keys() {
         if !KNOWN.contains(&key.as_str()) {
-            errors.push(format!("{path}: schema keyword {key:?} is not supported by this checker"));
+            errors.push(format!(
+                "{path}: schema keyword {key:?} is not supported by this checker"
+            ));
         }
     }
     if let Some(r) = obj.get("$ref").and_then(Value::as_str) {
@@ -89,7 +91,10 @@ fn check(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Vec<S
     if let Some(t) = obj.get("type") {
         let ok = match t {
             Value::String(s) => type_matches(s, v),
-            Value::Array(list) => list.iter().filter_map(Value::as_str).any(|s| type_matches(s, v)),
+            Value::Array(list) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|s| type_matches(s, v)),
             _ => false,
         };
         if !ok {

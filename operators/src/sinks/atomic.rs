@@ -24,7 +24,7 @@ impl AtomicFile {
         let target = target.as_ref().to_path_buf();
         let name = target
             .file_name()
-            .ok_or_else(|| SinkError::io(&target, "output path has no file name", io_other()))?
+            .ok_or_else(|| SinkError::invalid(&target, "output path has no file name"))?
             .to_string_lossy()
             .into_owned();
         let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));

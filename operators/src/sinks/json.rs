@@ -110,7 +110,11 @@ impl JsonSink {
     /// Writes `"_meta": meta`, closes the object and moves the file into place.
     pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
         self.entry(META_KEY, meta)?;
-        let end: &[u8] = if self.options.pretty { b"\n}\n" } else { b"}\n" };
+        let end: &[u8] = if self.options.pretty {
+            b"\n}\n"
+        } else {
+            b"}\n"
+        };
         self.out
             .write_all(end)
             .map_err(|e| SinkError::io(&self.path, "writing", e))?;
@@ -122,7 +126,10 @@ impl JsonSink {
 /// numeric key in file order and returns `_meta` (if present).  Other
 /// non-numeric keys are skipped, as the original reader does.  Memory holds
 /// one record at a time.
-pub fn visit_rl_json<F>(path: impl AsRef<Path>, mut on_record: F) -> Result<Option<Value>, SinkError>
+pub fn visit_rl_json<F>(
+    path: impl AsRef<Path>,
+    mut on_record: F,
+) -> Result<Option<Value>, SinkError>
 where
     F: FnMut(u64, RlRecord) -> Result<(), SinkError>,
 {
@@ -144,17 +151,21 @@ where
     Ok(visitor.meta)
 }
 
+/// A whole RL JSON file: `_meta` (if present) and the `(query index, record)` pairs.
+pub type RlJson = (Option<Value>, Vec<(u64, RlRecord)>);
+
 /// Reads a whole RL JSON file: `(_meta, records in file order)`.  A query
 /// index that appears twice is an error.
-pub fn read_rl_json(
-    path: impl AsRef<Path>,
-) -> Result<(Option<Value>, Vec<(u64, RlRecord)>), SinkError> {
+pub fn read_rl_json(path: impl AsRef<Path>) -> Result<RlJson, SinkError> {
     let path = path.as_ref();
     let mut records = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let meta = visit_rl_json(path, |idx, rec| {
         if !seen.insert(idx) {
-            return Err(SinkError::invalid(path, format!("query key \"{idx}\" appears twice")));
+            return Err(SinkError::invalid(
+                path,
+                format!("query key \"{idx}\" appears twice"),
+            ));
         }
         records.push((idx, rec));
         Ok(())
@@ -216,8 +227,9 @@ mod tests {
     use serde_json::json;
 
     fn record(i: u64) -> RlRecord {
-        let mut c = CandidateRecord::new(&[1, 2], &[21, 22], PointerLayout::PerQueryPool, "beam", 0.1)
-            .unwrap();
+        let mut c =
+            CandidateRecord::new(&[1, 2], &[21, 22], PointerLayout::PerQueryPool, "beam", 0.1)
+                .unwrap();
         c.beam_rank = Some(0);
         c.beam_score = Some(1.0 / 3.0);
         RlRecord {
@@ -242,15 +254,21 @@ mod tests {
         sink.write_record(2, &record(2)).unwrap();
         sink.write_record(10, &record(10)).unwrap();
         assert!(!path.exists());
-        sink.finish(&json!({"n_queries": 2, "elapsed_s": 0.5})).unwrap();
+        sink.finish(&json!({"n_queries": 2, "elapsed_s": 0.5}))
+            .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let r2 = serde_json::to_string(&record(2)).unwrap();
         let r10 = serde_json::to_string(&record(10)).unwrap();
         assert_eq!(
             text,
-            format!("{{\"2\":{r2},\"10\":{r10},\"_meta\":{{\"n_queries\":2,\"elapsed_s\":0.5}}}}\n")
+            format!(
+                "{{\"2\":{r2},\"10\":{r10},\"_meta\":{{\"n_queries\":2,\"elapsed_s\":0.5}}}}\n"
+            )
         );
-        assert!(text.contains("0.3333333333333333"), "shortest round-trip float");
+        assert!(
+            text.contains("0.3333333333333333"),
+            "shortest round-trip float"
+        );
         let (meta, recs) = read_rl_json(&path).unwrap();
         assert_eq!(meta.unwrap()["n_queries"], 2);
         assert_eq!(recs, vec![(2, record(2)), (10, record(10))]);
@@ -272,8 +290,14 @@ mod tests {
         let text = std::fs::read_to_string(&pretty).unwrap();
         let b: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(a, b);
-        assert!(text.starts_with("{\n  \"0\": {\n    \"query\": {\n      \"query_id\": 0,"), "{text}");
-        assert!(text.ends_with("\n  \"_meta\": {\n    \"a\": [\n      1,\n      2\n    ]\n  }\n}\n"), "{text}");
+        assert!(
+            text.starts_with("{\n  \"0\": {\n    \"query\": {\n      \"query_id\": 0,"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\n  \"_meta\": {\n    \"a\": [\n      1,\n      2\n    ]\n  }\n}\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -298,7 +322,11 @@ mod tests {
         sink.write_record(3, &record(3)).unwrap();
         assert!(matches!(
             sink.write_record(3, &record(3)),
-            Err(SinkError::OutOfOrder { index: 3, previous: 3, .. })
+            Err(SinkError::OutOfOrder {
+                index: 3,
+                previous: 3,
+                ..
+            })
         ));
         assert!(sink.write_record(1, &record(1)).is_err());
         drop(sink);
@@ -325,16 +353,26 @@ mod tests {
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].0, 4);
         assert_eq!(recs[0].1.query.question_id, 4001);
-        assert_eq!(recs[0].1.pointer_candidates[0].pointer_pos, Some(vec![0, 1]));
+        assert_eq!(
+            recs[0].1.pointer_candidates[0].pointer_pos,
+            Some(vec![0, 1])
+        );
     }
 
     #[test]
     fn reader_errors_name_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.json");
-        std::fs::write(&path, r#"{"7": {"query": {"query_id": 7}, "pointer_candidates": []}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"7": {"query": {"query_id": 7}, "pointer_candidates": []}}"#,
+        )
+        .unwrap();
         let err = read_rl_json(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.json") && err.contains("record \"7\""), "{err}");
+        assert!(
+            err.contains("bad.json") && err.contains("record \"7\""),
+            "{err}"
+        );
         std::fs::write(&path, r#"{"1": {"query": {"query_id": 1, "question_id": 1, "image_id": 1, "question": "", "gt_answers_raw": [], "gt_answers_norm": []}, "pointer_candidates": []}, "1": {"query": {"query_id": 1, "question_id": 1, "image_id": 1, "question": "", "gt_answers_raw": [], "gt_answers_norm": []}, "pointer_candidates": []}}"#).unwrap();
         let err = read_rl_json(&path).unwrap_err().to_string();
         assert!(err.contains("appears twice"), "{err}");

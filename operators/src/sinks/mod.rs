@@ -23,8 +23,10 @@ use std::path::{Path, PathBuf};
 use leverflow_schemas::RlRecord;
 
 pub use self::atomic::AtomicFile;
-pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink};
-pub use self::parquet::{read_rl_parquet, rows_to_records, ParquetOptions, ParquetRow, ParquetSink};
+pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink, RlJson};
+pub use self::parquet::{
+    read_rl_parquet, rows_to_records, ParquetOptions, ParquetRow, ParquetSink,
+};
 pub use self::spill::{SortedSpill, SpillIter};
 
 /// Errors of the sinks and readers; each names the file and the place.
@@ -194,7 +196,9 @@ impl OutputConfig {
         };
         OutputConfig {
             json: formats.contains(&OutputFormat::Json).then(|| with("json")),
-            parquet: formats.contains(&OutputFormat::Parquet).then(|| with("parquet")),
+            parquet: formats
+                .contains(&OutputFormat::Parquet)
+                .then(|| with("parquet")),
             ..Default::default()
         }
     }

@@ -13,13 +13,12 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, ListArray,
-    ListBuilder, RecordBatch, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Array,
+    ListBuilder, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Array,
     UInt64Builder, UInt8Array, UInt8Builder,
 };
 use arrow::datatypes::{DataType, Field, SchemaRef};
-use leverflow_schemas::{
-    arrow_schema, CandidateRecord, QueryRecord, RlRecord, PARQUET_META_KEY,
-};
+use arrow::record_batch::RecordBatch;
+use leverflow_schemas::{arrow_schema, CandidateRecord, QueryRecord, RlRecord, PARQUET_META_KEY};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -103,7 +102,8 @@ impl VqaColumns {
     }
 
     fn append(&mut self, c: &CandidateRecord) {
-        self.raw_generation.append_option(c.vqa_raw_generation.as_deref());
+        self.raw_generation
+            .append_option(c.vqa_raw_generation.as_deref());
         self.pred_answer.append_option(c.vqa_pred_answer.as_deref());
         self.correct.append_option(c.vqa_correct);
         self.acc_score.append_option(c.vqa_acc_score);
@@ -112,7 +112,8 @@ impl VqaColumns {
         self.rel_edit_sim.append_option(c.vqa_rel_edit_sim);
         self.rel_score.append_option(c.vqa_rel_score);
         self.eval_mode.append_option(c.vqa_eval_mode.as_deref());
-        self.eval_split_used.append_option(c.eval_split_used.as_deref());
+        self.eval_split_used
+            .append_option(c.eval_split_used.as_deref());
         self.eval_failed.append_option(c.eval_failed);
         self.reward.append_option(c.reward);
         self.advantage.append_option(c.advantage);
@@ -208,7 +209,8 @@ impl Columns {
         self.candidate_index.append_value(index);
         self.pointer
             .append_value(dataset_indices.iter().map(|&x| Some(x)));
-        self.pointer_pos.append_value(positions.iter().map(|&x| Some(x)));
+        self.pointer_pos
+            .append_value(positions.iter().map(|&x| Some(x)));
         self.gen_method.append_value(&c.gen_method);
         self.beam_rank.append_option(c.beam_rank);
         self.beam_score.append_option(c.beam_score);
@@ -362,7 +364,9 @@ impl ParquetSink {
             .pointer_candidates
             .iter()
             .enumerate()
-            .try_for_each(|(k, c)| self.check_candidate(query_index, k, pool, c, &mut all_positions));
+            .try_for_each(|(k, c)| {
+                self.check_candidate(query_index, k, pool, c, &mut all_positions)
+            });
         if let Err(e) = checked {
             self.positions = all_positions;
             return Err(e);
@@ -373,8 +377,14 @@ impl ParquetSink {
             let positions = &all_positions[start..start + n];
             start += n;
             let index = u32::try_from(k).unwrap_or(u32::MAX);
-            self.columns
-                .append(&record.query, pool, index, c, c.dataset_indices(), positions);
+            self.columns.append(
+                &record.query,
+                pool,
+                index,
+                c,
+                c.dataset_indices(),
+                positions,
+            );
             if self.columns.rows >= self.options.batch_rows {
                 if let Err(e) = self.flush_batch() {
                     self.positions = all_positions;
@@ -397,13 +407,20 @@ impl ParquetSink {
         out: &mut Vec<u64>,
     ) -> Result<(), SinkError> {
         let bad = |what: String| {
-            SinkError::invalid(&self.path, format!("query {query_index}, candidate {k}: {what}"))
+            SinkError::invalid(
+                &self.path,
+                format!("query {query_index}, candidate {k}: {what}"),
+            )
         };
         if !self.options.with_vqa && c.has_vqa_fields() {
-            return Err(bad("has VQA fields but the sink was opened without VQA columns".into()));
+            return Err(bad(
+                "has VQA fields but the sink was opened without VQA columns".into(),
+            ));
         }
         if !self.options.with_prompts && c.prompt_text.is_some() {
-            return Err(bad("has prompt_text but the sink was opened without prompts".into()));
+            return Err(bad(
+                "has prompt_text but the sink was opened without prompts".into(),
+            ));
         }
         match pool {
             Some(pool) => {
@@ -435,7 +452,9 @@ impl ParquetSink {
                 } else if let Some(map) = &self.position_of {
                     for &g in &c.pointer {
                         let Some(&p) = map.get(&g) else {
-                            return Err(bad(format!("dataset index {g} is not in the shared pool")));
+                            return Err(bad(format!(
+                                "dataset index {g} is not in the shared pool"
+                            )));
                         };
                         out.push(p);
                     }
@@ -454,11 +473,12 @@ impl ParquetSink {
             return Ok(());
         }
         let arrays = self.columns.finish();
-        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| SinkError::Arrow {
-            path: self.path.clone(),
-            what: "building a record batch".into(),
-            source: e,
-        })?;
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| SinkError::Arrow {
+                path: self.path.clone(),
+                what: "building a record batch".into(),
+                source: e,
+            })?;
         self.writer.write(&batch).map_err(|e| SinkError::Parquet {
             path: self.path.clone(),
             what: "writing a record batch".into(),
@@ -504,7 +524,9 @@ pub struct ParquetRow {
 }
 
 /// Reads a Parquet output: `(_meta, rows in file order)`.
-pub fn read_rl_parquet(path: impl AsRef<Path>) -> Result<(Option<Value>, Vec<ParquetRow>), SinkError> {
+pub fn read_rl_parquet(
+    path: impl AsRef<Path>,
+) -> Result<(Option<Value>, Vec<ParquetRow>), SinkError> {
     let path = path.as_ref();
     let pq = |what: &str, e: parquet::errors::ParquetError| SinkError::Parquet {
         path: path.to_path_buf(),
@@ -512,7 +534,8 @@ pub fn read_rl_parquet(path: impl AsRef<Path>) -> Result<(Option<Value>, Vec<Par
         source: e,
     };
     let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq("reading footer", e))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq("reading footer", e))?;
     let meta = match builder
         .metadata()
         .file_metadata()
@@ -520,10 +543,9 @@ pub fn read_rl_parquet(path: impl AsRef<Path>) -> Result<(Option<Value>, Vec<Par
         .and_then(|kv| kv.iter().find(|k| k.key == PARQUET_META_KEY))
         .and_then(|k| k.value.as_deref())
     {
-        Some(text) => Some(
-            serde_json::from_str(text)
-                .map_err(|e| SinkError::json(path, format!("key-value metadata {PARQUET_META_KEY}"), e))?,
-        ),
+        Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+            SinkError::json(path, format!("key-value metadata {PARQUET_META_KEY}"), e)
+        })?),
         None => None,
     };
     let reader = builder.build().map_err(|e| pq("opening reader", e))?;
@@ -595,25 +617,43 @@ fn opt_str(a: Option<&StringArray>, i: usize) -> Option<String> {
     a.and_then(|a| (!a.is_null(i)).then(|| a.value(i).to_string()))
 }
 
-fn list_u64(path: &Path, b: usize, name: &str, a: &ListArray, i: usize) -> Result<Vec<u64>, SinkError> {
+fn list_u64(
+    path: &Path,
+    b: usize,
+    name: &str,
+    a: &ListArray,
+    i: usize,
+) -> Result<Vec<u64>, SinkError> {
     let v = a.value(i);
-    let v = v
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .ok_or_else(|| SinkError::invalid(path, format!("batch {b}: {name} items are not UInt64")))?;
+    let v = v.as_any().downcast_ref::<UInt64Array>().ok_or_else(|| {
+        SinkError::invalid(path, format!("batch {b}: {name} items are not UInt64"))
+    })?;
     Ok(v.values().to_vec())
 }
 
-fn list_str(path: &Path, b: usize, name: &str, a: &ListArray, i: usize) -> Result<Vec<String>, SinkError> {
+fn list_str(
+    path: &Path,
+    b: usize,
+    name: &str,
+    a: &ListArray,
+    i: usize,
+) -> Result<Vec<String>, SinkError> {
     let v = a.value(i);
     let v = v
         .as_any()
         .downcast_ref::<StringArray>()
         .ok_or_else(|| SinkError::invalid(path, format!("batch {b}: {name} items are not Utf8")))?;
-    Ok(v.iter().map(|s| s.unwrap_or_default().to_string()).collect())
+    Ok(v.iter()
+        .map(|s| s.unwrap_or_default().to_string())
+        .collect())
 }
 
-fn read_batch(path: &Path, b: usize, batch: &RecordBatch, rows: &mut Vec<ParquetRow>) -> Result<(), SinkError> {
+fn read_batch(
+    path: &Path,
+    b: usize,
+    batch: &RecordBatch,
+    rows: &mut Vec<ParquetRow>,
+) -> Result<(), SinkError> {
     let query_id = required::<UInt64Array>(path, b, batch, "query_id")?;
     let question_id = required::<UInt64Array>(path, b, batch, "question_id")?;
     let image_id = required::<UInt64Array>(path, b, batch, "image_id")?;

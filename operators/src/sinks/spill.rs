@@ -78,7 +78,11 @@ impl SortedSpill {
         };
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, record).map_err(|e| {
-            SinkError::json(path, format!("serialising record of query {query_index}"), e)
+            SinkError::json(
+                path,
+                format!("serialising record of query {query_index}"),
+                e,
+            )
         })?;
         let len = u32::try_from(self.buf.len()).map_err(|_| {
             SinkError::invalid(
@@ -161,9 +165,8 @@ impl SpillIter {
             .read_exact(&mut self.buf)
             .map_err(|e| SinkError::io(path, &format!("reading record of query {index}"), e))?;
         self.pos = offset + u64::from(len);
-        serde_json::from_slice(&self.buf).map_err(|e| {
-            SinkError::json(path, format!("re-reading record of query {index}"), e)
-        })
+        serde_json::from_slice(&self.buf)
+            .map_err(|e| SinkError::json(path, format!("re-reading record of query {index}"), e))
     }
 }
 
@@ -202,8 +205,8 @@ mod tests {
         RlRecord {
             query: QueryRecord {
                 query_id: i,
-                question_id: i * 1000 + 5,
-                image_id: i + 1,
+                question_id: i.wrapping_mul(1000).wrapping_add(5),
+                image_id: i.wrapping_add(1),
                 question: format!("question {i} \u{e9}\"\n"),
                 gt_answers_raw: vec![format!("a{i}")],
                 gt_answers_norm: vec![format!("a{i}")],
@@ -266,7 +269,10 @@ mod tests {
         spill.push(5, &record(5)).unwrap();
         spill.push(2, &record(2)).unwrap();
         let err = spill.push(5, &record(5)).unwrap_err();
-        assert!(matches!(err, SinkError::DuplicateQuery { index: 5, .. }), "{err}");
+        assert!(
+            matches!(err, SinkError::DuplicateQuery { index: 5, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("query index 5"));
     }
 

@@ -5,13 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use ::parquet::basic::Compression;
 use leverflow_schemas::validate::{validate_meta, validate_record};
 use leverflow_schemas::{
-    arrow_schema, CandidateRecord, PointerLayout, QueryRecord, RlRecord, META_KEY,
-    PARQUET_META_KEY,
+    arrow_schema, CandidateRecord, PointerLayout, QueryRecord, RlRecord, META_KEY, PARQUET_META_KEY,
 };
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
 use serde_json::{json, Value};
 
 use super::*;
@@ -19,7 +18,9 @@ use super::*;
 const METHODS: [&str; 5] = ["beam", "retrieval", "sample", "random", "source_beam"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pointer_selector").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/pointer_selector")
+        .join(name)
 }
 
 /// The shared pool with `--candidate_indices` (dataset indices 20..83).
@@ -31,7 +32,9 @@ fn candidate_indices() -> Vec<u64> {
 fn sampler_cache() -> HashMap<u64, Vec<u64>> {
     let v: HashMap<String, Vec<u64>> =
         serde_json::from_str(&fs::read_to_string(fixture("sampler_cache.json")).unwrap()).unwrap();
-    v.into_iter().map(|(k, p)| (k.parse().unwrap(), p)).collect()
+    v.into_iter()
+        .map(|(k, p)| (k.parse().unwrap(), p))
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,7 +97,7 @@ fn make_record(case: Case, q: u64, with_vqa: bool, with_prompts: bool) -> RlReco
                 c.sample_logprob_tempered = Some(-0.5 * k as f64);
             }
             if with_vqa {
-                let ok = (q + k) % 3 == 0;
+                let ok = (q + k).is_multiple_of(3);
                 c.vqa_raw_generation = Some(format!(" answer {k}\n"));
                 c.vqa_pred_answer = Some(format!("answer {k}"));
                 c.vqa_correct = Some(u8::from(ok));
@@ -156,7 +159,9 @@ fn write_outputs(
     config.parquet_options = options(case, with_vqa, with_prompts);
     let mut spill = SortedSpill::create(dir).unwrap();
     for &q in ids {
-        spill.push(q, &make_record(case, q, with_vqa, with_prompts)).unwrap();
+        spill
+            .push(q, &make_record(case, q, with_vqa, with_prompts))
+            .unwrap();
     }
     let mut writer = OutputWriter::create(&config).unwrap();
     let n = writer.write_all(spill.finish().unwrap()).unwrap();
@@ -185,7 +190,14 @@ fn both_formats_conform_to_the_schemas_in_every_layout() {
     for case in [Case::SharedIdentity, Case::SharedSubset, Case::PerQuery] {
         for (with_vqa, with_prompts) in [(false, false), (true, false), (true, true)] {
             let dir = tempfile::tempdir().unwrap();
-            let config = write_outputs(dir.path(), case, &shuffled_ids(), with_vqa, with_prompts, &meta);
+            let config = write_outputs(
+                dir.path(),
+                case,
+                &shuffled_ids(),
+                with_vqa,
+                with_prompts,
+                &meta,
+            );
             no_temp_files(dir.path());
             let label = format!("{case:?} vqa={with_vqa} prompts={with_prompts}");
 
@@ -208,7 +220,11 @@ fn both_formats_conform_to_the_schemas_in_every_layout() {
             let (read_meta, records) = read_rl_json(json_path).unwrap();
             assert_eq!(read_meta.as_ref(), Some(&meta));
             for (q, rec) in &records {
-                assert_eq!(rec, &make_record(case, *q, with_vqa, with_prompts), "{label}");
+                assert_eq!(
+                    rec,
+                    &make_record(case, *q, with_vqa, with_prompts),
+                    "{label}"
+                );
             }
 
             // Parquet: schema, metadata, rows.
@@ -216,15 +232,26 @@ fn both_formats_conform_to_the_schemas_in_every_layout() {
             let builder =
                 ParquetRecordBatchReaderBuilder::try_new(fs::File::open(pq_path).unwrap()).unwrap();
             let expected_schema = arrow_schema(case == Case::PerQuery, with_vqa, with_prompts);
-            assert_eq!(builder.schema().fields(), expected_schema.fields(), "{label}");
-            let kv = builder.metadata().file_metadata().key_value_metadata().unwrap();
+            assert_eq!(
+                builder.schema().fields(),
+                expected_schema.fields(),
+                "{label}"
+            );
+            let kv = builder
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .unwrap();
             let stored = kv.iter().find(|k| k.key == PARQUET_META_KEY).unwrap();
             let stored: Value = serde_json::from_str(stored.value.as_deref().unwrap()).unwrap();
             assert_eq!(stored, meta);
 
             let (pmeta, rows) = read_rl_parquet(pq_path).unwrap();
             assert_eq!(pmeta.as_ref(), Some(&meta));
-            let total: usize = records.iter().map(|(_, r)| r.pointer_candidates.len()).sum();
+            let total: usize = records
+                .iter()
+                .map(|(_, r)| r.pointer_candidates.len())
+                .sum();
             assert_eq!(rows.len(), total, "{label}");
             for row in &rows {
                 let q = row.query.query_id;
@@ -232,7 +259,10 @@ fn both_formats_conform_to_the_schemas_in_every_layout() {
                 let pool = case.pool(q);
                 let pos = positions(q, k);
                 let ds: Vec<u64> = pos.iter().map(|&p| pool[p as usize]).collect();
-                assert_eq!(row.pointer_pos, pos, "{label}: pointer_pos = pool positions");
+                assert_eq!(
+                    row.pointer_pos, pos,
+                    "{label}: pointer_pos = pool positions"
+                );
                 assert_eq!(row.pointer, ds, "{label}: pointer = dataset indices");
             }
             let grouped = rows_to_records(rows);
@@ -260,10 +290,17 @@ fn original_reader_labels(
     let mut out = BTreeMap::new();
     for (key, qd) in rl_data.as_object().unwrap() {
         let Ok(q) = key.parse::<u64>() else { continue };
-        let cands = qd.get("pointer_candidates").and_then(Value::as_array).cloned().unwrap_or_default();
+        let cands = qd
+            .get("pointer_candidates")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let mut labels = Vec::new();
         for c in &cands {
-            if c.get("eval_failed").and_then(Value::as_bool).unwrap_or(false) {
+            if c.get("eval_failed")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
                 continue;
             }
             let mode = c.get("vqa_eval_mode").and_then(Value::as_str);
@@ -279,7 +316,9 @@ fn original_reader_labels(
             for idx in pointer.as_array().unwrap() {
                 let idx = idx.as_u64().unwrap();
                 let Some(&p) = pos_of.get(&idx) else {
-                    return Err(format!("query {q}: pointer index {idx} not in candidate_indices"));
+                    return Err(format!(
+                        "query {q}: pointer index {idx} not in candidate_indices"
+                    ));
                 };
                 mapped.push(p);
             }
@@ -308,7 +347,14 @@ fn the_original_reader_recovers_the_dataset_indices_of_shared_pool_outputs() {
     ] {
         for with_vqa in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let config = write_outputs(dir.path(), case, &shuffled_ids(), with_vqa, false, &json!({}));
+            let config = write_outputs(
+                dir.path(),
+                case,
+                &shuffled_ids(),
+                with_vqa,
+                false,
+                &json!({}),
+            );
             let data: Value =
                 serde_json::from_str(&fs::read_to_string(config.json.unwrap()).unwrap()).unwrap();
             let labels = original_reader_labels(&data, &reader_indices, 2).unwrap();
@@ -333,12 +379,27 @@ fn the_original_reader_recovers_the_dataset_indices_of_shared_pool_outputs() {
 
     // Why `pointer_pos` must be left out when positions differ from dataset indices:
     // the reader would take the positions for dataset indices.
+    let pool = candidate_indices();
     let mut rec = make_record(Case::SharedSubset, 3, false, false);
-    for c in &mut rec.pointer_candidates {
-        c.pointer_pos = Some(positions(3, 0));
+    for (k, c) in rec.pointer_candidates.iter_mut().enumerate() {
+        c.pointer_pos = Some(positions(3, k as u64));
     }
     let data = json!({"3": serde_json::to_value(&rec).unwrap()});
-    assert!(original_reader_labels(&data, &candidate_indices(), 2).is_err());
+    match original_reader_labels(&data, &pool, 2) {
+        Err(_) => {} // a position that is no dataset index of the pool: KeyError
+        Ok(labels) => {
+            let got: Vec<Vec<u64>> = labels[&3]
+                .iter()
+                .map(|l| l.iter().map(|&p| pool[p]).collect())
+                .collect();
+            let want: Vec<Vec<u64>> = rec
+                .pointer_candidates
+                .iter()
+                .map(|c| c.pointer.clone())
+                .collect();
+            assert_ne!(got, want, "positions misread as dataset indices");
+        }
+    }
 }
 
 /// Per-query pools: the original reader has no notion of them (it reads
@@ -347,14 +408,27 @@ fn the_original_reader_recovers_the_dataset_indices_of_shared_pool_outputs() {
 #[test]
 fn per_query_pool_outputs_carry_pool_and_global_indices() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_outputs(dir.path(), Case::PerQuery, &shuffled_ids(), true, false, &json!({}));
-    let data: Value = serde_json::from_str(&fs::read_to_string(config.json.unwrap()).unwrap()).unwrap();
+    let config = write_outputs(
+        dir.path(),
+        Case::PerQuery,
+        &shuffled_ids(),
+        true,
+        false,
+        &json!({}),
+    );
+    let data: Value =
+        serde_json::from_str(&fs::read_to_string(config.json.unwrap()).unwrap()).unwrap();
     let cache = sampler_cache();
     for (key, qd) in data.as_object().unwrap() {
         let Ok(q) = key.parse::<u64>() else { continue };
         let pool: Vec<u64> = serde_json::from_value(qd["candidate_pool_ids"].clone()).unwrap();
         assert_eq!(pool, cache[&q]);
-        for (k, c) in qd["pointer_candidates"].as_array().unwrap().iter().enumerate() {
+        for (k, c) in qd["pointer_candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
             assert!(c.get("pointer_pos").is_none());
             let pos: Vec<u64> = serde_json::from_value(c["pointer"].clone()).unwrap();
             let global: Vec<u64> = serde_json::from_value(c["pointer_global"].clone()).unwrap();
@@ -373,14 +447,27 @@ fn outputs_are_byte_identical_whatever_the_arrival_order() {
     let ca = write_outputs(a.path(), Case::PerQuery, &shuffled_ids(), true, true, &meta);
     let ascending: Vec<u64> = (0..40).collect();
     let cb = write_outputs(b.path(), Case::PerQuery, &ascending, true, true, &meta);
-    assert_eq!(fs::read(ca.json.unwrap()).unwrap(), fs::read(cb.json.unwrap()).unwrap());
-    assert_eq!(fs::read(ca.parquet.unwrap()).unwrap(), fs::read(cb.parquet.unwrap()).unwrap());
+    assert_eq!(
+        fs::read(ca.json.unwrap()).unwrap(),
+        fs::read(cb.json.unwrap()).unwrap()
+    );
+    assert_eq!(
+        fs::read(ca.parquet.unwrap()).unwrap(),
+        fs::read(cb.parquet.unwrap()).unwrap()
+    );
 }
 
 #[test]
 fn parquet_is_zstd_with_page_statistics() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_outputs(dir.path(), Case::SharedIdentity, &shuffled_ids(), true, false, &json!({}));
+    let config = write_outputs(
+        dir.path(),
+        Case::SharedIdentity,
+        &shuffled_ids(),
+        true,
+        false,
+        &json!({}),
+    );
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(fs::File::open(config.parquet.unwrap()).unwrap())
             .unwrap();
@@ -388,9 +475,17 @@ fn parquet_is_zstd_with_page_statistics() {
     assert!(md.num_row_groups() >= 1);
     for rg in md.row_groups() {
         for col in rg.columns() {
-            assert!(matches!(col.compression(), Compression::ZSTD(_)), "{}", col.column_path());
+            assert!(
+                matches!(col.compression(), Compression::ZSTD(_)),
+                "{}",
+                col.column_path()
+            );
             assert!(col.statistics().is_some(), "{}", col.column_path());
-            assert!(col.column_index_offset().is_some(), "page index for {}", col.column_path());
+            assert!(
+                col.column_index_offset().is_some(),
+                "page index for {}",
+                col.column_path()
+            );
         }
     }
 }
@@ -404,15 +499,22 @@ fn a_failing_write_leaves_no_output_and_no_temp_file() {
     );
     {
         let mut writer = OutputWriter::create(&config).unwrap();
-        writer.write(0, &make_record(Case::SharedIdentity, 0, false, false)).unwrap();
+        writer
+            .write(0, &make_record(Case::SharedIdentity, 0, false, false))
+            .unwrap();
         // A VQA record into a sink opened without VQA columns is refused ...
         let err = writer
             .write(1, &make_record(Case::SharedIdentity, 1, true, false))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("query 1, candidate 0") && err.contains("out.parquet"), "{err}");
+        assert!(
+            err.contains("query 1, candidate 0") && err.contains("out.parquet"),
+            "{err}"
+        );
         // ... and so is a per-query record into a shared-pool sink.
-        assert!(writer.write(2, &make_record(Case::PerQuery, 2, false, false)).is_err());
+        assert!(writer
+            .write(2, &make_record(Case::PerQuery, 2, false, false))
+            .is_err());
         // The caller gives up: drop without finish.
     }
     assert!(!dir.path().join("out.json").exists());
@@ -423,7 +525,8 @@ fn a_failing_write_leaves_no_output_and_no_temp_file() {
 #[test]
 fn shared_subset_without_pool_list_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sink = ParquetSink::create(dir.path().join("x.parquet"), ParquetOptions::default()).unwrap();
+    let mut sink =
+        ParquetSink::create(dir.path().join("x.parquet"), ParquetOptions::default()).unwrap();
     let err = sink
         .write_record(0, &make_record(Case::SharedSubset, 0, false, false))
         .unwrap_err()
@@ -438,14 +541,20 @@ fn shared_subset_without_pool_list_is_an_error() {
 
 #[test]
 fn format_list_and_paths() {
-    assert_eq!(OutputFormat::parse_list("json").unwrap(), [OutputFormat::Json]);
+    assert_eq!(
+        OutputFormat::parse_list("json").unwrap(),
+        [OutputFormat::Json]
+    );
     assert_eq!(
         OutputFormat::parse_list("parquet, JSON,json").unwrap(),
         [OutputFormat::Json, OutputFormat::Parquet]
     );
     assert!(OutputFormat::parse_list("csv").is_err());
     assert!(OutputFormat::parse_list(" , ").is_err());
-    let c = OutputConfig::for_formats(Path::new("/o/rl.json"), &[OutputFormat::Json, OutputFormat::Parquet]);
+    let c = OutputConfig::for_formats(
+        Path::new("/o/rl.json"),
+        &[OutputFormat::Json, OutputFormat::Parquet],
+    );
     assert_eq!(c.json.as_deref(), Some(Path::new("/o/rl.json")));
     assert_eq!(c.parquet.as_deref(), Some(Path::new("/o/rl.parquet")));
     let c = OutputConfig::for_formats(Path::new("/o/rl"), &[OutputFormat::Parquet]);
