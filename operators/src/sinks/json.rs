@@ -91,7 +91,9 @@ impl JsonSink {
             .map_err(|e| SinkError::io(&self.path, "writing", e))
     }
 
-    /// Writes the record of `query_index` (strictly greater than the previous one).
+    /// Writes the record of `query_index` (strictly greater than the previous
+    /// one, and equal to `record.query.query_id`: the original reader uses the
+    /// key as the query's dataset index).
     pub fn write_record(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
         if let Some(previous) = self.last {
             if query_index <= previous {
@@ -102,6 +104,7 @@ impl JsonSink {
                 });
             }
         }
+        super::check_key(&self.path, query_index, record)?;
         self.entry(&query_index.to_string(), record)?;
         self.last = Some(query_index);
         Ok(())

@@ -25,7 +25,8 @@ use leverflow_schemas::RlRecord;
 pub use self::atomic::AtomicFile;
 pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink, RlJson};
 pub use self::parquet::{
-    read_rl_parquet, rows_to_records, ParquetOptions, ParquetRow, ParquetSink,
+    read_rl_parquet, rows_to_records, visit_rl_parquet, ParquetOptions, ParquetRow, ParquetSink,
+    RlParquet,
 };
 pub use self::spill::{SortedSpill, SpillIter};
 
@@ -127,6 +128,22 @@ impl SinkError {
             what: what.into(),
         }
     }
+}
+
+/// The record key must be the query's dataset index (`query.query_id`): the
+/// original reader indexes the query embeddings with `int(key)`, and the
+/// Parquet output keeps only `query_id`.
+fn check_key(path: &Path, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
+    if record.query.query_id != query_index {
+        return Err(SinkError::invalid(
+            path,
+            format!(
+                "record key {query_index} differs from its query.query_id {}",
+                record.query.query_id
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// An output format named in `--format` (comma separated: `json,parquet`).

@@ -334,7 +334,8 @@ impl ParquetSink {
     }
 
     /// Appends one row per candidate of `record` (`query_index` strictly
-    /// greater than the previous one; it is not stored, `query_id` is).
+    /// greater than the previous one and equal to `record.query.query_id`,
+    /// which is what the `query_id` column stores).
     pub fn write_record(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
         if let Some(previous) = self.last {
             if query_index <= previous {
@@ -345,6 +346,7 @@ impl ParquetSink {
                 });
             }
         }
+        super::check_key(&self.path, query_index, record)?;
         let pool = record.candidate_pool_ids.as_deref();
         if pool.is_some() != self.options.per_query_pool {
             return Err(SinkError::invalid(
@@ -523,10 +525,15 @@ pub struct ParquetRow {
     pub candidate: CandidateRecord,
 }
 
-/// Reads a Parquet output: `(_meta, rows in file order)`.
-pub fn read_rl_parquet(
+/// Streams a Parquet output: calls `on_row` for every row in file order
+/// (one record batch in memory at a time) and returns `_meta` (if present).
+pub fn visit_rl_parquet<F>(
     path: impl AsRef<Path>,
-) -> Result<(Option<Value>, Vec<ParquetRow>), SinkError> {
+    mut on_row: F,
+) -> Result<Option<Value>, SinkError>
+where
+    F: FnMut(ParquetRow) -> Result<(), SinkError>,
+{
     let path = path.as_ref();
     let pq = |what: &str, e: parquet::errors::ParquetError| SinkError::Parquet {
         path: path.to_path_buf(),
@@ -549,15 +556,27 @@ pub fn read_rl_parquet(
         None => None,
     };
     let reader = builder.build().map_err(|e| pq("opening reader", e))?;
-    let mut rows = Vec::new();
     for (b, batch) in reader.enumerate() {
         let batch = batch.map_err(|e| SinkError::Arrow {
             path: path.to_path_buf(),
             what: format!("reading record batch {b}"),
             source: e,
         })?;
-        read_batch(path, b, &batch, &mut rows)?;
+        read_batch(path, b, &batch, &mut on_row)?;
     }
+    Ok(meta)
+}
+
+/// A whole Parquet output: `_meta` (if present) and the rows in file order.
+pub type RlParquet = (Option<Value>, Vec<ParquetRow>);
+
+/// Reads a Parquet output: `(_meta, rows in file order)`.
+pub fn read_rl_parquet(path: impl AsRef<Path>) -> Result<RlParquet, SinkError> {
+    let mut rows = Vec::new();
+    let meta = visit_rl_parquet(path, |row| {
+        rows.push(row);
+        Ok(())
+    })?;
     Ok((meta, rows))
 }
 
@@ -648,12 +667,15 @@ fn list_str(
         .collect())
 }
 
-fn read_batch(
+fn read_batch<F>(
     path: &Path,
     b: usize,
     batch: &RecordBatch,
-    rows: &mut Vec<ParquetRow>,
-) -> Result<(), SinkError> {
+    on_row: &mut F,
+) -> Result<(), SinkError>
+where
+    F: FnMut(ParquetRow) -> Result<(), SinkError>,
+{
     let query_id = required::<UInt64Array>(path, b, batch, "query_id")?;
     let question_id = required::<UInt64Array>(path, b, batch, "question_id")?;
     let image_id = required::<UInt64Array>(path, b, batch, "image_id")?;
@@ -737,14 +759,14 @@ fn read_batch(
             advantage: opt_f64(adv, i),
             prompt_text: opt_str(prompt, i),
         };
-        rows.push(ParquetRow {
+        on_row(ParquetRow {
             query,
             candidate_pool_ids: pool_ids,
             candidate_index: cand_index.value(i),
             pointer: dataset,
             pointer_pos: positions,
             candidate,
-        });
+        })?;
     }
     Ok(())
 }

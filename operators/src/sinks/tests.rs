@@ -561,3 +561,53 @@ fn format_list_and_paths() {
     assert_eq!(c.json, None);
     assert_eq!(c.parquet.as_deref(), Some(Path::new("/o/rl.parquet")));
 }
+
+#[test]
+fn record_key_must_be_the_query_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = make_record(Case::SharedIdentity, 4, false, false);
+    let mut json = JsonSink::create(dir.path().join("k.json"), JsonOptions::default()).unwrap();
+    let err = json.write_record(5, &rec).unwrap_err().to_string();
+    assert!(
+        err.contains("record key 5 differs from its query.query_id 4"),
+        "{err}"
+    );
+    let mut pq =
+        ParquetSink::create(dir.path().join("k.parquet"), ParquetOptions::default()).unwrap();
+    assert!(pq.write_record(5, &rec).is_err());
+    pq.write_record(4, &rec).unwrap();
+}
+
+#[test]
+fn parquet_visitor_streams_and_stops_on_callback_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_outputs(
+        dir.path(),
+        Case::PerQuery,
+        &shuffled_ids(),
+        false,
+        false,
+        &json!({"k": 1}),
+    );
+    let path = config.parquet.unwrap();
+    let mut seen = 0usize;
+    let meta = visit_rl_parquet(&path, |row| {
+        assert_eq!(row.candidate_pool_ids.as_ref().map(Vec::len), Some(64));
+        seen += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(meta, Some(json!({"k": 1})));
+    assert_eq!(
+        seen,
+        (0..40u64).map(|q| (3 + q % 4) as usize).sum::<usize>()
+    );
+    let mut calls = 0;
+    let err = visit_rl_parquet(&path, |_| {
+        calls += 1;
+        Err(SinkError::invalid(Path::new("cb"), "stop"))
+    })
+    .unwrap_err();
+    assert_eq!(calls, 1);
+    assert!(err.to_string().contains("stop"));
+}
