@@ -11,12 +11,10 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufReader, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use leverflow_schemas::{RlRecord, META_KEY};
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde::Deserializer as _;
 use serde_json::Value;
 
 use super::{AtomicFile, SinkError};
@@ -125,10 +123,250 @@ impl JsonSink {
     }
 }
 
+/// Streaming reader of an RL JSON file: an iterator over the records
+/// `(query index, record)` in file order, holding one record's bytes at a
+/// time.  `_meta` is kept aside wherever it appears ([`RlJsonReader::meta`]
+/// is complete once the iterator has ended); other non-numeric keys are
+/// skipped, as the original reader does.  After an error the iterator ends.
+pub struct RlJsonReader<R: BufRead = BufReader<File>> {
+    reader: R,
+    path: PathBuf,
+    offset: u64,
+    state: ReadState,
+    meta: Option<Value>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    Start,
+    Entries { first: bool },
+    Done,
+}
+
+impl RlJsonReader<BufReader<File>> {
+    /// Opens `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, SinkError> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
+        Ok(Self::new(BufReader::with_capacity(1 << 20, file), path))
+    }
+}
+
+impl<R: BufRead> RlJsonReader<R> {
+    /// Reads from `reader`; `path` names the source in errors.
+    pub fn new(reader: R, path: impl AsRef<Path>) -> Self {
+        RlJsonReader {
+            reader,
+            path: path.as_ref().to_path_buf(),
+            offset: 0,
+            state: ReadState::Start,
+            meta: None,
+            key: Vec::new(),
+            value: Vec::new(),
+        }
+    }
+
+    /// `_meta`, once read.
+    pub fn meta(&self) -> Option<&Value> {
+        self.meta.as_ref()
+    }
+
+    /// Consumes the reader, returning `_meta` (if it was read).
+    pub fn into_meta(self) -> Option<Value> {
+        self.meta
+    }
+
+    fn err(&self, what: impl fmt::Display) -> SinkError {
+        SinkError::invalid(&self.path, format!("byte {}: {what}", self.offset))
+    }
+
+    fn peek(&mut self) -> Result<Option<u8>, SinkError> {
+        match self.reader.fill_buf() {
+            Ok(buf) => Ok(buf.first().copied()),
+            Err(e) => Err(SinkError::io(&self.path, "reading", e)),
+        }
+    }
+
+    fn bump(&mut self) {
+        self.reader.consume(1);
+        self.offset += 1;
+    }
+
+    /// The next byte, consumed; end of file is an error.
+    fn next_byte(&mut self) -> Result<u8, SinkError> {
+        match self.peek()? {
+            Some(b) => {
+                self.bump();
+                Ok(b)
+            }
+            None => Err(self.err("unexpected end of file")),
+        }
+    }
+
+    fn skip_ws(&mut self) -> Result<(), SinkError> {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek()? {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn expect(&mut self, want: u8) -> Result<(), SinkError> {
+        let got = self.next_byte()?;
+        if got != want {
+            return Err(self.err(format!(
+                "expected {:?}, found {:?}",
+                want as char, got as char
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends a JSON string (quotes included) at the cursor to `out`.
+    fn read_string(&mut self, out: &mut Vec<u8>) -> Result<(), SinkError> {
+        self.expect(b'"')?;
+        out.push(b'"');
+        loop {
+            let b = self.next_byte()?;
+            out.push(b);
+            match b {
+                b'"' => return Ok(()),
+                b'\\' => out.push(self.next_byte()?),
+                _ => {}
+            }
+        }
+    }
+
+    /// Appends the raw bytes of one JSON value at the cursor to `out`
+    /// (syntax is checked later, when the bytes are parsed).
+    fn read_value(&mut self, out: &mut Vec<u8>) -> Result<(), SinkError> {
+        match self.peek()? {
+            None => Err(self.err("unexpected end of file")),
+            Some(b'"') => self.read_string(out),
+            Some(b'{' | b'[') => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        Some(b'"') => self.read_string(out)?,
+                        Some(b) => {
+                            self.bump();
+                            out.push(b);
+                            match b {
+                                b'{' | b'[' => depth += 1,
+                                b'}' | b']' => {
+                                    depth -= 1;
+                                    if depth == 0 {
+                                        return Ok(());
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                        None => return Err(self.err("unexpected end of file inside a value")),
+                    }
+                }
+            }
+            Some(_) => {
+                while let Some(b) = self.peek()? {
+                    if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                        break;
+                    }
+                    self.bump();
+                    out.push(b);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn step(&mut self) -> Result<Option<(u64, RlRecord)>, SinkError> {
+        loop {
+            match self.state {
+                ReadState::Done => return Ok(None),
+                ReadState::Start => {
+                    self.skip_ws()?;
+                    self.expect(b'{')?;
+                    self.state = ReadState::Entries { first: true };
+                }
+                ReadState::Entries { first } => {
+                    self.skip_ws()?;
+                    if self.peek()? == Some(b'}') {
+                        self.bump();
+                        self.skip_ws()?;
+                        if self.peek()?.is_some() {
+                            return Err(self.err("content after the top-level object"));
+                        }
+                        self.state = ReadState::Done;
+                        return Ok(None);
+                    }
+                    if !first {
+                        self.expect(b',')?;
+                        self.skip_ws()?;
+                    }
+                    let mut key = std::mem::take(&mut self.key);
+                    let mut value = std::mem::take(&mut self.value);
+                    key.clear();
+                    value.clear();
+                    let result = self.entry(&mut key, &mut value);
+                    self.key = key;
+                    self.value = value;
+                    self.state = ReadState::Entries { first: false };
+                    if let Some(item) = result? {
+                        return Ok(Some(item));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads one `"key": value` entry; returns the record for a numeric key.
+    fn entry(
+        &mut self,
+        key: &mut Vec<u8>,
+        value: &mut Vec<u8>,
+    ) -> Result<Option<(u64, RlRecord)>, SinkError> {
+        self.read_string(key)?;
+        let key: String = serde_json::from_slice(key)
+            .map_err(|e| SinkError::json(&self.path, format!("byte {}: key", self.offset), e))?;
+        self.skip_ws()?;
+        self.expect(b':')?;
+        self.skip_ws()?;
+        let start = self.offset;
+        self.read_value(value)?;
+        if key == META_KEY {
+            let meta = serde_json::from_slice(value).map_err(|e| {
+                SinkError::json(&self.path, format!("\"{META_KEY}\" at byte {start}"), e)
+            })?;
+            self.meta = Some(meta);
+            return Ok(None);
+        }
+        let Ok(index) = key.parse::<u64>() else {
+            return Ok(None);
+        };
+        let record = serde_json::from_slice(value).map_err(|e| {
+            SinkError::json(&self.path, format!("record \"{key}\" at byte {start}"), e)
+        })?;
+        Ok(Some((index, record)))
+    }
+}
+
+impl<R: BufRead> Iterator for RlJsonReader<R> {
+    type Item = Result<(u64, RlRecord), SinkError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.step() {
+            Ok(item) => item.map(Ok),
+            Err(e) => {
+                self.state = ReadState::Done;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
 /// Streams an RL JSON file: calls `on_record(query_index, record)` for each
-/// numeric key in file order and returns `_meta` (if present).  Other
-/// non-numeric keys are skipped, as the original reader does.  Memory holds
-/// one record at a time.
+/// numeric key in file order and returns `_meta` (if present).
 pub fn visit_rl_json<F>(
     path: impl AsRef<Path>,
     mut on_record: F,
@@ -136,22 +374,12 @@ pub fn visit_rl_json<F>(
 where
     F: FnMut(u64, RlRecord) -> Result<(), SinkError>,
 {
-    let path = path.as_ref();
-    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
-    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(1 << 20, file));
-    let mut visitor = TopVisitor {
-        on_record: &mut on_record,
-        meta: None,
-        stopped: None,
-    };
-    let result = (&mut de).deserialize_map(&mut visitor);
-    if let Some(err) = visitor.stopped.take() {
-        return Err(err);
+    let mut reader = RlJsonReader::open(path)?;
+    for item in reader.by_ref() {
+        let (index, record) = item?;
+        on_record(index, record)?;
     }
-    result.map_err(|e| SinkError::json(path, "reading", e))?;
-    de.end()
-        .map_err(|e| SinkError::json(path, "trailing content after the top-level object", e))?;
-    Ok(visitor.meta)
+    Ok(reader.into_meta())
 }
 
 /// A whole RL JSON file: `_meta` (if present) and the `(query index, record)` pairs.
@@ -176,53 +404,6 @@ pub fn read_rl_json(path: impl AsRef<Path>) -> Result<RlJson, SinkError> {
     Ok((meta, records))
 }
 
-struct TopVisitor<'f, F> {
-    on_record: &'f mut F,
-    meta: Option<Value>,
-    /// Error returned by the callback (serde errors cannot carry it).
-    stopped: Option<SinkError>,
-}
-
-impl<'de, F> Visitor<'de> for &mut TopVisitor<'_, F>
-where
-    F: FnMut(u64, RlRecord) -> Result<(), SinkError>,
-{
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object {\"<query_idx>\": record, ..., \"_meta\": {...}}")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            if key == META_KEY {
-                self.meta = Some(map.next_value()?);
-            } else if let Ok(idx) = key.parse::<u64>() {
-                let rec: RlRecord = map.next_value_seed(Keyed(&key))?;
-                if let Err(e) = (self.on_record)(idx, rec) {
-                    self.stopped = Some(e);
-                    return Err(de::Error::custom("stopped by the record callback"));
-                }
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Deserialises a record, naming its key in errors.
-struct Keyed<'k>(&'k str);
-
-impl<'de> DeserializeSeed<'de> for Keyed<'_> {
-    type Value = RlRecord;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<RlRecord, D::Error> {
-        <RlRecord as serde::Deserialize>::deserialize(d)
-            .map_err(|e| de::Error::custom(format!("record \"{}\": {e}", self.0)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +421,7 @@ mod tests {
                 query_id: i,
                 question_id: i + 100,
                 image_id: 7,
-                question: "line1\nline2 \"quoted\" ü".into(),
+                question: "line1\nline2 \"quoted\" ü {curly} [sq] \\\" end".into(),
                 gt_answers_raw: vec!["x".into()],
                 gt_answers_norm: vec!["x".into()],
             },
@@ -360,6 +541,52 @@ mod tests {
             recs[0].1.pointer_candidates[0].pointer_pos,
             Some(vec![0, 1])
         );
+    }
+
+    #[test]
+    fn streaming_reader_yields_records_and_meta() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let mut sink = JsonSink::create(&path, JsonOptions { pretty: true }).unwrap();
+        for i in [1u64, 4, 9] {
+            sink.write_record(i, &record(i)).unwrap();
+        }
+        sink.finish(&json!({"n": 3, "s": "}{"})).unwrap();
+        let mut reader = RlJsonReader::open(&path).unwrap();
+        let first = reader.next().unwrap().unwrap();
+        assert_eq!(first, (1, record(1)));
+        assert!(reader.meta().is_none(), "meta comes last in our files");
+        let rest: Vec<u64> = reader.by_ref().map(|r| r.unwrap().0).collect();
+        assert_eq!(rest, [4, 9]);
+        assert_eq!(reader.into_meta(), Some(json!({"n": 3, "s": "}{"})));
+
+        // Meta first, scalar values under unknown keys, whitespace everywhere.
+        let text = " {\"_meta\" : {\"a\":[1,{\"b\":\"]\"}]} , \"x\": -1.5e3 ,\"y\":true,\"z\":\"s\\\"\", \"2\" :"
+            .to_string()
+            + &serde_json::to_string(&record(2)).unwrap()
+            + " } \n";
+        let reader = RlJsonReader::new(text.as_bytes(), "inline");
+        let items: Vec<_> = reader.map(Result::unwrap).collect();
+        assert_eq!(items, vec![(2, record(2))]);
+
+        // Truncated input: an error naming the place, then the iterator ends.
+        let full = std::fs::read_to_string(&path).unwrap();
+        let cut = &full[..full.len() / 2];
+        let mut reader = RlJsonReader::new(cut.as_bytes(), "cut.json");
+        let mut errors = 0;
+        for item in reader.by_ref() {
+            if let Err(e) = item {
+                assert!(e.to_string().contains("cut.json"), "{e}");
+                errors += 1;
+            }
+        }
+        assert_eq!(errors, 1);
+        assert!(reader.next().is_none());
+        // Trailing comma and missing comma are errors.
+        for bad in ["{\"_meta\":{},}", "{\"_meta\":{} \"x\":1}", "[]", ""] {
+            let r = RlJsonReader::new(bad.as_bytes(), "bad");
+            assert!(r.into_iter().any(|i| i.is_err()), "{bad:?}");
+        }
     }
 
     #[test]

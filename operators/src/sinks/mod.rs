@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use leverflow_schemas::RlRecord;
 
 pub use self::atomic::AtomicFile;
-pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink, RlJson};
+pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink, RlJson, RlJsonReader};
 pub use self::parquet::{
     read_rl_parquet, rows_to_records, visit_rl_parquet, ParquetOptions, ParquetRow, ParquetSink,
     RlParquet,
