@@ -109,7 +109,9 @@ impl JsonSink {
     }
 
     /// Writes `"_meta": meta`, closes the object and moves the file into place.
+    /// `meta` must be a JSON object.
     pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
+        super::check_meta(&self.path, meta)?;
         self.entry(META_KEY, meta)?;
         let end: &[u8] = if self.options.pretty {
             b"\n}\n"

@@ -146,6 +146,17 @@ fn check_key(path: &Path, query_index: u64, record: &RlRecord) -> Result<(), Sin
     Ok(())
 }
 
+/// `_meta` is an object (schema `$defs/meta`).
+fn check_meta(path: &Path, meta: &serde_json::Value) -> Result<(), SinkError> {
+    if !meta.is_object() {
+        return Err(SinkError::invalid(
+            path,
+            format!("_meta must be a JSON object, got {meta}"),
+        ));
+    }
+    Ok(())
+}
+
 /// An output format named in `--format` (comma separated: `json,parquet`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputFormat {
@@ -281,7 +292,7 @@ impl OutputWriter {
         self.records
     }
 
-    /// Writes `_meta` and moves every output into place.
+    /// Writes `_meta` (a JSON object) and moves every output into place.
     pub fn finish(self, meta: serde_json::Value) -> Result<(), SinkError> {
         if let Some(j) = self.json {
             j.finish(&meta)?;

@@ -44,6 +44,8 @@ pub struct ParquetOptions {
     pub shared_pool: Option<Vec<u64>>,
     /// Rows per record batch.
     pub batch_rows: usize,
+    /// Most rows per row group (the writer holds one row group in memory).
+    pub row_group_rows: usize,
     /// zstd compression level (1..=22).
     pub zstd_level: i32,
 }
@@ -56,6 +58,7 @@ impl Default for ParquetOptions {
             with_prompts: false,
             shared_pool: None,
             batch_rows: 8192,
+            row_group_rows: 128 * 1024,
             zstd_level: 3,
         }
     }
@@ -276,8 +279,11 @@ impl ParquetSink {
     /// Opens the output (a temporary file until [`ParquetSink::finish`]).
     pub fn create(path: impl AsRef<Path>, options: ParquetOptions) -> Result<Self, SinkError> {
         let path = path.as_ref().to_path_buf();
-        if options.batch_rows == 0 {
-            return Err(SinkError::invalid(&path, "batch_rows must be at least 1"));
+        if options.batch_rows == 0 || options.row_group_rows == 0 {
+            return Err(SinkError::invalid(
+                &path,
+                "batch_rows and row_group_rows must be at least 1",
+            ));
         }
         let position_of = match &options.shared_pool {
             Some(pool) => {
@@ -307,6 +313,7 @@ impl ParquetSink {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_statistics_enabled(EnabledStatistics::Page)
+            .set_max_row_group_row_count(Some(options.row_group_rows))
             .build();
         let out = AtomicFile::create(&path)?;
         let writer = ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(|e| {
@@ -490,7 +497,9 @@ impl ParquetSink {
 
     /// Writes the last batch and `_meta` (key-value metadata
     /// [`PARQUET_META_KEY`]), closes the file and moves it into place.
+    /// `meta` must be a JSON object.
     pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
+        super::check_meta(&self.path, meta)?;
         self.flush_batch()?;
         let meta_text = serde_json::to_string(meta)
             .map_err(|e| SinkError::json(&self.path, "serialising _meta", e))?;

@@ -139,6 +139,7 @@ fn options(case: Case, with_vqa: bool, with_prompts: bool) -> ParquetOptions {
         with_prompts,
         shared_pool: (case == Case::SharedSubset).then(candidate_indices),
         batch_rows: 7,
+        row_group_rows: 50,
         ..Default::default()
     }
 }
@@ -472,7 +473,7 @@ fn parquet_is_zstd_with_page_statistics() {
         ParquetRecordBatchReaderBuilder::try_new(fs::File::open(config.parquet.unwrap()).unwrap())
             .unwrap();
     let md = builder.metadata();
-    assert!(md.num_row_groups() >= 1);
+    assert_eq!(md.num_row_groups(), 4, "180 rows in row groups of 50");
     for rg in md.row_groups() {
         for col in rg.columns() {
             assert!(
@@ -563,6 +564,17 @@ fn format_list_and_paths() {
 }
 
 #[test]
+fn meta_must_be_an_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = OutputConfig::for_formats(&dir.path().join("m.json"), &[OutputFormat::Json]);
+    let w = OutputWriter::create(&config).unwrap();
+    let err = w.finish(json!([1])).unwrap_err().to_string();
+    assert!(err.contains("_meta must be a JSON object"), "{err}");
+    assert!(!dir.path().join("m.json").exists());
+    no_temp_files(dir.path());
+}
+
+#[test]
 fn record_key_must_be_the_query_id() {
     let dir = tempfile::tempdir().unwrap();
     let rec = make_record(Case::SharedIdentity, 4, false, false);
@@ -610,4 +622,38 @@ fn parquet_visitor_streams_and_stops_on_callback_error() {
     .unwrap_err();
     assert_eq!(calls, 1);
     assert!(err.to_string().contains("stop"));
+}
+
+/// Throughput check (run with `--ignored`): 20,000 queries x 12 candidates,
+/// pushed out of order, written as JSON + Parquet.
+#[test]
+#[ignore]
+fn throughput_20k_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 20_000u64;
+    let template = make_record(Case::SharedIdentity, 0, true, false);
+    let t0 = std::time::Instant::now();
+    let mut spill = SortedSpill::create(dir.path()).unwrap();
+    for k in 0..n {
+        let q = (k * 7919) % n;
+        let mut rec = template.clone();
+        rec.query.query_id = q;
+        rec.pointer_candidates = (0..12)
+            .map(|j| template.pointer_candidates[j % 3].clone())
+            .collect();
+        spill.push(q, &rec).unwrap();
+    }
+    let t1 = t0.elapsed();
+    let mut config = OutputConfig::for_formats(
+        &dir.path().join("big.json"),
+        &[OutputFormat::Json, OutputFormat::Parquet],
+    );
+    config.parquet_options.with_vqa = true;
+    let mut w = OutputWriter::create(&config).unwrap();
+    w.write_all(spill.finish().unwrap()).unwrap();
+    w.finish(json!({})).unwrap();
+    let t2 = t0.elapsed();
+    let js = fs::metadata(config.json.unwrap()).unwrap().len();
+    let pq = fs::metadata(config.parquet.unwrap()).unwrap().len();
+    eprintln!("spill {t1:?}, total {t2:?}, json {js} bytes, parquet {pq} bytes");
 }
