@@ -1,1 +1,308 @@
 //! Output sinks: JSON (the original format) and Parquet.
+//!
+//! Records arrive from the workers in any query order; they go into a
+//! [`SortedSpill`] (bounded memory: only an index stays in RAM), and at the
+//! end one pass over the spill in ascending query index feeds an
+//! [`OutputWriter`], which writes the JSON and/or Parquet outputs through
+//! [`AtomicFile`]s (never a half-written file at an output path).
+//!
+//! | module | what |
+//! |---|---|
+//! | [`atomic`] | temp file + fsync + rename |
+//! | [`spill`] | out-of-order records → ascending order, on disk |
+//! | [`json`] | `{"<query_idx>": record, ..., "_meta": meta}` writer and reader |
+//! | [`parquet`] | one row per candidate, `_meta` in the key-value metadata |
+
+pub mod atomic;
+pub mod json;
+pub mod parquet;
+pub mod spill;
+
+use std::path::{Path, PathBuf};
+
+use leverflow_schemas::RlRecord;
+
+pub use self::atomic::AtomicFile;
+pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink, RlJson, RlJsonReader};
+pub use self::parquet::{
+    read_rl_parquet, rows_to_records, visit_rl_parquet, ParquetOptions, ParquetRow, ParquetSink,
+    RlParquet,
+};
+pub use self::spill::{SortedSpill, SpillIter};
+
+/// Errors of the sinks and readers; each names the file and the place.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// An I/O error on a file.
+    #[error("{}: {what}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON (de)serialisation error.
+    #[error("{}: {what}: {source}", .path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What was being done (which key / record).
+        what: String,
+        /// The error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A Parquet error.
+    #[error("{}: parquet: {what}: {source}", .path.display())]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: ::parquet::errors::ParquetError,
+    },
+    /// An Arrow error (building or reading record batches).
+    #[error("{}: arrow: {what}: {source}", .path.display())]
+    Arrow {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    /// The same query index was pushed twice.
+    #[error("{}: query index {index} pushed twice", .path.display())]
+    DuplicateQuery {
+        /// The spill file.
+        path: PathBuf,
+        /// The duplicated index.
+        index: u64,
+    },
+    /// A sink got query indices out of ascending order.
+    #[error("{}: query index {index} written after {previous}: queries must come in strictly ascending order", .path.display())]
+    OutOfOrder {
+        /// The output file.
+        path: PathBuf,
+        /// The index written.
+        index: u64,
+        /// The index written before it.
+        previous: u64,
+    },
+    /// Content that does not fit the format or the sink's configuration.
+    #[error("{}: {what}", .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        what: String,
+    },
+}
+
+impl SinkError {
+    pub(crate) fn io(path: &Path, what: &str, source: std::io::Error) -> Self {
+        SinkError::Io {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn json(path: &Path, what: impl Into<String>, source: serde_json::Error) -> Self {
+        SinkError::Json {
+            path: path.to_path_buf(),
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(path: &Path, what: impl Into<String>) -> Self {
+        SinkError::Invalid {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
+    }
+}
+
+/// The record key must be the query's dataset index (`query.query_id`): the
+/// original reader indexes the query embeddings with `int(key)`, and the
+/// Parquet output keeps only `query_id`.
+fn check_key(path: &Path, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
+    if record.query.query_id != query_index {
+        return Err(SinkError::invalid(
+            path,
+            format!(
+                "record key {query_index} differs from its query.query_id {}",
+                record.query.query_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `_meta` is an object (schema `$defs/meta`).
+fn check_meta(path: &Path, meta: &serde_json::Value) -> Result<(), SinkError> {
+    if !meta.is_object() {
+        return Err(SinkError::invalid(
+            path,
+            format!("_meta must be a JSON object, got {meta}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An output format named in `--format` (comma separated: `json,parquet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputFormat {
+    /// The original project's JSON.
+    Json,
+    /// Parquet, one row per candidate.
+    Parquet,
+}
+
+impl OutputFormat {
+    /// Parses a `--format` value such as `json`, `parquet` or `json,parquet`
+    /// (order and repetition do not matter; at least one format).
+    pub fn parse_list(s: &str) -> Result<Vec<OutputFormat>, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let f = match part.to_ascii_lowercase().as_str() {
+                "json" => OutputFormat::Json,
+                "parquet" => OutputFormat::Parquet,
+                other => {
+                    return Err(format!(
+                        "unknown output format {other:?} in --format {s:?} (expected json and/or parquet)"
+                    ))
+                }
+            };
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        if out.is_empty() {
+            return Err(format!("--format {s:?} names no output format"));
+        }
+        out.sort_by_key(|f| *f as u8);
+        Ok(out)
+    }
+}
+
+/// Where and how [`OutputWriter`] writes.
+#[derive(Debug, Clone, Default)]
+pub struct OutputConfig {
+    /// JSON output path (`None` = no JSON).
+    pub json: Option<PathBuf>,
+    /// JSON writer options.
+    pub json_options: JsonOptions,
+    /// Parquet output path (`None` = no Parquet).
+    pub parquet: Option<PathBuf>,
+    /// Parquet writer options.
+    pub parquet_options: ParquetOptions,
+}
+
+impl OutputConfig {
+    /// Paths for `formats` from one output path: JSON at `output` itself when
+    /// it ends in `.json` (else `output` with extension `.json`), Parquet at
+    /// `output` with extension `.parquet` (or `output` itself when it ends in
+    /// `.parquet`).
+    pub fn for_formats(output: &Path, formats: &[OutputFormat]) -> Self {
+        let ext = output
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        let with = |e: &str| {
+            if ext.as_deref() == Some(e) {
+                output.to_path_buf()
+            } else {
+                output.with_extension(e)
+            }
+        };
+        OutputConfig {
+            json: formats.contains(&OutputFormat::Json).then(|| with("json")),
+            parquet: formats
+                .contains(&OutputFormat::Parquet)
+                .then(|| with("parquet")),
+            ..Default::default()
+        }
+    }
+}
+
+/// Writes the sorted records to every configured output in one pass, then
+/// `_meta` at [`OutputWriter::finish`].  Nothing appears at an output path
+/// unless `finish` succeeds for it.
+pub struct OutputWriter {
+    json: Option<JsonSink>,
+    parquet: Option<ParquetSink>,
+    records: u64,
+}
+
+impl OutputWriter {
+    /// Opens the outputs of `config`.
+    pub fn create(config: &OutputConfig) -> Result<Self, SinkError> {
+        let json = match &config.json {
+            Some(p) => Some(JsonSink::create(p, config.json_options.clone())?),
+            None => None,
+        };
+        let parquet = match &config.parquet {
+            Some(p) => Some(ParquetSink::create(p, config.parquet_options.clone())?),
+            None => None,
+        };
+        Ok(OutputWriter {
+            json,
+            parquet,
+            records: 0,
+        })
+    }
+
+    /// Writes one record to every output (indices strictly ascending).
+    pub fn write(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
+        // Parquet first: it checks the whole record before writing any row,
+        // so a refused record reaches neither output.
+        if let Some(p) = self.parquet.as_mut() {
+            p.write_record(query_index, record)?;
+        }
+        if let Some(j) = self.json.as_mut() {
+            j.write_record(query_index, record)?;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Writes every record of `records` (e.g. a [`SpillIter`]); returns how many.
+    pub fn write_all<I>(&mut self, records: I) -> Result<u64, SinkError>
+    where
+        I: IntoIterator<Item = Result<(u64, RlRecord), SinkError>>,
+    {
+        let mut n = 0;
+        for item in records {
+            let (idx, rec) = item?;
+            self.write(idx, &rec)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Number of records written so far.
+    pub fn records_written(&self) -> u64 {
+        self.records
+    }
+
+    /// Writes `_meta` (a JSON object) and moves every output into place.
+    pub fn finish(self, meta: serde_json::Value) -> Result<(), SinkError> {
+        if let Some(j) = self.json {
+            j.finish(&meta)?;
+        }
+        if let Some(p) = self.parquet {
+            p.finish(&meta)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

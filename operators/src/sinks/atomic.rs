@@ -1,0 +1,198 @@
+//! Atomic file output: write to a temporary file beside the target, then
+//! rename it over the target, so the output path never holds a half-written
+//! file (a crash or an error leaves either the old file or nothing).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use super::SinkError;
+
+/// A file written under a temporary name (`.<name>.tmp-<pid>` in the target's
+/// directory) and moved to its target by [`AtomicFile::finish`].  Dropping it
+/// without `finish` removes the temporary file.
+#[derive(Debug)]
+pub struct AtomicFile {
+    target: PathBuf,
+    tmp: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicFile {
+    /// Creates (truncating) the temporary file for `target`.
+    pub fn create(target: impl AsRef<Path>) -> Result<Self, SinkError> {
+        let target = target.as_ref().to_path_buf();
+        let name = target
+            .file_name()
+            .ok_or_else(|| SinkError::invalid(&target, "output path has no file name"))?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| SinkError::io(&tmp, "creating temporary output file", e))?;
+        Ok(AtomicFile {
+            target,
+            tmp,
+            writer: Some(BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    /// The final output path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The temporary path being written.
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Flushes, fsyncs, renames the temporary file over the target and fsyncs
+    /// the directory.  On error the temporary file is removed.
+    pub fn finish(mut self) -> Result<(), SinkError> {
+        let Some(writer) = self.writer.take() else {
+            return Err(SinkError::io(&self.tmp, "finishing", io_other()));
+        };
+        let result = (|| {
+            let file = writer
+                .into_inner()
+                .map_err(|e| SinkError::io(&self.tmp, "flushing", e.into_error()))?;
+            file.sync_all()
+                .map_err(|e| SinkError::io(&self.tmp, "fsync", e))?;
+            drop(file);
+            fs::rename(&self.tmp, &self.target)
+                .map_err(|e| SinkError::io(&self.target, "renaming temporary file over", e))?;
+            sync_dir(&self.target)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        result
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.writer.as_mut() {
+            Some(w) => w.write(buf),
+            None => Err(io_other()),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self.writer.as_mut() {
+            Some(w) => w.write_all(buf),
+            None => Err(io_other()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.writer.as_mut() {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            drop(w);
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn io_other() -> io::Error {
+    io::Error::other("atomic file already finished")
+}
+
+/// fsync the directory holding `path`, so the rename itself is durable.
+fn sync_dir(path: &Path) -> Result<(), SinkError> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| SinkError::io(&dir, "fsync of directory", e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temps(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect()
+    }
+
+    #[test]
+    fn finish_moves_the_file_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.json");
+        let mut f = AtomicFile::create(&target).unwrap();
+        assert_eq!(
+            f.temp_path().file_name().unwrap().to_string_lossy(),
+            format!(".out.json.tmp-{}", std::process::id())
+        );
+        f.write_all(b"hello").unwrap();
+        assert!(!target.exists(), "nothing at the target before finish");
+        assert_eq!(temps(dir.path()).len(), 1);
+        f.finish().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"hello");
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn drop_without_finish_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.parquet");
+        {
+            let mut f = AtomicFile::create(&target).unwrap();
+            f.write_all(&[0u8; 4096]).unwrap();
+        }
+        assert!(!target.exists());
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn drop_without_finish_keeps_an_existing_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.json");
+        fs::write(&target, b"old").unwrap();
+        {
+            let mut f = AtomicFile::create(&target).unwrap();
+            f.write_all(b"new, half written").unwrap();
+        }
+        assert_eq!(fs::read(&target).unwrap(), b"old");
+        let f = {
+            let mut f = AtomicFile::create(&target).unwrap();
+            f.write_all(b"new").unwrap();
+            f
+        };
+        f.finish().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+    }
+
+    #[test]
+    fn missing_directory_is_an_error_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("no/such/dir/out.json");
+        let err = AtomicFile::create(&target).unwrap_err().to_string();
+        assert!(err.contains("no/such/dir"), "{err}");
+    }
+}

@@ -1,0 +1,781 @@
+//! Parquet output for analytics: one row per candidate with the query fields
+//! repeated (schema: [`leverflow_schemas::arrow_schema`]).  Unlike the JSON,
+//! `pointer` is always dataset indices and `pointer_pos` always pool
+//! positions.  Rows are buffered into record batches of
+//! [`ParquetOptions::batch_rows`] rows, compressed with zstd, with page-level
+//! statistics; `_meta` is stored as a JSON string in the file key-value
+//! metadata under [`PARQUET_META_KEY`].  Writes go through an [`AtomicFile`].
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, ListArray,
+    ListBuilder, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Array,
+    UInt64Builder, UInt8Array, UInt8Builder,
+};
+use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use leverflow_schemas::{arrow_schema, CandidateRecord, QueryRecord, RlRecord, PARQUET_META_KEY};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use serde_json::Value;
+
+use super::{AtomicFile, SinkError};
+
+/// Options of [`ParquetSink`]; the three flags pick the schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParquetOptions {
+    /// Per-query pools (`--sampler_cache`): adds `candidate_pool_ids`; records
+    /// must carry `candidate_pool_ids` and `pointer_global`.
+    pub per_query_pool: bool,
+    /// Adds the VQA / reward columns.  Without it, a record with any VQA field
+    /// is an error (nothing is dropped silently).
+    pub with_vqa: bool,
+    /// Adds `prompt_text`.  Without it, a record with a prompt is an error.
+    pub with_prompts: bool,
+    /// Shared pool with `--candidate_indices`: the dataset index at each pool
+    /// position.  Needed to fill `pointer_pos` when records omit it.
+    pub shared_pool: Option<Vec<u64>>,
+    /// Rows per record batch.
+    pub batch_rows: usize,
+    /// Most rows per row group (the writer holds one row group in memory).
+    pub row_group_rows: usize,
+    /// zstd compression level (1..=22).
+    pub zstd_level: i32,
+}
+
+impl Default for ParquetOptions {
+    fn default() -> Self {
+        ParquetOptions {
+            per_query_pool: false,
+            with_vqa: false,
+            with_prompts: false,
+            shared_pool: None,
+            batch_rows: 8192,
+            row_group_rows: 128 * 1024,
+            zstd_level: 3,
+        }
+    }
+}
+
+fn list_builder<T: arrow::array::ArrayBuilder>(values: T, item: DataType) -> ListBuilder<T> {
+    ListBuilder::new(values).with_field(Arc::new(Field::new_list_field(item, false)))
+}
+
+/// The VQA / reward column builders.
+struct VqaColumns {
+    raw_generation: StringBuilder,
+    pred_answer: StringBuilder,
+    correct: UInt8Builder,
+    acc_score: Float64Builder,
+    gt_prob: Float64Builder,
+    rel_token_f1: Float64Builder,
+    rel_edit_sim: Float64Builder,
+    rel_score: Float64Builder,
+    eval_mode: StringBuilder,
+    eval_split_used: StringBuilder,
+    eval_failed: BooleanBuilder,
+    reward: Float64Builder,
+    advantage: Float64Builder,
+}
+
+impl VqaColumns {
+    fn new() -> Self {
+        VqaColumns {
+            raw_generation: StringBuilder::new(),
+            pred_answer: StringBuilder::new(),
+            correct: UInt8Builder::new(),
+            acc_score: Float64Builder::new(),
+            gt_prob: Float64Builder::new(),
+            rel_token_f1: Float64Builder::new(),
+            rel_edit_sim: Float64Builder::new(),
+            rel_score: Float64Builder::new(),
+            eval_mode: StringBuilder::new(),
+            eval_split_used: StringBuilder::new(),
+            eval_failed: BooleanBuilder::new(),
+            reward: Float64Builder::new(),
+            advantage: Float64Builder::new(),
+        }
+    }
+
+    fn append(&mut self, c: &CandidateRecord) {
+        self.raw_generation
+            .append_option(c.vqa_raw_generation.as_deref());
+        self.pred_answer.append_option(c.vqa_pred_answer.as_deref());
+        self.correct.append_option(c.vqa_correct);
+        self.acc_score.append_option(c.vqa_acc_score);
+        self.gt_prob.append_option(c.vqa_gt_prob);
+        self.rel_token_f1.append_option(c.vqa_rel_token_f1);
+        self.rel_edit_sim.append_option(c.vqa_rel_edit_sim);
+        self.rel_score.append_option(c.vqa_rel_score);
+        self.eval_mode.append_option(c.vqa_eval_mode.as_deref());
+        self.eval_split_used
+            .append_option(c.eval_split_used.as_deref());
+        self.eval_failed.append_option(c.eval_failed);
+        self.reward.append_option(c.reward);
+        self.advantage.append_option(c.advantage);
+    }
+
+    fn finish(&mut self, out: &mut Vec<ArrayRef>) {
+        out.push(Arc::new(self.raw_generation.finish()));
+        out.push(Arc::new(self.pred_answer.finish()));
+        out.push(Arc::new(self.correct.finish()));
+        out.push(Arc::new(self.acc_score.finish()));
+        out.push(Arc::new(self.gt_prob.finish()));
+        out.push(Arc::new(self.rel_token_f1.finish()));
+        out.push(Arc::new(self.rel_edit_sim.finish()));
+        out.push(Arc::new(self.rel_score.finish()));
+        out.push(Arc::new(self.eval_mode.finish()));
+        out.push(Arc::new(self.eval_split_used.finish()));
+        out.push(Arc::new(self.eval_failed.finish()));
+        out.push(Arc::new(self.reward.finish()));
+        out.push(Arc::new(self.advantage.finish()));
+    }
+}
+
+/// Column builders for one record batch, in schema order.
+struct Columns {
+    query_id: UInt64Builder,
+    question_id: UInt64Builder,
+    image_id: UInt64Builder,
+    question: StringBuilder,
+    gt_answers_raw: ListBuilder<StringBuilder>,
+    gt_answers_norm: ListBuilder<StringBuilder>,
+    candidate_pool_ids: Option<ListBuilder<UInt64Builder>>,
+    candidate_index: UInt32Builder,
+    pointer: ListBuilder<UInt64Builder>,
+    pointer_pos: ListBuilder<UInt64Builder>,
+    gen_method: StringBuilder,
+    beam_rank: UInt32Builder,
+    beam_score: Float64Builder,
+    logprob_score: Float64Builder,
+    temperature: Float64Builder,
+    sample_logprob_tempered: Float64Builder,
+    vqa: Option<VqaColumns>,
+    prompt_text: Option<StringBuilder>,
+    rows: usize,
+}
+
+impl Columns {
+    fn new(o: &ParquetOptions) -> Self {
+        Columns {
+            query_id: UInt64Builder::new(),
+            question_id: UInt64Builder::new(),
+            image_id: UInt64Builder::new(),
+            question: StringBuilder::new(),
+            gt_answers_raw: list_builder(StringBuilder::new(), DataType::Utf8),
+            gt_answers_norm: list_builder(StringBuilder::new(), DataType::Utf8),
+            candidate_pool_ids: o
+                .per_query_pool
+                .then(|| list_builder(UInt64Builder::new(), DataType::UInt64)),
+            candidate_index: UInt32Builder::new(),
+            pointer: list_builder(UInt64Builder::new(), DataType::UInt64),
+            pointer_pos: list_builder(UInt64Builder::new(), DataType::UInt64),
+            gen_method: StringBuilder::new(),
+            beam_rank: UInt32Builder::new(),
+            beam_score: Float64Builder::new(),
+            logprob_score: Float64Builder::new(),
+            temperature: Float64Builder::new(),
+            sample_logprob_tempered: Float64Builder::new(),
+            vqa: o.with_vqa.then(VqaColumns::new),
+            prompt_text: o.with_prompts.then(StringBuilder::new),
+            rows: 0,
+        }
+    }
+
+    fn append(
+        &mut self,
+        q: &QueryRecord,
+        pool: Option<&[u64]>,
+        index: u32,
+        c: &CandidateRecord,
+        dataset_indices: &[u64],
+        positions: &[u64],
+    ) {
+        self.query_id.append_value(q.query_id);
+        self.question_id.append_value(q.question_id);
+        self.image_id.append_value(q.image_id);
+        self.question.append_value(&q.question);
+        self.gt_answers_raw
+            .append_value(q.gt_answers_raw.iter().map(|s| Some(s.as_str())));
+        self.gt_answers_norm
+            .append_value(q.gt_answers_norm.iter().map(|s| Some(s.as_str())));
+        if let (Some(b), Some(pool)) = (self.candidate_pool_ids.as_mut(), pool) {
+            b.append_value(pool.iter().map(|&x| Some(x)));
+        }
+        self.candidate_index.append_value(index);
+        self.pointer
+            .append_value(dataset_indices.iter().map(|&x| Some(x)));
+        self.pointer_pos
+            .append_value(positions.iter().map(|&x| Some(x)));
+        self.gen_method.append_value(&c.gen_method);
+        self.beam_rank.append_option(c.beam_rank);
+        self.beam_score.append_option(c.beam_score);
+        self.logprob_score.append_value(c.logprob_score);
+        self.temperature.append_option(c.temperature);
+        self.sample_logprob_tempered
+            .append_option(c.sample_logprob_tempered);
+        if let Some(v) = self.vqa.as_mut() {
+            v.append(c);
+        }
+        if let Some(p) = self.prompt_text.as_mut() {
+            p.append_option(c.prompt_text.as_deref());
+        }
+        self.rows += 1;
+    }
+
+    fn finish(&mut self) -> Vec<ArrayRef> {
+        let mut out: Vec<ArrayRef> = vec![
+            Arc::new(self.query_id.finish()),
+            Arc::new(self.question_id.finish()),
+            Arc::new(self.image_id.finish()),
+            Arc::new(self.question.finish()),
+            Arc::new(self.gt_answers_raw.finish()),
+            Arc::new(self.gt_answers_norm.finish()),
+        ];
+        if let Some(b) = self.candidate_pool_ids.as_mut() {
+            out.push(Arc::new(b.finish()));
+        }
+        out.push(Arc::new(self.candidate_index.finish()));
+        out.push(Arc::new(self.pointer.finish()));
+        out.push(Arc::new(self.pointer_pos.finish()));
+        out.push(Arc::new(self.gen_method.finish()));
+        out.push(Arc::new(self.beam_rank.finish()));
+        out.push(Arc::new(self.beam_score.finish()));
+        out.push(Arc::new(self.logprob_score.finish()));
+        out.push(Arc::new(self.temperature.finish()));
+        out.push(Arc::new(self.sample_logprob_tempered.finish()));
+        if let Some(v) = self.vqa.as_mut() {
+            v.finish(&mut out);
+        }
+        if let Some(p) = self.prompt_text.as_mut() {
+            out.push(Arc::new(p.finish()));
+        }
+        self.rows = 0;
+        out
+    }
+}
+
+/// Streaming writer of the Parquet output.
+pub struct ParquetSink {
+    writer: ArrowWriter<AtomicFile>,
+    schema: SchemaRef,
+    columns: Columns,
+    options: ParquetOptions,
+    /// Shared pool: dataset index → position.
+    position_of: Option<HashMap<u64, u64>>,
+    path: PathBuf,
+    last: Option<u64>,
+    positions: Vec<u64>,
+}
+
+impl ParquetSink {
+    /// Opens the output (a temporary file until [`ParquetSink::finish`]).
+    pub fn create(path: impl AsRef<Path>, options: ParquetOptions) -> Result<Self, SinkError> {
+        let path = path.as_ref().to_path_buf();
+        if options.batch_rows == 0 || options.row_group_rows == 0 {
+            return Err(SinkError::invalid(
+                &path,
+                "batch_rows and row_group_rows must be at least 1",
+            ));
+        }
+        let position_of = match &options.shared_pool {
+            Some(pool) => {
+                let mut map = HashMap::with_capacity(pool.len());
+                for (pos, &idx) in pool.iter().enumerate() {
+                    if map.insert(idx, pos as u64).is_some() {
+                        return Err(SinkError::invalid(
+                            &path,
+                            format!("shared pool lists dataset index {idx} twice (position {pos})"),
+                        ));
+                    }
+                }
+                Some(map)
+            }
+            None => None,
+        };
+        let schema = Arc::new(arrow_schema(
+            options.per_query_pool,
+            options.with_vqa,
+            options.with_prompts,
+        ));
+        let level = ZstdLevel::try_new(options.zstd_level).map_err(|e| SinkError::Parquet {
+            path: path.clone(),
+            what: "zstd level".into(),
+            source: e,
+        })?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_max_row_group_row_count(Some(options.row_group_rows))
+            .build();
+        let out = AtomicFile::create(&path)?;
+        let writer = ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(|e| {
+            SinkError::Parquet {
+                path: path.clone(),
+                what: "creating writer".into(),
+                source: e,
+            }
+        })?;
+        Ok(ParquetSink {
+            writer,
+            schema,
+            columns: Columns::new(&options),
+            options,
+            position_of,
+            path,
+            last: None,
+            positions: Vec::new(),
+        })
+    }
+
+    /// The schema being written.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Appends one row per candidate of `record` (`query_index` strictly
+    /// greater than the previous one and equal to `record.query.query_id`,
+    /// which is what the `query_id` column stores).
+    pub fn write_record(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
+        if let Some(previous) = self.last {
+            if query_index <= previous {
+                return Err(SinkError::OutOfOrder {
+                    path: self.path.clone(),
+                    index: query_index,
+                    previous,
+                });
+            }
+        }
+        super::check_key(&self.path, query_index, record)?;
+        let pool = record.candidate_pool_ids.as_deref();
+        if pool.is_some() != self.options.per_query_pool {
+            return Err(SinkError::invalid(
+                &self.path,
+                format!(
+                    "query {query_index}: record {} candidate_pool_ids but the sink was opened for {} pools",
+                    if pool.is_some() { "has" } else { "lacks" },
+                    if self.options.per_query_pool { "per-query" } else { "a shared pool" }
+                ),
+            ));
+        }
+        // Check every candidate before appending any row, so a bad record
+        // leaves the batch untouched.
+        let mut all_positions = std::mem::take(&mut self.positions);
+        all_positions.clear();
+        let checked = record
+            .pointer_candidates
+            .iter()
+            .enumerate()
+            .try_for_each(|(k, c)| {
+                self.check_candidate(query_index, k, pool, c, &mut all_positions)
+            });
+        if let Err(e) = checked {
+            self.positions = all_positions;
+            return Err(e);
+        }
+        let mut start = 0;
+        for (k, c) in record.pointer_candidates.iter().enumerate() {
+            let n = c.pointer.len();
+            let positions = &all_positions[start..start + n];
+            start += n;
+            let index = u32::try_from(k).unwrap_or(u32::MAX);
+            self.columns.append(
+                &record.query,
+                pool,
+                index,
+                c,
+                c.dataset_indices(),
+                positions,
+            );
+            if self.columns.rows >= self.options.batch_rows {
+                if let Err(e) = self.flush_batch() {
+                    self.positions = all_positions;
+                    return Err(e);
+                }
+            }
+        }
+        self.positions = all_positions;
+        self.last = Some(query_index);
+        Ok(())
+    }
+
+    /// Validates candidate `k` against the options and appends its pool positions to `out`.
+    fn check_candidate(
+        &self,
+        query_index: u64,
+        k: usize,
+        pool: Option<&[u64]>,
+        c: &CandidateRecord,
+        out: &mut Vec<u64>,
+    ) -> Result<(), SinkError> {
+        let bad = |what: String| {
+            SinkError::invalid(
+                &self.path,
+                format!("query {query_index}, candidate {k}: {what}"),
+            )
+        };
+        if !self.options.with_vqa && c.has_vqa_fields() {
+            return Err(bad(
+                "has VQA fields but the sink was opened without VQA columns".into(),
+            ));
+        }
+        if !self.options.with_prompts && c.prompt_text.is_some() {
+            return Err(bad(
+                "has prompt_text but the sink was opened without prompts".into(),
+            ));
+        }
+        match pool {
+            Some(pool) => {
+                let Some(global) = c.pointer_global.as_deref() else {
+                    return Err(bad("per-query pool candidate without pointer_global".into()));
+                };
+                if global.len() != c.pointer.len() {
+                    return Err(bad("pointer and pointer_global differ in length".into()));
+                }
+                for (&p, &g) in c.pointer.iter().zip(global) {
+                    let in_pool = usize::try_from(p).ok().and_then(|p| pool.get(p));
+                    if in_pool != Some(&g) {
+                        return Err(bad(format!(
+                            "pool position {p} does not hold dataset index {g} in candidate_pool_ids"
+                        )));
+                    }
+                }
+                out.extend_from_slice(&c.pointer);
+            }
+            None => {
+                if c.pointer_global.is_some() {
+                    return Err(bad("shared-pool candidate with pointer_global".into()));
+                }
+                if let Some(pos) = c.pointer_pos.as_deref() {
+                    if pos.len() != c.pointer.len() {
+                        return Err(bad("pointer and pointer_pos differ in length".into()));
+                    }
+                    out.extend_from_slice(pos);
+                } else if let Some(map) = &self.position_of {
+                    for &g in &c.pointer {
+                        let Some(&p) = map.get(&g) else {
+                            return Err(bad(format!(
+                                "dataset index {g} is not in the shared pool"
+                            )));
+                        };
+                        out.push(p);
+                    }
+                } else {
+                    return Err(bad(
+                        "no pointer_pos and no shared pool index list to find the positions".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<(), SinkError> {
+        if self.columns.rows == 0 {
+            return Ok(());
+        }
+        let arrays = self.columns.finish();
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| SinkError::Arrow {
+                path: self.path.clone(),
+                what: "building a record batch".into(),
+                source: e,
+            })?;
+        self.writer.write(&batch).map_err(|e| SinkError::Parquet {
+            path: self.path.clone(),
+            what: "writing a record batch".into(),
+            source: e,
+        })
+    }
+
+    /// Writes the last batch and `_meta` (key-value metadata
+    /// [`PARQUET_META_KEY`]), closes the file and moves it into place.
+    /// `meta` must be a JSON object.
+    pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
+        super::check_meta(&self.path, meta)?;
+        self.flush_batch()?;
+        let meta_text = serde_json::to_string(meta)
+            .map_err(|e| SinkError::json(&self.path, "serialising _meta", e))?;
+        self.writer
+            .append_key_value_metadata(KeyValue::new(PARQUET_META_KEY.to_string(), meta_text));
+        let path = self.path;
+        let out = self.writer.into_inner().map_err(|e| SinkError::Parquet {
+            path: path.clone(),
+            what: "closing".into(),
+            source: e,
+        })?;
+        out.finish()
+    }
+}
+
+/// One row of the Parquet output (one candidate).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParquetRow {
+    /// The query fields.
+    pub query: QueryRecord,
+    /// The query's pool (per-query pools only).
+    pub candidate_pool_ids: Option<Vec<u64>>,
+    /// Order of the candidate within its query.
+    pub candidate_index: u32,
+    /// Dataset indices of the demonstrations (the `pointer` column).
+    pub pointer: Vec<u64>,
+    /// Pool positions of the demonstrations (the `pointer_pos` column).
+    pub pointer_pos: Vec<u64>,
+    /// The candidate, its pointer fields rebuilt in the JSON layout: per-query
+    /// pool when `candidate_pool_ids` is present; else shared pool, with
+    /// `pointer_pos` kept only where positions equal dataset indices.
+    pub candidate: CandidateRecord,
+}
+
+/// Streams a Parquet output: calls `on_row` for every row in file order
+/// (one record batch in memory at a time) and returns `_meta` (if present).
+pub fn visit_rl_parquet<F>(
+    path: impl AsRef<Path>,
+    mut on_row: F,
+) -> Result<Option<Value>, SinkError>
+where
+    F: FnMut(ParquetRow) -> Result<(), SinkError>,
+{
+    let path = path.as_ref();
+    let pq = |what: &str, e: parquet::errors::ParquetError| SinkError::Parquet {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+        source: e,
+    };
+    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq("reading footer", e))?;
+    let meta = match builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == PARQUET_META_KEY))
+        .and_then(|k| k.value.as_deref())
+    {
+        Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+            SinkError::json(path, format!("key-value metadata {PARQUET_META_KEY}"), e)
+        })?),
+        None => None,
+    };
+    let reader = builder.build().map_err(|e| pq("opening reader", e))?;
+    for (b, batch) in reader.enumerate() {
+        let batch = batch.map_err(|e| SinkError::Arrow {
+            path: path.to_path_buf(),
+            what: format!("reading record batch {b}"),
+            source: e,
+        })?;
+        read_batch(path, b, &batch, &mut on_row)?;
+    }
+    Ok(meta)
+}
+
+/// A whole Parquet output: `_meta` (if present) and the rows in file order.
+pub type RlParquet = (Option<Value>, Vec<ParquetRow>);
+
+/// Reads a Parquet output: `(_meta, rows in file order)`.
+pub fn read_rl_parquet(path: impl AsRef<Path>) -> Result<RlParquet, SinkError> {
+    let mut rows = Vec::new();
+    let meta = visit_rl_parquet(path, |row| {
+        rows.push(row);
+        Ok(())
+    })?;
+    Ok((meta, rows))
+}
+
+/// Groups rows (as read, consecutive per query) back into `(query_id, record)`.
+pub fn rows_to_records(rows: Vec<ParquetRow>) -> Vec<(u64, RlRecord)> {
+    let mut out: Vec<(u64, RlRecord)> = Vec::new();
+    for row in rows {
+        match out.last_mut() {
+            Some((id, rec)) if *id == row.query.query_id && row.candidate_index != 0 => {
+                rec.pointer_candidates.push(row.candidate);
+            }
+            _ => out.push((
+                row.query.query_id,
+                RlRecord {
+                    query: row.query,
+                    candidate_pool_ids: row.candidate_pool_ids,
+                    pointer_candidates: vec![row.candidate],
+                },
+            )),
+        }
+    }
+    out
+}
+
+fn column<'a, T: 'static>(
+    path: &Path,
+    b: usize,
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<Option<&'a T>, SinkError> {
+    let Some(col) = batch.column_by_name(name) else {
+        return Ok(None);
+    };
+    col.as_any().downcast_ref::<T>().map(Some).ok_or_else(|| {
+        SinkError::invalid(
+            path,
+            format!("batch {b}: column {name} has type {}", col.data_type()),
+        )
+    })
+}
+
+fn required<'a, T: 'static>(
+    path: &Path,
+    b: usize,
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<&'a T, SinkError> {
+    column(path, b, batch, name)?
+        .ok_or_else(|| SinkError::invalid(path, format!("batch {b}: missing column {name}")))
+}
+
+fn opt_f64(a: Option<&Float64Array>, i: usize) -> Option<f64> {
+    a.and_then(|a| (!a.is_null(i)).then(|| a.value(i)))
+}
+
+fn opt_str(a: Option<&StringArray>, i: usize) -> Option<String> {
+    a.and_then(|a| (!a.is_null(i)).then(|| a.value(i).to_string()))
+}
+
+fn list_u64(
+    path: &Path,
+    b: usize,
+    name: &str,
+    a: &ListArray,
+    i: usize,
+) -> Result<Vec<u64>, SinkError> {
+    let v = a.value(i);
+    let v = v.as_any().downcast_ref::<UInt64Array>().ok_or_else(|| {
+        SinkError::invalid(path, format!("batch {b}: {name} items are not UInt64"))
+    })?;
+    Ok(v.values().to_vec())
+}
+
+fn list_str(
+    path: &Path,
+    b: usize,
+    name: &str,
+    a: &ListArray,
+    i: usize,
+) -> Result<Vec<String>, SinkError> {
+    let v = a.value(i);
+    let v = v
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| SinkError::invalid(path, format!("batch {b}: {name} items are not Utf8")))?;
+    Ok(v.iter()
+        .map(|s| s.unwrap_or_default().to_string())
+        .collect())
+}
+
+fn read_batch<F>(
+    path: &Path,
+    b: usize,
+    batch: &RecordBatch,
+    on_row: &mut F,
+) -> Result<(), SinkError>
+where
+    F: FnMut(ParquetRow) -> Result<(), SinkError>,
+{
+    let query_id = required::<UInt64Array>(path, b, batch, "query_id")?;
+    let question_id = required::<UInt64Array>(path, b, batch, "question_id")?;
+    let image_id = required::<UInt64Array>(path, b, batch, "image_id")?;
+    let question = required::<StringArray>(path, b, batch, "question")?;
+    let gt_raw = required::<ListArray>(path, b, batch, "gt_answers_raw")?;
+    let gt_norm = required::<ListArray>(path, b, batch, "gt_answers_norm")?;
+    let pool = column::<ListArray>(path, b, batch, "candidate_pool_ids")?;
+    let cand_index = required::<UInt32Array>(path, b, batch, "candidate_index")?;
+    let pointer = required::<ListArray>(path, b, batch, "pointer")?;
+    let pointer_pos = required::<ListArray>(path, b, batch, "pointer_pos")?;
+    let gen_method = required::<StringArray>(path, b, batch, "gen_method")?;
+    let beam_rank = required::<UInt32Array>(path, b, batch, "beam_rank")?;
+    let beam_score = required::<Float64Array>(path, b, batch, "beam_score")?;
+    let logprob = required::<Float64Array>(path, b, batch, "logprob_score")?;
+    let temperature = required::<Float64Array>(path, b, batch, "temperature")?;
+    let sample_lp = required::<Float64Array>(path, b, batch, "sample_logprob_tempered")?;
+    let f = |name: &str| column::<Float64Array>(path, b, batch, name);
+    let s = |name: &str| column::<StringArray>(path, b, batch, name);
+    let (raw_gen, pred, eval_mode, split, prompt) = (
+        s("vqa_raw_generation")?,
+        s("vqa_pred_answer")?,
+        s("vqa_eval_mode")?,
+        s("eval_split_used")?,
+        s("prompt_text")?,
+    );
+    let (acc, gt_prob, f1, edit, rel, reward, adv) = (
+        f("vqa_acc_score")?,
+        f("vqa_gt_prob")?,
+        f("vqa_rel_token_f1")?,
+        f("vqa_rel_edit_sim")?,
+        f("vqa_rel_score")?,
+        f("reward")?,
+        f("advantage")?,
+    );
+    let correct = column::<UInt8Array>(path, b, batch, "vqa_correct")?;
+    let failed = column::<BooleanArray>(path, b, batch, "eval_failed")?;
+
+    for i in 0..batch.num_rows() {
+        let query = QueryRecord {
+            query_id: query_id.value(i),
+            question_id: question_id.value(i),
+            image_id: image_id.value(i),
+            question: question.value(i).to_string(),
+            gt_answers_raw: list_str(path, b, "gt_answers_raw", gt_raw, i)?,
+            gt_answers_norm: list_str(path, b, "gt_answers_norm", gt_norm, i)?,
+        };
+        let pool_ids = match pool {
+            Some(p) => Some(list_u64(path, b, "candidate_pool_ids", p, i)?),
+            None => None,
+        };
+        let dataset = list_u64(path, b, "pointer", pointer, i)?;
+        let positions = list_u64(path, b, "pointer_pos", pointer_pos, i)?;
+        let (p, p_pos, p_global) = if pool_ids.is_some() {
+            (positions.clone(), None, Some(dataset.clone()))
+        } else {
+            let same = positions == dataset;
+            (dataset.clone(), same.then(|| positions.clone()), None)
+        };
+        let candidate = CandidateRecord {
+            pointer: p,
+            pointer_pos: p_pos,
+            pointer_global: p_global,
+            gen_method: gen_method.value(i).to_string(),
+            beam_rank: (!beam_rank.is_null(i)).then(|| beam_rank.value(i)),
+            beam_score: opt_f64(Some(beam_score), i),
+            logprob_score: logprob.value(i),
+            temperature: opt_f64(Some(temperature), i),
+            sample_logprob_tempered: opt_f64(Some(sample_lp), i),
+            vqa_raw_generation: opt_str(raw_gen, i),
+            vqa_pred_answer: opt_str(pred, i),
+            vqa_correct: correct.and_then(|a| (!a.is_null(i)).then(|| a.value(i))),
+            vqa_acc_score: opt_f64(acc, i),
+            vqa_gt_prob: opt_f64(gt_prob, i),
+            vqa_rel_token_f1: opt_f64(f1, i),
+            vqa_rel_edit_sim: opt_f64(edit, i),
+            vqa_rel_score: opt_f64(rel, i),
+            vqa_eval_mode: opt_str(eval_mode, i),
+            eval_split_used: opt_str(split, i),
+            eval_failed: failed.and_then(|a| (!a.is_null(i)).then(|| a.value(i))),
+            reward: opt_f64(reward, i),
+            advantage: opt_f64(adv, i),
+            prompt_text: opt_str(prompt, i),
+        };
+        on_row(ParquetRow {
+            query,
+            candidate_pool_ids: pool_ids,
+            candidate_index: cand_index.value(i),
+            pointer: dataset,
+            pointer_pos: positions,
+            candidate,
+        })?;
+    }
+    Ok(())
+}
