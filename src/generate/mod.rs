@@ -145,7 +145,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                     }
                     let mut guard = slot.lock().map_err(|e| e.to_string())?;
                     let spill = guard.as_mut().ok_or("internal error: spill missing")?;
-                    spill.push_bytes(q, bytes).map_err(|e| e.to_string())
+                    spill.push_bytes(q, &bytes).map_err(|e| e.to_string())
                 }))
             } else {
                 None
@@ -225,9 +225,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         .context("internal error: the sink's spill is missing")?;
     progress::phase(style, "writing outputs");
     let write_started = Instant::now();
-    let out_cfg = OutputConfig::for_formats(&inputs.output_path, &inputs.formats)
-        .with_parquet_path(inputs.parquet_path.clone())
-        .with_layout(inputs.layout, with_vqa, save_prompts);
+    let out_cfg = output_config(&inputs, with_vqa, save_prompts);
     let mut writer = OutputWriter::create(&out_cfg)?;
     let mut summary = summary::Summary::default();
     for item in spill.finish()? {
@@ -250,5 +248,30 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     Ok(())
 }
 
-#[allow(dead_code)]
-fn _inputs_type(_: &Inputs) {}
+/// Output paths and Parquet options for a run.
+fn output_config(inputs: &Inputs, with_vqa: bool, save_prompts: bool) -> OutputConfig {
+    use leverflow_operators::sinks::{OutputFormat, ParquetOptions};
+    let per_query_pool = matches!(inputs.pools, inputs::Pools::PerQuery { .. });
+    let shared_pool = match &inputs.pools {
+        inputs::Pools::Shared { indices, .. } => Some(indices.as_ref().clone()),
+        inputs::Pools::PerQuery { .. } => None,
+    };
+    OutputConfig {
+        json: inputs
+            .formats
+            .contains(&OutputFormat::Json)
+            .then(|| inputs.output_path.clone()),
+        parquet: inputs
+            .formats
+            .contains(&OutputFormat::Parquet)
+            .then(|| inputs.parquet_path.clone()),
+        parquet_options: ParquetOptions {
+            per_query_pool,
+            with_vqa,
+            with_prompts: with_vqa && save_prompts,
+            shared_pool,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}

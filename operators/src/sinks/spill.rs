@@ -69,6 +69,24 @@ impl SortedSpill {
 
     /// Appends `record` under `query_index`; a query index seen before is an error.
     pub fn push(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let result = serde_json::to_writer(&mut buf, record)
+            .map_err(|e| {
+                SinkError::json(
+                    &self.file.0,
+                    format!("serialising record of query {query_index}"),
+                    e,
+                )
+            })
+            .and_then(|()| self.push_bytes(query_index, &buf));
+        self.buf = buf;
+        result
+    }
+
+    /// Appends an already serialised record (the JSON of an [`RlRecord`], as
+    /// the dataflow's workers produce it in parallel) under `query_index`.
+    pub fn push_bytes(&mut self, query_index: u64, bytes: &[u8]) -> Result<(), SinkError> {
         let path = &self.file.0;
         let btree_map::Entry::Vacant(slot) = self.index.entry(query_index) else {
             return Err(SinkError::DuplicateQuery {
@@ -76,25 +94,17 @@ impl SortedSpill {
                 index: query_index,
             });
         };
-        self.buf.clear();
-        serde_json::to_writer(&mut self.buf, record).map_err(|e| {
-            SinkError::json(
-                path,
-                format!("serialising record of query {query_index}"),
-                e,
-            )
-        })?;
-        let len = u32::try_from(self.buf.len()).map_err(|_| {
+        let len = u32::try_from(bytes.len()).map_err(|_| {
             SinkError::invalid(
                 path,
                 format!(
                     "record of query {query_index} is {} bytes, over the 4 GiB spill limit",
-                    self.buf.len()
+                    bytes.len()
                 ),
             )
         })?;
         self.writer
-            .write_all(&self.buf)
+            .write_all(bytes)
             .map_err(|e| SinkError::io(path, "appending to spill file", e))?;
         slot.insert((self.offset, len));
         self.offset += u64::from(len);
