@@ -345,8 +345,6 @@ fn run_group<B: Backend>(
     let embs: Vec<&[f32]> = queries.iter().map(|q| q.embedding).collect();
     let mut states: QueryStates<B> = model.query_states(pool, &embs)?;
     let mut out: Vec<RawOut> = (0..nq).map(|_| RawOut::default()).collect();
-    // Tracks whose logits are row r of the current logits matrix.
-    let mut tracks: Vec<Track> = Vec::new();
     // step 0: one row per query; spawn tracks
     let logits = model.step_logits(pool, &states);
     let mut new_tracks: Vec<Track> = Vec::new();
@@ -393,7 +391,8 @@ fn run_group<B: Backend>(
     for step in 1..args.shot_num {
         let chosen: Vec<usize> = new_tracks.iter().map(|t| *t.prefix.last().unwrap_or(&0)).collect();
         states = model.gate_update(pool, &states, &parents, &chosen)?;
-        tracks = std::mem::take(&mut new_tracks);
+        // tracks whose logits are row r of this step's logits matrix
+        let tracks = std::mem::take(&mut new_tracks);
         parents.clear();
         if tracks.is_empty() {
             break;

@@ -207,9 +207,7 @@ pub struct PreparedPool<B: Backend> {
     keys_t: Vec<Tensor<B, 3>>,
     /// per layer: values `[heads, K, head_dim]`
     values: Vec<Tensor<B, 3>>,
-    /// normalised candidate projections `[K, H]`
-    c_norm: Tensor<B, 2>,
-    /// its transpose `[H, K]`
+    /// normalised candidate projections, transposed: `[H, K]`
     c_norm_t: Tensor<B, 2>,
     /// `c_norm` on the host, row-major (for gathering chosen rows)
     c_norm_host: Vec<f32>,
@@ -542,8 +540,7 @@ impl<B: Backend> PointerSelector<B> {
                 k,
                 keys_t,
                 values,
-                c_norm_t: contiguous(c_norm.clone().transpose()),
-                c_norm,
+                c_norm_t: contiguous(c_norm.transpose()),
                 c_norm_host,
                 raw: p.data.clone(),
             });
@@ -832,18 +829,18 @@ mod tests {
             for block in exp[section]["queries"].as_array().unwrap() {
                 let (pool_m, q) = block_inputs(block, shared);
                 let pool = m.prepare_pool(&pool_m).unwrap();
-                let tf = &block["teacher_forced"];
-                let labels: Vec<Vec<usize>> = tf["labels"].as_array().unwrap().iter().map(usizes).collect();
+                let tf = block["teacher_forced"].as_array().unwrap();
+                let labels: Vec<Vec<usize>> = tf.iter().map(|t| usizes(&t["labels"])).collect();
                 let qs: Vec<&[f32]> = labels.iter().map(|_| q.as_slice()).collect();
                 let got = m.teacher_forced_logits_batch(&pool, &qs, &labels).unwrap();
                 for (i, g) in got.iter().enumerate() {
-                    let d = max_diff(g, &f2(&tf["logits"][i]));
+                    let d = max_diff(g, &f2(&tf[i]["logits"]));
                     assert!(d <= 1e-5, "{section} q{} seq {i}: logits diff {d}", block["query_id"]);
                     let lp = m.sequence_log_prob(&pool, &q, &labels[i], None).unwrap();
-                    let e = tf["sequence_log_prob"][i].as_f64().unwrap();
+                    let e = tf[i]["sequence_log_prob"].as_f64().unwrap();
                     assert!((lp - e).abs() <= 1e-5, "seq log prob {lp} vs {e}");
                     for (s, row) in g.iter().enumerate() {
-                        let e = tf["step_log_probs"][i][s].as_f64().unwrap();
+                        let e = tf[i]["step_log_probs"][s].as_f64().unwrap();
                         assert!((log_softmax_at(row, labels[i][s], None) - e).abs() <= 1e-5);
                     }
                 }
@@ -869,13 +866,14 @@ mod tests {
         let m = model();
         let exp = expected();
         let block = &exp["shared_pool"]["queries"][0];
-        let labels: Vec<Vec<usize>> = block["teacher_forced"]["labels"].as_array().unwrap().iter().map(usizes).collect();
+        let tf = block["teacher_forced"].as_array().unwrap();
+        let labels: Vec<Vec<usize>> = tf.iter().map(|t| usizes(&t["labels"])).collect();
         let (i, l) = labels.iter().enumerate().find(|(_, l)| l[0] == l[1]).expect("fixture has a repeated label");
         let (pool_m, q) = block_inputs(block, true);
         let pool = m.prepare_pool(&pool_m).unwrap();
         let got = m.teacher_forced_logits(&pool, &q, l).unwrap();
         assert_eq!(got[1][l[0]], -100.0);
-        let e = block["teacher_forced"]["sequence_log_prob"][i].as_f64().unwrap();
+        let e = tf[i]["sequence_log_prob"].as_f64().unwrap();
         assert!((m.sequence_log_prob(&pool, &q, l, None).unwrap() - e).abs() <= 1e-5);
     }
 
