@@ -138,7 +138,9 @@ impl CandidateArgs {
     /// which `excluded` (0 or 1) are excluded.
     pub fn validate(&self, pool_size: usize, excluded: usize) -> Result<(), CandidateError> {
         if let Some(t) = self.temps.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
-            return Err(CandidateError::Args(format!("temperature {t} must be finite and > 0")));
+            return Err(CandidateError::Args(format!(
+                "temperature {t} must be finite and > 0"
+            )));
         }
         let avail = pool_size.saturating_sub(excluded);
         if self.shot_num == 0 {
@@ -199,9 +201,17 @@ pub fn query_rng(seed: u64, query_index: u64, stream: u64) -> ChaCha8Rng {
 
 #[derive(Clone)]
 enum Kind {
-    Beam { score: f64 },
-    Sample { temp_idx: usize, rng: Box<ChaCha8Rng>, logp_tau: f64 },
-    Fixed { seq: Vec<usize> },
+    Beam {
+        score: f64,
+    },
+    Sample {
+        temp_idx: usize,
+        rng: Box<ChaCha8Rng>,
+        logp_tau: f64,
+    },
+    Fixed {
+        seq: Vec<usize>,
+    },
 }
 
 #[derive(Clone)]
@@ -235,7 +245,13 @@ fn lse_masked(row: &[f32], prefix: &[usize], exclude: Option<usize>, mask: f32) 
 
 /// Draws from softmax(row/τ) over positions not in `prefix` and not excluded;
 /// returns (position, tempered log-prob).
-fn draw_tempered(row: &[f32], prefix: &[usize], exclude: Option<usize>, tau: f64, rng: &mut ChaCha8Rng) -> (usize, f64) {
+fn draw_tempered(
+    row: &[f32],
+    prefix: &[usize],
+    exclude: Option<usize>,
+    tau: f64,
+    rng: &mut ChaCha8Rng,
+) -> (usize, f64) {
     let allowed = |j: usize| Some(j) != exclude && !prefix.contains(&j);
     let mut m = f32::NEG_INFINITY;
     for (j, &x) in row.iter().enumerate() {
@@ -244,7 +260,12 @@ fn draw_tempered(row: &[f32], prefix: &[usize], exclude: Option<usize>, tau: f64
         }
     }
     let w = |x: f32| (((x - m) as f64) / tau).exp();
-    let total: f64 = row.iter().enumerate().filter(|(j, _)| allowed(*j)).map(|(_, &x)| w(x)).sum();
+    let total: f64 = row
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| allowed(*j))
+        .map(|(_, &x)| w(x))
+        .sum();
     let target = rng.random::<f64>() * total;
     let mut acc = 0f64;
     let mut last = usize::MAX;
@@ -263,14 +284,30 @@ fn draw_tempered(row: &[f32], prefix: &[usize], exclude: Option<usize>, tau: f64
 }
 
 /// Retrieval sequences of the original (see the module docs).
-fn retrieval_sequences<B: Backend>(pool: &PreparedPool<B>, query: &[f32], exclude: Option<usize>, n: usize, shot: usize) -> Vec<Vec<usize>> {
-    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
+fn retrieval_sequences<B: Backend>(
+    pool: &PreparedPool<B>,
+    query: &[f32],
+    exclude: Option<usize>,
+    n: usize,
+    shot: usize,
+) -> Vec<Vec<usize>> {
+    let norm = |v: &[f32]| {
+        v.iter()
+            .map(|x| (*x as f64) * (*x as f64))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12)
+    };
     let qn = norm(query);
     let k = pool.len();
     let sims: Vec<f64> = (0..k)
         .map(|p| {
             let r = pool.raw_row(p);
-            r.iter().zip(query).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (qn * norm(r))
+            r.iter()
+                .zip(query)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                / (qn * norm(r))
         })
         .collect();
     let mut ranking: Vec<usize> = (0..k).filter(|&p| Some(p) != exclude).collect();
@@ -280,7 +317,12 @@ fn retrieval_sequences<B: Backend>(pool: &PreparedPool<B>, query: &[f32], exclud
     for r in 0..n {
         let mut pointer: Vec<usize> = Vec::with_capacity(shot);
         for _ in 0..shot {
-            let avail: Vec<usize> = ranking.iter().copied().filter(|p| !pointer.contains(p)).take(r + 1).collect();
+            let avail: Vec<usize> = ranking
+                .iter()
+                .copied()
+                .filter(|p| !pointer.contains(p))
+                .take(r + 1)
+                .collect();
             if avail.is_empty() {
                 break;
             }
@@ -298,7 +340,13 @@ fn retrieval_sequences<B: Backend>(pool: &PreparedPool<B>, query: &[f32], exclud
 }
 
 /// Uniformly random sequences of distinct non-excluded positions.
-fn random_sequences(k: usize, exclude: Option<usize>, n: usize, shot: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+fn random_sequences(
+    k: usize,
+    exclude: Option<usize>,
+    n: usize,
+    shot: usize,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Vec<usize>> {
     (0..n)
         .map(|_| {
             let mut s: Vec<usize> = Vec::with_capacity(shot);
@@ -313,12 +361,17 @@ fn random_sequences(k: usize, exclude: Option<usize>, n: usize, shot: usize, rng
         .collect()
 }
 
+/// A finished sample: (pointer, log-prob at T=1, temperature index, tempered log-prob).
+type SampleOut = (Vec<usize>, f64, usize, f64);
+/// A finished fixed sequence: (pointer, log-prob at T=1).
+type FixedOut = (Vec<usize>, f64);
+
 /// Raw per-query outputs of the engine (before deduplication).
 #[derive(Default)]
 struct RawOut {
     beams: Vec<BeamHyp>,
-    samples: Vec<(Vec<usize>, f64, usize, f64)>, // (pointer, logp, temp_idx, logp_tau)
-    fixed: Vec<(Vec<usize>, f64)>,
+    samples: Vec<SampleOut>,
+    fixed: Vec<FixedOut>,
 }
 
 fn better(a_lp: f64, a_ptr: (&[usize], usize), b_lp: f64, b_ptr: (&[usize], usize)) -> bool {
@@ -358,19 +411,33 @@ fn run_group<B: Backend>(
         order.sort_by(|&a, &c| row[c].total_cmp(&row[a]).then(a.cmp(&c)));
         for &j in order.iter().take(args.num_beams) {
             let lp = row[j] as f64 - lse;
-            new_tracks.push(Track { query: b, prefix: vec![j], logp: lp, kind: Kind::Beam { score: lp.exp() }, slot: 0 });
+            new_tracks.push(Track {
+                query: b,
+                prefix: vec![j],
+                logp: lp,
+                kind: Kind::Beam { score: lp.exp() },
+                slot: 0,
+            });
             parents.push(b);
         }
         for (t, &tau) in args.temps.iter().enumerate() {
             for s in 0..args.num_samples_per_temp {
-                let mut rng = query_rng(args.seed, q.query_index, 1 + (t * args.num_samples_per_temp + s) as u64);
+                let mut rng = query_rng(
+                    args.seed,
+                    q.query_index,
+                    1 + (t * args.num_samples_per_temp + s) as u64,
+                );
                 let (j, lt) = draw_tempered(row, &[], ex, tau, &mut rng);
                 let slot = t * args.num_samples_per_temp + s;
                 new_tracks.push(Track {
                     query: b,
                     prefix: vec![j],
                     logp: row[j] as f64 - lse,
-                    kind: Kind::Sample { temp_idx: t, rng: Box::new(rng), logp_tau: lt },
+                    kind: Kind::Sample {
+                        temp_idx: t,
+                        rng: Box::new(rng),
+                        logp_tau: lt,
+                    },
                     slot,
                 });
                 parents.push(b);
@@ -389,7 +456,10 @@ fn run_group<B: Backend>(
         }
     }
     for step in 1..args.shot_num {
-        let chosen: Vec<usize> = new_tracks.iter().map(|t| *t.prefix.last().unwrap_or(&0)).collect();
+        let chosen: Vec<usize> = new_tracks
+            .iter()
+            .map(|t| *t.prefix.last().unwrap_or(&0))
+            .collect();
         states = model.gate_update(pool, &states, &parents, &chosen)?;
         // tracks whose logits are row r of this step's logits matrix
         let tracks = std::mem::take(&mut new_tracks);
@@ -402,7 +472,14 @@ fn run_group<B: Backend>(
         let lses: Vec<f64> = tracks
             .iter()
             .enumerate()
-            .map(|(r, t)| lse_masked(&logits[r * k..(r + 1) * k], &t.prefix, queries[t.query].exclude_position, mask))
+            .map(|(r, t)| {
+                lse_masked(
+                    &logits[r * k..(r + 1) * k],
+                    &t.prefix,
+                    queries[t.query].exclude_position,
+                    mask,
+                )
+            })
             .collect();
         // beams: per query, best extensions
         let mut best: Vec<Vec<(f64, usize, usize)>> = vec![Vec::new(); nq]; // (logp, track row, j)
@@ -455,7 +532,9 @@ fn run_group<B: Backend>(
                     query: t.query,
                     prefix,
                     logp: lp,
-                    kind: Kind::Beam { score: score + step_lp.exp() },
+                    kind: Kind::Beam {
+                        score: score + step_lp.exp(),
+                    },
                     slot: 0,
                 });
                 parents.push(r);
@@ -467,10 +546,22 @@ fn run_group<B: Backend>(
             let row = &logits[r * k..(r + 1) * k];
             let (j, kind) = match &t.kind {
                 Kind::Beam { .. } => continue,
-                Kind::Sample { temp_idx, rng, logp_tau } => {
+                Kind::Sample {
+                    temp_idx,
+                    rng,
+                    logp_tau,
+                } => {
                     let mut rng = rng.clone();
-                    let (j, lt) = draw_tempered(row, &t.prefix, ex, args.temps[*temp_idx], &mut rng);
-                    (j, Kind::Sample { temp_idx: *temp_idx, rng, logp_tau: logp_tau + lt })
+                    let (j, lt) =
+                        draw_tempered(row, &t.prefix, ex, args.temps[*temp_idx], &mut rng);
+                    (
+                        j,
+                        Kind::Sample {
+                            temp_idx: *temp_idx,
+                            rng,
+                            logp_tau: logp_tau + lt,
+                        },
+                    )
                 }
                 Kind::Fixed { seq } => (seq[step], t.kind.clone()),
             };
@@ -478,18 +569,32 @@ fn run_group<B: Backend>(
             let x = if t.prefix.contains(&j) { mask } else { row[j] };
             let mut prefix = t.prefix.clone();
             prefix.push(j);
-            new_tracks.push(Track { query: t.query, prefix, logp: t.logp + (x as f64 - lses[r]), kind, slot: t.slot });
+            new_tracks.push(Track {
+                query: t.query,
+                prefix,
+                logp: t.logp + (x as f64 - lses[r]),
+                kind,
+                slot: t.slot,
+            });
             parents.push(r);
         }
     }
     // collect
-    let mut samples: Vec<Vec<Option<(Vec<usize>, f64, usize, f64)>>> =
-        (0..nq).map(|_| vec![None; args.temps.len() * args.num_samples_per_temp]).collect();
-    let mut fixed_out: Vec<Vec<Option<(Vec<usize>, f64)>>> = fixed.iter().map(|f| vec![None; f.len()]).collect();
+    let mut samples: Vec<Vec<Option<SampleOut>>> = (0..nq)
+        .map(|_| vec![None; args.temps.len() * args.num_samples_per_temp])
+        .collect();
+    let mut fixed_out: Vec<Vec<Option<FixedOut>>> =
+        fixed.iter().map(|f| vec![None; f.len()]).collect();
     for t in new_tracks {
         match t.kind {
-            Kind::Beam { score } => out[t.query].beams.push(BeamHyp { pointer: t.prefix, logprob: t.logp, score }),
-            Kind::Sample { temp_idx, logp_tau, .. } => {
+            Kind::Beam { score } => out[t.query].beams.push(BeamHyp {
+                pointer: t.prefix,
+                logprob: t.logp,
+                score,
+            }),
+            Kind::Sample {
+                temp_idx, logp_tau, ..
+            } => {
                 samples[t.query][t.slot] = Some((t.prefix, t.logp, temp_idx, logp_tau));
             }
             Kind::Fixed { .. } => fixed_out[t.query][t.slot] = Some((t.prefix, t.logp)),
@@ -502,12 +607,19 @@ fn run_group<B: Backend>(
     Ok(out)
 }
 
-fn check_query<B: Backend>(pool: &PreparedPool<B>, q: &QueryInput<'_>, args: &CandidateArgs) -> Result<(), CandidateError> {
+fn check_query<B: Backend>(
+    pool: &PreparedPool<B>,
+    q: &QueryInput<'_>,
+    args: &CandidateArgs,
+) -> Result<(), CandidateError> {
     if let Some(e) = q.exclude_position {
         if e >= pool.len() {
             return Err(CandidateError::Query {
                 query_index: q.query_index,
-                msg: format!("exclude_position {e} out of range for a pool of {}", pool.len()),
+                msg: format!(
+                    "exclude_position {e} out of range for a pool of {}",
+                    pool.len()
+                ),
             });
         }
     }
@@ -523,7 +635,15 @@ pub fn beam_search<B: Backend>(
     num_beams: usize,
     shot_num: usize,
 ) -> Result<Vec<Vec<BeamHyp>>, CandidateError> {
-    let args = CandidateArgs { num_beams, temps: vec![], num_samples_per_temp: 0, num_random: 0, num_retrieval: 0, shot_num, seed: 0 };
+    let args = CandidateArgs {
+        num_beams,
+        temps: vec![],
+        num_samples_per_temp: 0,
+        num_random: 0,
+        num_retrieval: 0,
+        shot_num,
+        seed: 0,
+    };
     for q in queries {
         check_query(pool, q, &args)?;
     }
@@ -630,14 +750,30 @@ pub fn generate_candidates_batch<B: Backend>(
         let mut fixed = Vec::with_capacity(qs.len());
         let mut n_ret = Vec::with_capacity(qs.len());
         for q in qs {
-            let mut f = retrieval_sequences(pool, q.embedding, q.exclude_position, args.num_retrieval, args.shot_num);
+            let mut f = retrieval_sequences(
+                pool,
+                q.embedding,
+                q.exclude_position,
+                args.num_retrieval,
+                args.shot_num,
+            );
             n_ret.push(f.len());
             let mut rng = query_rng(args.seed, q.query_index, 0);
-            f.extend(random_sequences(pool.len(), q.exclude_position, args.num_random, args.shot_num, &mut rng));
+            f.extend(random_sequences(
+                pool.len(),
+                q.exclude_position,
+                args.num_random,
+                args.shot_num,
+                &mut rng,
+            ));
             fixed.push(f);
         }
         let raw = run_group(model, pool, qs, args, fixed)?;
-        out.extend(raw.into_iter().zip(n_ret).map(|(r, n)| assemble(r, args, n)));
+        out.extend(
+            raw.into_iter()
+                .zip(n_ret)
+                .map(|(r, n)| assemble(r, args, n)),
+        );
     }
     Ok(out)
 }
@@ -652,11 +788,20 @@ pub fn generate_candidates_per_query_pools<B: Backend>(
     args: &CandidateArgs,
 ) -> Result<Vec<Vec<Candidate>>, CandidateError> {
     if pools.len() != queries.len() {
-        return Err(CandidateError::Args(format!("{} pools for {} queries", pools.len(), queries.len())));
+        return Err(CandidateError::Args(format!(
+            "{} pools for {} queries",
+            pools.len(),
+            queries.len()
+        )));
     }
     let mut out = Vec::with_capacity(queries.len());
     for (pool, q) in pools.iter().zip(queries) {
-        out.extend(generate_candidates_batch(model, pool, std::slice::from_ref(q), args)?);
+        out.extend(generate_candidates_batch(
+            model,
+            pool,
+            std::slice::from_ref(q),
+            args,
+        )?);
     }
     Ok(out)
 }
@@ -673,9 +818,15 @@ pub fn score_sequences<B: Backend>(
     let k = pool.len();
     for s in seqs {
         if s.is_empty() {
-            return Err(CandidateError::Query { query_index: query.query_index, msg: "empty pointer sequence".into() });
+            return Err(CandidateError::Query {
+                query_index: query.query_index,
+                msg: "empty pointer sequence".into(),
+            });
         }
-        if let Some(&p) = s.iter().find(|&&p| p >= k || Some(p) == query.exclude_position) {
+        if let Some(&p) = s
+            .iter()
+            .find(|&&p| p >= k || Some(p) == query.exclude_position)
+        {
             return Err(CandidateError::Query {
                 query_index: query.query_index,
                 msg: format!("sequence {s:?}: position {p} is out of range (pool of {k}) or the excluded query position"),
@@ -691,7 +842,9 @@ pub fn score_sequences<B: Backend>(
             steps
                 .iter()
                 .zip(s)
-                .map(|(row, &j)| crate::pointer_selector::log_softmax_at(row, j, query.exclude_position))
+                .map(|(row, &j)| {
+                    crate::pointer_selector::log_softmax_at(row, j, query.exclude_position)
+                })
                 .sum()
         })
         .collect())
@@ -713,15 +866,27 @@ pub fn bench_candidates(
     let device = Default::default();
     let model = PointerSelectorConfig::new(d_model, hidden, layers).init::<Bk>(&device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let data: Vec<f32> = (0..k * d_model).map(|_| rng.random::<f32>() - 0.5).collect();
-    let pool_m = crate::tensor_io::Matrix { rows: k, cols: d_model, data };
-    let queries: Vec<Vec<f32>> = (0..n_queries).map(|_| (0..d_model).map(|_| rng.random::<f32>() - 0.5).collect()).collect();
+    let data: Vec<f32> = (0..k * d_model)
+        .map(|_| rng.random::<f32>() - 0.5)
+        .collect();
+    let pool_m = crate::tensor_io::Matrix {
+        rows: k,
+        cols: d_model,
+        data,
+    };
+    let queries: Vec<Vec<f32>> = (0..n_queries)
+        .map(|_| (0..d_model).map(|_| rng.random::<f32>() - 0.5).collect())
+        .collect();
     let start = std::time::Instant::now();
     let pool = model.prepare_pool(&pool_m)?;
     let inputs: Vec<QueryInput<'_>> = queries
         .iter()
         .enumerate()
-        .map(|(i, e)| QueryInput { query_index: i as u64, embedding: e, exclude_position: None })
+        .map(|(i, e)| QueryInput {
+            query_index: i as u64,
+            embedding: e,
+            exclude_position: None,
+        })
         .collect();
     for b in inputs.chunks(batch.max(1)) {
         generate_candidates_batch(&model, &pool, b, args)?;
@@ -738,7 +903,9 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pointer_selector").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/pointer_selector")
+            .join(name)
     }
 
     fn model() -> PointerSelector<Bk> {
@@ -750,7 +917,11 @@ mod tests {
     }
 
     fn usizes(v: &Value) -> Vec<usize> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
     }
 
     fn all_rows() -> Matrix {
@@ -762,7 +933,15 @@ mod tests {
     }
 
     fn args() -> CandidateArgs {
-        CandidateArgs { num_beams: 5, temps: vec![1.0, 1.3], num_samples_per_temp: 2, num_random: 1, num_retrieval: 2, shot_num: 2, seed: 42 }
+        CandidateArgs {
+            num_beams: 5,
+            temps: vec![1.0, 1.3],
+            num_samples_per_temp: 2,
+            num_random: 1,
+            num_retrieval: 2,
+            shot_num: 2,
+            seed: 42,
+        }
     }
 
     #[test]
@@ -779,7 +958,12 @@ mod tests {
                 let pool = if is_shared {
                     &shared_pool
                 } else {
-                    own = m.prepare_pool(&all.select_rows(&usizes(&block["candidate_global_ids"])).unwrap()).unwrap();
+                    own = m
+                        .prepare_pool(
+                            &all.select_rows(&usizes(&block["candidate_global_ids"]))
+                                .unwrap(),
+                        )
+                        .unwrap();
                     &own
                 };
                 let q = QueryInput {
@@ -788,8 +972,16 @@ mod tests {
                     exclude_position: block["exclude_position"].as_u64().map(|x| x as usize),
                 };
                 for (key, orig, shot) in [
-                    ("beam_search_shot2", "original_beam_search_without_gate_shot2", 2),
-                    ("beam_search_shot3", "original_beam_search_without_gate_shot3", 3),
+                    (
+                        "beam_search_shot2",
+                        "original_beam_search_without_gate_shot2",
+                        2,
+                    ),
+                    (
+                        "beam_search_shot3",
+                        "original_beam_search_without_gate_shot3",
+                        3,
+                    ),
                 ] {
                     let got = beam_search(&m, pool, &[q], 5, shot).unwrap().remove(0);
                     let want = block[key]["beams"].as_array().unwrap();
@@ -805,10 +997,17 @@ mod tests {
                     for (s, g) in sc.iter().zip(&got) {
                         assert!((s - g.logprob).abs() <= 1e-5);
                     }
-                    let o: Vec<Vec<usize>> =
-                        block[orig]["beams"].as_array().unwrap().iter().map(|b| usizes(&b["pointer"])).collect();
+                    let o: Vec<Vec<usize>> = block[orig]["beams"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|b| usizes(&b["pointer"]))
+                        .collect();
                     if !block[orig]["same_as_gated"].as_bool().unwrap_or(false) {
-                        assert_ne!(seqs, o, "{section} q{qid}: must differ from the ungated original");
+                        assert_ne!(
+                            seqs, o,
+                            "{section} q{qid}: must differ from the ungated original"
+                        );
                         differs += 1;
                     }
                 }
@@ -825,7 +1024,11 @@ mod tests {
         let a = args();
         let qs: Vec<QueryInput> = [0usize, 20, 22, 5]
             .iter()
-            .map(|&i| QueryInput { query_index: i as u64, embedding: all.row(i), exclude_position: (20..84).contains(&i).then(|| i - 20) })
+            .map(|&i| QueryInput {
+                query_index: i as u64,
+                embedding: all.row(i),
+                exclude_position: (20..84).contains(&i).then(|| i - 20),
+            })
             .collect();
         let out = generate_candidates_batch(&m, &pool, &qs, &a).unwrap();
         let order = |g: GenMethod| match g {
@@ -840,18 +1043,24 @@ mod tests {
             let mut last = 0;
             for c in cands {
                 assert_eq!(c.positions.len(), 2);
-                assert!(c.positions.iter().all(|&p| Some(p) != q.exclude_position && p < 64));
+                assert!(c
+                    .positions
+                    .iter()
+                    .all(|&p| Some(p) != q.exclude_position && p < 64));
                 let mut s = c.positions.clone();
                 s.sort();
                 assert!(sets.insert(s), "duplicate set");
                 assert!(order(c.gen_method) >= last);
                 last = order(c.gen_method);
-                let lp = score_sequences(&m, &pool, q, &[c.positions.clone()]).unwrap()[0];
+                let lp =
+                    score_sequences(&m, &pool, q, std::slice::from_ref(&c.positions)).unwrap()[0];
                 assert!((lp - c.logprob_score).abs() <= 1e-6, "{:?}", c);
                 match c.gen_method {
                     GenMethod::Beam => assert!(c.beam_rank.is_some() && c.beam_score.is_some()),
                     GenMethod::Sample => {
-                        assert!(c.temperature.is_some() && c.sample_logprob_tempered.unwrap() <= 0.0)
+                        assert!(
+                            c.temperature.is_some() && c.sample_logprob_tempered.unwrap() <= 0.0
+                        )
                     }
                     _ => assert!(c.temperature.is_none() && c.beam_rank.is_none()),
                 }
@@ -866,7 +1075,11 @@ mod tests {
         let all = all_rows();
         let pool = m.prepare_pool(&shared()).unwrap();
         let a = args();
-        let mk = |i: usize| QueryInput { query_index: i as u64, embedding: all.row(i), exclude_position: None };
+        let mk = |i: usize| QueryInput {
+            query_index: i as u64,
+            embedding: all.row(i),
+            exclude_position: None,
+        };
         let batch = generate_candidates_batch(&m, &pool, &[mk(1), mk(3), mk(4)], &a).unwrap();
         let single = generate_candidates_batch(&m, &pool, &[mk(4)], &a).unwrap();
         let rev = generate_candidates_batch(&m, &pool, &[mk(4), mk(1)], &a).unwrap();
@@ -874,8 +1087,28 @@ mod tests {
         assert_eq!(batch[2], rev[0]);
         assert_eq!(batch[0], rev[1]);
         // another seed changes the samples
-        let other = generate_candidates_batch(&m, &pool, &[mk(4)], &CandidateArgs { seed: 43, num_samples_per_temp: 6, ..a.clone() }).unwrap();
-        let again = generate_candidates_batch(&m, &pool, &[mk(4)], &CandidateArgs { seed: 43, num_samples_per_temp: 6, ..a }).unwrap();
+        let other = generate_candidates_batch(
+            &m,
+            &pool,
+            &[mk(4)],
+            &CandidateArgs {
+                seed: 43,
+                num_samples_per_temp: 6,
+                ..a.clone()
+            },
+        )
+        .unwrap();
+        let again = generate_candidates_batch(
+            &m,
+            &pool,
+            &[mk(4)],
+            &CandidateArgs {
+                seed: 43,
+                num_samples_per_temp: 6,
+                ..a
+            },
+        )
+        .unwrap();
         assert_eq!(other, again);
     }
 
@@ -896,22 +1129,43 @@ mod tests {
                 assert!(Some(j) != ex && lt <= 0.0);
                 counts[j] += 1;
             }
-            let m_ = row.iter().enumerate().filter(|(j, _)| Some(*j) != ex).map(|(_, x)| *x as f64).fold(f64::MIN, f64::max);
-            let w: Vec<f64> = row.iter().enumerate().map(|(j, x)| if Some(j) == ex { 0.0 } else { ((*x as f64 - m_) / tau).exp() }).collect();
+            let m_ = row
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| Some(*j) != ex)
+                .map(|(_, x)| *x as f64)
+                .fold(f64::MIN, f64::max);
+            let w: Vec<f64> = row
+                .iter()
+                .enumerate()
+                .map(|(j, x)| {
+                    if Some(j) == ex {
+                        0.0
+                    } else {
+                        ((*x as f64 - m_) / tau).exp()
+                    }
+                })
+                .collect();
             let tot: f64 = w.iter().sum();
             let mut chi2 = 0.0;
             let mut dof = 0;
             for j in 0..64 {
                 let p = w[j] / tot;
                 let f = counts[j] as f64 / n as f64;
-                assert!((f - p).abs() <= 5.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-3, "tau {tau} pos {j}: {f} vs {p}");
+                assert!(
+                    (f - p).abs() <= 5.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-3,
+                    "tau {tau} pos {j}: {f} vs {p}"
+                );
                 if p * n as f64 >= 5.0 {
                     chi2 += (counts[j] as f64 - p * n as f64).powi(2) / (p * n as f64);
                     dof += 1;
                 }
             }
             // generous bound: mean dof, sd sqrt(2 dof)
-            assert!(chi2 < dof as f64 + 6.0 * (2.0 * dof as f64).sqrt() + 10.0, "chi2 {chi2} dof {dof}");
+            assert!(
+                chi2 < dof as f64 + 6.0 * (2.0 * dof as f64).sqrt() + 10.0,
+                "chi2 {chi2} dof {dof}"
+            );
             assert_eq!(counts[2], 0);
         }
     }
@@ -919,9 +1173,23 @@ mod tests {
     #[test]
     fn retrieval_follows_the_original() {
         // 1-D-ish embeddings with known cosine ranking vs query [1, 0]
-        let rows = [[0.0f32, 1.0], [0.8, 0.6], [-1.0, 0.0], [1.0, 0.05], [0.6, 0.8]];
-        let m = PointerSelectorConfig::new(2, 2, 1).init::<Bk>(&Default::default()).unwrap();
-        let pool = m.prepare_pool(&Matrix { rows: 5, cols: 2, data: rows.concat() }).unwrap();
+        let rows = [
+            [0.0f32, 1.0],
+            [0.8, 0.6],
+            [-1.0, 0.0],
+            [1.0, 0.05],
+            [0.6, 0.8],
+        ];
+        let m = PointerSelectorConfig::new(2, 2, 1)
+            .init::<Bk>(&Default::default())
+            .unwrap();
+        let pool = m
+            .prepare_pool(&Matrix {
+                rows: 5,
+                cols: 2,
+                data: rows.concat(),
+            })
+            .unwrap();
         // ranking: 3, 1, 4, 0, 2
         let r = retrieval_sequences(&pool, &[1.0, 0.0], None, 4, 2);
         assert_eq!(r, vec![vec![3, 1], vec![1, 4], vec![4, 0], vec![0, 2]]);
@@ -949,7 +1217,10 @@ mod tests {
             c(vec![6, 5], GenMethod::Sample),
             c(vec![7, 8], GenMethod::Sample),
         ]);
-        let got: Vec<(Vec<usize>, GenMethod)> = out.into_iter().map(|c| (c.positions, c.gen_method)).collect();
+        let got: Vec<(Vec<usize>, GenMethod)> = out
+            .into_iter()
+            .map(|c| (c.positions, c.gen_method))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -967,19 +1238,55 @@ mod tests {
         let m = model();
         let all = all_rows();
         let pool = m.prepare_pool(&shared()).unwrap();
-        let q = [QueryInput { query_index: 20, embedding: all.row(20), exclude_position: Some(0) }];
-        let run = |a: CandidateArgs| generate_candidates_batch(&m, &pool, &q, &a).unwrap_err().to_string();
-        assert!(run(CandidateArgs { temps: vec![1.0, 0.0], ..args() }).contains("temperature"));
-        assert!(run(CandidateArgs { temps: vec![-1.0], ..args() }).contains("temperature"));
-        assert!(run(CandidateArgs { num_beams: 64, ..args() }).contains("num_beams 64"));
-        assert!(run(CandidateArgs { shot_num: 0, ..args() }).contains("shot_num"));
-        assert!(run(CandidateArgs { shot_num: 64, ..args() }).contains("shot_num 64"));
-        let bad = [QueryInput { exclude_position: Some(64), ..q[0] }];
+        let q = [QueryInput {
+            query_index: 20,
+            embedding: all.row(20),
+            exclude_position: Some(0),
+        }];
+        let run = |a: CandidateArgs| {
+            generate_candidates_batch(&m, &pool, &q, &a)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(run(CandidateArgs {
+            temps: vec![1.0, 0.0],
+            ..args()
+        })
+        .contains("temperature"));
+        assert!(run(CandidateArgs {
+            temps: vec![-1.0],
+            ..args()
+        })
+        .contains("temperature"));
+        assert!(run(CandidateArgs {
+            num_beams: 64,
+            ..args()
+        })
+        .contains("num_beams 64"));
+        assert!(run(CandidateArgs {
+            shot_num: 0,
+            ..args()
+        })
+        .contains("shot_num"));
+        assert!(run(CandidateArgs {
+            shot_num: 64,
+            ..args()
+        })
+        .contains("shot_num 64"));
+        let bad = [QueryInput {
+            exclude_position: Some(64),
+            ..q[0]
+        }];
         assert!(generate_candidates_batch(&m, &pool, &bad, &args()).is_err());
-        let short = [QueryInput { embedding: &all.row(20)[..10], ..q[0] }];
+        let short = [QueryInput {
+            embedding: &all.row(20)[..10],
+            ..q[0]
+        }];
         assert!(matches!(
             generate_candidates_batch(&m, &pool, &short, &args()),
-            Err(CandidateError::Model(PointerSelectorError::DimMismatch { .. }))
+            Err(CandidateError::Model(
+                PointerSelectorError::DimMismatch { .. }
+            ))
         ));
         assert!(score_sequences(&m, &pool, &q[0], &[vec![0, 1]]).is_err());
     }
@@ -988,22 +1295,38 @@ mod tests {
     fn per_query_pools_match_single_pool_runs() {
         let m = model();
         let all = all_rows();
-        let cache: Value = serde_json::from_str(&std::fs::read_to_string(fixture("sampler_cache.json")).unwrap()).unwrap();
+        let cache: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture("sampler_cache.json")).unwrap())
+                .unwrap();
         let ids = [0usize, 1, 3];
-        let mats: Vec<Matrix> = ids.iter().map(|i| all.select_rows(&usizes(&cache[i.to_string()])).unwrap()).collect();
+        let mats: Vec<Matrix> = ids
+            .iter()
+            .map(|i| all.select_rows(&usizes(&cache[i.to_string()])).unwrap())
+            .collect();
         let pools = m.prepare_pools(&mats.iter().collect::<Vec<_>>()).unwrap();
         let qs: Vec<QueryInput> = ids
             .iter()
             .zip(&mats)
             .map(|(&i, _)| {
                 let g = usizes(&cache[i.to_string()]);
-                QueryInput { query_index: i as u64, embedding: all.row(i), exclude_position: g.iter().position(|&x| x == i) }
+                QueryInput {
+                    query_index: i as u64,
+                    embedding: all.row(i),
+                    exclude_position: g.iter().position(|&x| x == i),
+                }
             })
             .collect();
-        let out = generate_candidates_per_query_pools(&m, &pools.iter().collect::<Vec<_>>(), &qs, &args()).unwrap();
+        let out = generate_candidates_per_query_pools(
+            &m,
+            &pools.iter().collect::<Vec<_>>(),
+            &qs,
+            &args(),
+        )
+        .unwrap();
         for (j, q) in qs.iter().enumerate() {
             let single = m.prepare_pool(&mats[j]).unwrap();
-            let s = generate_candidates_batch(&m, &single, std::slice::from_ref(q), &args()).unwrap();
+            let s =
+                generate_candidates_batch(&m, &single, std::slice::from_ref(q), &args()).unwrap();
             assert_eq!(out[j].len(), s[0].len());
             for (a, b) in out[j].iter().zip(&s[0]) {
                 assert_eq!(a.positions, b.positions);
@@ -1016,7 +1339,15 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_candidates_throughput() {
-        let a = CandidateArgs { num_beams: 5, temps: vec![1.0, 1.3], num_samples_per_temp: 2, num_random: 1, num_retrieval: 0, shot_num: 2, seed: 1 };
+        let a = CandidateArgs {
+            num_beams: 5,
+            temps: vec![1.0, 1.3],
+            num_samples_per_temp: 2,
+            num_random: 1,
+            num_retrieval: 0,
+            shot_num: 2,
+            seed: 1,
+        };
         let q64 = bench_candidates(512, 256, 3, 64, 4000, 256, &a).unwrap();
         println!("K=64: {q64:.0} queries/s");
         let q9k = bench_candidates(512, 256, 3, 9009, 400, 64, &a).unwrap();

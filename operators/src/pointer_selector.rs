@@ -28,6 +28,9 @@ use crate::tensor_io::{self, Matrix, NamedTensor, TensorIoError};
 /// The default CPU backend.
 pub type DefaultBackend = burn::backend::NdArray<f32>;
 
+/// Greedy decoding of one query: the predictions and the `[step][K]` logits.
+pub type GreedyOutput = (Vec<usize>, Vec<Vec<f32>>);
+
 /// Errors building or running the pointer selector.
 #[derive(Debug, thiserror::Error)]
 pub enum PointerSelectorError {
@@ -126,16 +129,20 @@ impl PointerSelectorConfig {
 
     fn validate(&self) -> Result<()> {
         if self.hidden_dim == 0 || self.d_model == 0 {
-            return Err(PointerSelectorError::Config("d_model and hidden_dim must be > 0".into()));
+            return Err(PointerSelectorError::Config(
+                "d_model and hidden_dim must be > 0".into(),
+            ));
         }
-        if self.num_heads == 0 || self.hidden_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_dim.is_multiple_of(self.num_heads) {
             return Err(PointerSelectorError::Config(format!(
                 "num_heads {} must divide hidden_dim {}",
                 self.num_heads, self.hidden_dim
             )));
         }
-        if !(self.temperature > 0.0) {
-            return Err(PointerSelectorError::Config("temperature must be > 0".into()));
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
+            return Err(PointerSelectorError::Config(
+                "temperature must be > 0".into(),
+            ));
         }
         Ok(())
     }
@@ -144,7 +151,8 @@ impl PointerSelectorConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<PointerSelector<B>> {
         self.validate()?;
         let h = self.hidden_dim;
-        let lin = |i: usize, o: usize, bias: bool| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let lin =
+            |i: usize, o: usize, bias: bool| LinearConfig::new(i, o).with_bias(bias).init(device);
         let layers = (0..self.num_layers)
             .map(|_| CrossAttention {
                 q: lin(h, h, true),
@@ -154,7 +162,11 @@ impl PointerSelectorConfig {
             })
             .collect();
         let norms = (0..self.num_layers)
-            .map(|_| LayerNormConfig::new(h).with_epsilon(self.layer_norm_eps).init(device))
+            .map(|_| {
+                LayerNormConfig::new(h)
+                    .with_epsilon(self.layer_norm_eps)
+                    .init(device)
+            })
             .collect();
         Ok(PointerSelector {
             input_proj: (self.d_model != h).then(|| lin(self.d_model, h, false)),
@@ -255,7 +267,10 @@ impl<B: Backend> QueryStates<B> {
     pub fn select(&self, rows: &[usize]) -> Self {
         let device = self.tensor.device();
         let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = Tensor::<B, 1, burn::tensor::Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
+        let idx = Tensor::<B, 1, burn::tensor::Int>::from_data(
+            TensorData::new(idx, [rows.len()]),
+            &device,
+        );
         QueryStates {
             tensor: self.tensor.clone().select(0, idx),
         }
@@ -265,15 +280,28 @@ impl<B: Backend> QueryStates<B> {
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     // f32 is always representable after `convert`; an error here would be a
     // backend bug, so fall back to an empty vector (callers check lengths).
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default()
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default()
 }
 
-fn tensor2<B: Backend>(data: Vec<f32>, rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2> {
+fn tensor2<B: Backend>(
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(data, [rows, cols]), device)
 }
 
 fn normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+    let norm = x
+        .clone()
+        .powf_scalar(2.0)
+        .sum_dim(1)
+        .sqrt()
+        .clamp_min(1e-12);
     x.div(norm)
 }
 
@@ -343,12 +371,18 @@ impl<B: Backend> PointerSelector<B> {
             return Err(PointerSelectorError::Shape {
                 source_name: source_name.to_string(),
                 key: gate_key.to_string(),
-                expected: vec![gate_w.shape.first().copied().unwrap_or(0), 2 * gate_w.shape.first().copied().unwrap_or(0)],
+                expected: vec![
+                    gate_w.shape.first().copied().unwrap_or(0),
+                    2 * gate_w.shape.first().copied().unwrap_or(0),
+                ],
                 found: gate_w.shape.clone(),
             });
         }
         let h = gate_w.shape[0];
-        let d_model = sd.get(&full("input_proj.weight")).and_then(|t| t.shape.get(1).copied()).unwrap_or(h);
+        let d_model = sd
+            .get(&full("input_proj.weight"))
+            .and_then(|t| t.shape.get(1).copied())
+            .unwrap_or(h);
         // number of layers: highest index seen under cross_attn_layers / attn_norms
         let mut num_layers = 0usize;
         for k in sd.keys() {
@@ -376,7 +410,10 @@ impl<B: Backend> PointerSelector<B> {
             expected.push(("input_proj.weight".into(), vec![h, d_model]));
         }
         for l in 0..num_layers {
-            expected.push((format!("cross_attn_layers.{l}.in_proj_weight"), vec![3 * h, h]));
+            expected.push((
+                format!("cross_attn_layers.{l}.in_proj_weight"),
+                vec![3 * h, h],
+            ));
             expected.push((format!("cross_attn_layers.{l}.in_proj_bias"), vec![3 * h]));
             expected.push((format!("cross_attn_layers.{l}.out_proj.weight"), vec![h, h]));
             expected.push((format!("cross_attn_layers.{l}.out_proj.bias"), vec![h]));
@@ -416,7 +453,12 @@ impl<B: Backend> PointerSelector<B> {
             }
             Linear {
                 weight: Param::from_tensor(tensor2(t, inp, out, device)),
-                bias: b.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b.to_vec(), [out]), device))),
+                bias: b.map(|b| {
+                    Param::from_tensor(Tensor::from_data(
+                        TensorData::new(b.to_vec(), [out]),
+                        device,
+                    ))
+                }),
             }
         };
         let mut layers = Vec::with_capacity(num_layers);
@@ -424,7 +466,14 @@ impl<B: Backend> PointerSelector<B> {
         for l in 0..num_layers {
             let w = get(&format!("cross_attn_layers.{l}.in_proj_weight"));
             let b = get(&format!("cross_attn_layers.{l}.in_proj_bias"));
-            let blk = |j: usize| linear(&w[j * h * h..(j + 1) * h * h], h, h, Some(&b[j * h..(j + 1) * h]));
+            let blk = |j: usize| {
+                linear(
+                    &w[j * h * h..(j + 1) * h * h],
+                    h,
+                    h,
+                    Some(&b[j * h..(j + 1) * h]),
+                )
+            };
             layers.push(CrossAttention {
                 q: blk(0),
                 k: blk(1),
@@ -436,7 +485,9 @@ impl<B: Backend> PointerSelector<B> {
                     Some(get(&format!("cross_attn_layers.{l}.out_proj.bias"))),
                 ),
             });
-            let mut ln = LayerNormConfig::new(h).with_epsilon(cfg.layer_norm_eps).init::<B>(device);
+            let mut ln = LayerNormConfig::new(h)
+                .with_epsilon(cfg.layer_norm_eps)
+                .init::<B>(device);
             ln.gamma = Param::from_tensor(Tensor::from_data(
                 TensorData::new(get(&format!("attn_norms.{l}.weight")).clone(), [h]),
                 device,
@@ -456,7 +507,12 @@ impl<B: Backend> PointerSelector<B> {
             norms,
             query_proj: linear(get("query_proj.weight"), h, h, None),
             cand_proj: linear(get("cand_proj.weight"), h, h, None),
-            gate: linear(gate_w.data.as_slice(), h, 2 * h, Some(get("query_update_gate.bias"))),
+            gate: linear(
+                gate_w.data.as_slice(),
+                h,
+                2 * h,
+                Some(get("query_update_gate.bias")),
+            ),
             d_model,
             hidden_dim: h,
             num_heads,
@@ -500,7 +556,9 @@ impl<B: Backend> PointerSelector<B> {
         for (i, p) in pools.iter().enumerate() {
             self.check_dim(&format!("candidate pool {i}"), p.cols)?;
             if p.rows == 0 {
-                return Err(PointerSelectorError::Input(format!("candidate pool {i} is empty")));
+                return Err(PointerSelectorError::Input(format!(
+                    "candidate pool {i} is empty"
+                )));
             }
             all.extend_from_slice(&p.data);
         }
@@ -510,8 +568,16 @@ impl<B: Backend> PointerSelector<B> {
         let hd = h / nh;
         let ch = self.project(tensor2(all, total, self.d_model, &device));
         let c_norm_all = normalize(self.cand_proj.forward(ch.clone()));
-        let keys_all: Vec<Tensor<B, 2>> = self.layers.iter().map(|l| l.k.forward(ch.clone())).collect();
-        let vals_all: Vec<Tensor<B, 2>> = self.layers.iter().map(|l| l.v.forward(ch.clone())).collect();
+        let keys_all: Vec<Tensor<B, 2>> = self
+            .layers
+            .iter()
+            .map(|l| l.k.forward(ch.clone()))
+            .collect();
+        let vals_all: Vec<Tensor<B, 2>> = self
+            .layers
+            .iter()
+            .map(|l| l.v.forward(ch.clone()))
+            .collect();
         let mut out = Vec::with_capacity(pools.len());
         let mut start = 0;
         for p in pools {
@@ -533,7 +599,14 @@ impl<B: Backend> PointerSelector<B> {
                 .collect();
             let values = vals_all
                 .iter()
-                .map(|t| contiguous(t.clone().slice([range.clone(), 0..h]).reshape([k, nh, hd]).swap_dims(0, 1)))
+                .map(|t| {
+                    contiguous(
+                        t.clone()
+                            .slice([range.clone(), 0..h])
+                            .reshape([k, nh, hd])
+                            .swap_dims(0, 1),
+                    )
+                })
                 .collect();
             let c_norm_host = host(c_norm.clone());
             out.push(PreparedPool {
@@ -550,7 +623,11 @@ impl<B: Backend> PointerSelector<B> {
 
     /// Initial query states (after the cross-attention layers, `query_proj`
     /// and normalisation) for a batch of queries over one pool.
-    pub fn query_states(&self, pool: &PreparedPool<B>, queries: &[&[f32]]) -> Result<QueryStates<B>> {
+    pub fn query_states(
+        &self,
+        pool: &PreparedPool<B>,
+        queries: &[&[f32]],
+    ) -> Result<QueryStates<B>> {
         let mut flat = Vec::with_capacity(queries.len() * self.d_model);
         for (i, q) in queries.iter().enumerate() {
             self.check_dim(&format!("query {i}"), q.len())?;
@@ -608,7 +685,10 @@ impl<B: Backend> PointerSelector<B> {
         let device = states.tensor.device();
         let chosen_t = tensor2::<B>(rows, chosen.len(), h, &device);
         let q = states.select(parents).tensor;
-        let g = sigmoid(self.gate.forward(Tensor::cat(vec![q.clone(), chosen_t.clone()], 1)));
+        let g = sigmoid(
+            self.gate
+                .forward(Tensor::cat(vec![q.clone(), chosen_t.clone()], 1)),
+        );
         let ones = g.ones_like();
         let mixed = g.clone().mul(q) + (ones - g).mul(chosen_t);
         Ok(QueryStates {
@@ -646,7 +726,11 @@ impl<B: Backend> PointerSelector<B> {
         let mut alive: Vec<usize> = (0..labels.len()).collect();
         for s in 0..steps {
             alive.retain(|&i| labels[i].len() > s);
-            let rows: Vec<usize> = if s == 0 { alive.clone() } else { (0..alive.len()).collect() };
+            let rows: Vec<usize> = if s == 0 {
+                alive.clone()
+            } else {
+                (0..alive.len()).collect()
+            };
             if s == 0 {
                 states = states.select(&rows);
             }
@@ -677,7 +761,12 @@ impl<B: Backend> PointerSelector<B> {
     }
 
     /// Teacher-forced logits `[step][K]` for one query and label sequence.
-    pub fn teacher_forced_logits(&self, pool: &PreparedPool<B>, query: &[f32], labels: &[usize]) -> Result<Vec<Vec<f32>>> {
+    pub fn teacher_forced_logits(
+        &self,
+        pool: &PreparedPool<B>,
+        query: &[f32],
+        labels: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
         Ok(self
             .teacher_forced_logits_batch(pool, &[query], &[labels.to_vec()])?
             .remove(0))
@@ -703,10 +792,15 @@ impl<B: Backend> PointerSelector<B> {
 
     /// forward() without labels: greedy argmax (first maximum) decoding,
     /// no exclusion.  Returns the predictions and the `[step][K]` logits.
-    pub fn greedy(&self, pool: &PreparedPool<B>, queries: &[&[f32]], shot_num: usize) -> Result<Vec<(Vec<usize>, Vec<Vec<f32>>)>> {
+    pub fn greedy(
+        &self,
+        pool: &PreparedPool<B>,
+        queries: &[&[f32]],
+        shot_num: usize,
+    ) -> Result<Vec<GreedyOutput>> {
         let k = pool.k;
         let mut states = self.query_states(pool, queries)?;
-        let mut out: Vec<(Vec<usize>, Vec<Vec<f32>>)> = vec![(vec![], vec![]); queries.len()];
+        let mut out: Vec<GreedyOutput> = vec![(vec![], vec![]); queries.len()];
         for s in 0..shot_num {
             let logits = self.step_logits(pool, &states);
             let mut chosen = Vec::with_capacity(queries.len());
@@ -779,14 +873,24 @@ mod tests {
     }
 
     fn usizes(v: &Value) -> Vec<usize> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
     }
 
     fn f2(v: &Value) -> Vec<Vec<f64>> {
         v.as_array()
             .unwrap()
             .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
             .collect()
     }
 
@@ -808,7 +912,8 @@ mod tests {
         let pool = if shared {
             tensor_io::load_matrix(&fixture("candidate_embeddings.pt")).unwrap()
         } else {
-            all.select_rows(&usizes(&block["candidate_global_ids"])).unwrap()
+            all.select_rows(&usizes(&block["candidate_global_ids"]))
+                .unwrap()
         };
         (pool, all.row(q).to_vec())
     }
@@ -817,7 +922,10 @@ mod tests {
     fn infers_config_from_checkpoint() {
         let m = model();
         let c = m.config();
-        assert_eq!((c.d_model, c.hidden_dim, c.num_layers, c.num_heads), (64, 32, 3, 1));
+        assert_eq!(
+            (c.d_model, c.hidden_dim, c.num_layers, c.num_heads),
+            (64, 32, 3, 1)
+        );
     }
 
     #[test]
@@ -835,7 +943,11 @@ mod tests {
                 let got = m.teacher_forced_logits_batch(&pool, &qs, &labels).unwrap();
                 for (i, g) in got.iter().enumerate() {
                     let d = max_diff(g, &f2(&tf[i]["logits"]));
-                    assert!(d <= 1e-5, "{section} q{} seq {i}: logits diff {d}", block["query_id"]);
+                    assert!(
+                        d <= 1e-5,
+                        "{section} q{} seq {i}: logits diff {d}",
+                        block["query_id"]
+                    );
                     let lp = m.sequence_log_prob(&pool, &q, &labels[i], None).unwrap();
                     let e = tf[i]["sequence_log_prob"].as_f64().unwrap();
                     assert!((lp - e).abs() <= 1e-5, "seq log prob {lp} vs {e}");
@@ -868,7 +980,11 @@ mod tests {
         let block = &exp["shared_pool"]["queries"][0];
         let tf = block["teacher_forced"].as_array().unwrap();
         let labels: Vec<Vec<usize>> = tf.iter().map(|t| usizes(&t["labels"])).collect();
-        let (i, l) = labels.iter().enumerate().find(|(_, l)| l[0] == l[1]).expect("fixture has a repeated label");
+        let (i, l) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l[0] == l[1])
+            .expect("fixture has a repeated label");
         let (pool_m, q) = block_inputs(block, true);
         let pool = m.prepare_pool(&pool_m).unwrap();
         let got = m.teacher_forced_logits(&pool, &q, l).unwrap();
@@ -883,7 +999,9 @@ mod tests {
         let exp = expected();
         let b = &exp["batched_greedy_shared_pool"];
         let all = tensor_io::load_matrix(&fixture("candidate_embeddings_pool.pt")).unwrap();
-        let pool = m.prepare_pool(&tensor_io::load_matrix(&fixture("candidate_embeddings.pt")).unwrap()).unwrap();
+        let pool = m
+            .prepare_pool(&tensor_io::load_matrix(&fixture("candidate_embeddings.pt")).unwrap())
+            .unwrap();
         let ids = usizes(&b["query_ids"]);
         let qs: Vec<&[f32]> = ids.iter().map(|&i| all.row(i)).collect();
         let got = m.greedy(&pool, &qs, 2).unwrap();
@@ -899,7 +1017,8 @@ mod tests {
         let mut sd = tensor_io::load_state_dict(&fixture("sft.ckpt")).unwrap();
         sd.remove("lever_lm.pointer_selector.cand_proj.weight");
         sd.remove("lever_lm.pointer_selector.attn_norms.1.bias");
-        let e = PointerSelector::<Bk>::from_state_dict(&sd, "x.ckpt", 1, &Default::default()).unwrap_err();
+        let e = PointerSelector::<Bk>::from_state_dict(&sd, "x.ckpt", 1, &Default::default())
+            .unwrap_err();
         match &e {
             PointerSelectorError::MissingTensors { keys, .. } => assert_eq!(
                 keys,
@@ -914,9 +1033,14 @@ mod tests {
         let sd2: BTreeMap<String, NamedTensor> = tensor_io::load_state_dict(&fixture("sft.ckpt"))
             .unwrap()
             .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix("lever_lm.pointer_selector.").map(|s| (s.to_string(), v)))
+            .filter_map(|(k, v)| {
+                k.strip_prefix("lever_lm.pointer_selector.")
+                    .map(|s| (s.to_string(), v))
+            })
             .collect();
-        assert!(PointerSelector::<Bk>::from_state_dict(&sd2, "bare", 1, &Default::default()).is_ok());
+        assert!(
+            PointerSelector::<Bk>::from_state_dict(&sd2, "bare", 1, &Default::default()).is_ok()
+        );
         let none: BTreeMap<String, NamedTensor> = BTreeMap::new();
         assert!(matches!(
             PointerSelector::<Bk>::from_state_dict(&none, "empty", 1, &Default::default()),
@@ -932,10 +1056,20 @@ mod tests {
     #[test]
     fn dim_mismatch_is_an_error() {
         let m = model();
-        let bad = Matrix { rows: 2, cols: 32, data: vec![0.5; 64] };
+        let bad = Matrix {
+            rows: 2,
+            cols: 32,
+            data: vec![0.5; 64],
+        };
         let e = m.prepare_pool(&bad).unwrap_err().to_string();
         assert!(e.contains("32") && e.contains("64"), "{e}");
-        let pool = m.prepare_pool(&Matrix { rows: 2, cols: 64, data: vec![0.5; 128] }).unwrap();
+        let pool = m
+            .prepare_pool(&Matrix {
+                rows: 2,
+                cols: 64,
+                data: vec![0.5; 128],
+            })
+            .unwrap();
         assert!(matches!(
             m.query_states(&pool, &[&[0.0; 10]]),
             Err(PointerSelectorError::DimMismatch { found: 10, .. })
@@ -948,7 +1082,11 @@ mod tests {
         let cfg = PointerSelectorConfig::new(8, 4, 2).with_num_heads(2);
         let m = cfg.init::<Bk>(&Default::default()).unwrap();
         let pool = m
-            .prepare_pool(&Matrix { rows: 5, cols: 8, data: (0..40).map(|i| ((i * 7 % 11) as f32) / 11.0).collect() })
+            .prepare_pool(&Matrix {
+                rows: 5,
+                cols: 8,
+                data: (0..40).map(|i| ((i * 7 % 11) as f32) / 11.0).collect(),
+            })
             .unwrap();
         let q1: Vec<f32> = (0..8).map(|i| i as f32 / 8.0).collect();
         let q2: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 / 8.0).collect();

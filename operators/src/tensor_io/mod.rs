@@ -114,7 +114,12 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
-fn check_finite(path: &Path, name: &str, shape: &[usize], data: &[f32]) -> Result<(), TensorIoError> {
+fn check_finite(
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    data: &[f32],
+) -> Result<(), TensorIoError> {
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         let cols: usize = shape.iter().skip(1).product::<usize>().max(1);
         return Err(TensorIoError::NonFinite {
@@ -128,7 +133,12 @@ fn check_finite(path: &Path, name: &str, shape: &[usize], data: &[f32]) -> Resul
     Ok(())
 }
 
-fn to_matrix(path: &Path, name: &str, shape: &[usize], data: Vec<f32>) -> Result<Matrix, TensorIoError> {
+fn to_matrix(
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    data: Vec<f32>,
+) -> Result<Matrix, TensorIoError> {
     if shape.len() != 2 {
         return Err(TensorIoError::format(
             path,
@@ -203,7 +213,10 @@ fn load_matrix_torch(path: &Path) -> Result<Matrix, TensorIoError> {
         }
         other => Err(TensorIoError::format(
             path,
-            format!("expected a tensor (torch.save(tensor)); found {}", describe(other)),
+            format!(
+                "expected a tensor (torch.save(tensor)); found {}",
+                describe(other)
+            ),
         )),
     }
 }
@@ -298,7 +311,10 @@ fn load_matrix_safetensors(path: &Path) -> Result<Matrix, TensorIoError> {
     let name = pick_name(&names).ok_or_else(|| {
         TensorIoError::format(
             path,
-            format!("ambiguous: {} tensors {names:?} and none named 'embeddings'", names.len()),
+            format!(
+                "ambiguous: {} tensors {names:?} and none named 'embeddings'",
+                names.len()
+            ),
         )
     })?;
     let view = st
@@ -343,7 +359,10 @@ pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, NamedTensor>, Ten
         other => {
             return Err(TensorIoError::format(
                 path,
-                format!("expected a checkpoint or state dict (a dict); found {}", describe(other)),
+                format!(
+                    "expected a checkpoint or state dict (a dict); found {}",
+                    describe(other)
+                ),
             ))
         }
     };

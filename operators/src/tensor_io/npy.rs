@@ -59,15 +59,22 @@ pub fn load(path: &Path) -> Result<(Vec<usize>, Vec<f32>), TensorIoError> {
         .to_string();
     let fortran = header_field(&header, "fortran_order").unwrap_or("False");
     if fortran == "True" {
-        return Err(err(path, "Fortran-order .npy arrays are not supported (save in C order)"));
+        return Err(err(
+            path,
+            "Fortran-order .npy arrays are not supported (save in C order)",
+        ));
     }
-    let shape_s = header_field(&header, "shape").ok_or_else(|| err(path, "npy header has no 'shape'"))?;
+    let shape_s =
+        header_field(&header, "shape").ok_or_else(|| err(path, "npy header has no 'shape'"))?;
     let shape: Vec<usize> = shape_s
         .trim_matches(|c| c == '(' || c == ')')
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| err(path, format!("bad shape {shape_s}"))))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| err(path, format!("bad shape {shape_s}")))
+        })
         .collect::<Result<_, _>>()?;
     let numel: usize = shape.iter().product();
     let data = &b[hstart + hlen..];
@@ -85,7 +92,10 @@ pub fn load(path: &Path) -> Result<(Vec<usize>, Vec<f32>), TensorIoError> {
     if data.len() < numel * es {
         return Err(err(
             path,
-            format!("truncated .npy data: {} bytes for {numel} elements", data.len()),
+            format!(
+                "truncated .npy data: {} bytes for {numel} elements",
+                data.len()
+            ),
         ));
     }
     let data = &data[..numel * es];

@@ -587,11 +587,10 @@ impl<'a> Machine<'a> {
                 }
                 b'b' => {
                     let state = self.pop()?;
-                    match self.top()? {
-                        Value::Object { state: s, .. } => **s = state,
-                        // OrderedDict state (e.g. `_metadata`) and tensor
-                        // state are irrelevant here.
-                        _ => {}
+                    // OrderedDict state (e.g. `_metadata`) and tensor state
+                    // are irrelevant here; objects keep theirs.
+                    if let Value::Object { state: s, .. } = self.top()? {
+                        **s = state;
                     }
                 }
                 b'Q' => {

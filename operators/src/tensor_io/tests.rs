@@ -10,7 +10,13 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Pickle bytes of `torch._utils._rebuild_tensor_v2(storage, offset, shape, stride, False, OrderedDict())`,
 /// optionally wrapped in a `{name: tensor}` dict.
-fn tensor_pickle(class: &str, offset: usize, shape: &[usize], stride: &[usize], dict_key: Option<&str>) -> Vec<u8> {
+fn tensor_pickle(
+    class: &str,
+    offset: usize,
+    shape: &[usize],
+    stride: &[usize],
+    dict_key: Option<&str>,
+) -> Vec<u8> {
     let mut p = vec![0x80, 2];
     let su = |p: &mut Vec<u8>, s: &str| {
         p.push(b'X');
@@ -61,7 +67,8 @@ fn tensor_pickle(class: &str, offset: usize, shape: &[usize], stride: &[usize], 
 fn write_torch_zip(path: &Path, pickle: &[u8], storage: &[u8]) {
     let f = std::fs::File::create(path).unwrap();
     let mut z = zip::ZipWriter::new(f);
-    let opt = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opt =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("archive/data.pkl", opt).unwrap();
     z.write_all(pickle).unwrap();
     z.start_file("archive/data/0", opt).unwrap();
@@ -104,7 +111,11 @@ fn half_bf16_and_strided_tensors() {
         st.extend(half::f16::from_f32(*v).to_le_bytes());
     }
     let p = dir.path().join("h.pt");
-    write_torch_zip(&p, &tensor_pickle("HalfStorage", 2, &[2, 3], &[3, 1], None), &st);
+    write_torch_zip(
+        &p,
+        &tensor_pickle("HalfStorage", 2, &[2, 3], &[3, 1], None),
+        &st,
+    );
     let m = load_matrix(&p).unwrap();
     assert_eq!(m.data, vals[..6].to_vec());
     // bf16 transposed view: shape [3,2] stride [1,3] over storage of 6
@@ -113,18 +124,33 @@ fn half_bf16_and_strided_tensors() {
         st.extend(half::bf16::from_f32(*v).to_le_bytes());
     }
     let p = dir.path().join("b.pt");
-    write_torch_zip(&p, &tensor_pickle("BFloat16Storage", 0, &[3, 2], &[1, 3], None), &st);
+    write_torch_zip(
+        &p,
+        &tensor_pickle("BFloat16Storage", 0, &[3, 2], &[1, 3], None),
+        &st,
+    );
     let m = load_matrix(&p).unwrap();
     assert_eq!((m.rows, m.cols), (3, 2));
-    assert_eq!(m.data, vec![vals[0], vals[3], vals[1], vals[4], vals[2], vals[5]]);
+    assert_eq!(
+        m.data,
+        vec![vals[0], vals[3], vals[1], vals[4], vals[2], vals[5]]
+    );
     // f32 in a dict under 'embeddings'
     let st: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
     let p = dir.path().join("d.pt");
-    write_torch_zip(&p, &tensor_pickle("FloatStorage", 0, &[4, 3], &[3, 1], Some("embeddings")), &st);
+    write_torch_zip(
+        &p,
+        &tensor_pickle("FloatStorage", 0, &[4, 3], &[3, 1], Some("embeddings")),
+        &st,
+    );
     assert_eq!(load_matrix(&p).unwrap().data, vals);
     // storage too small
     let p = dir.path().join("s.pt");
-    write_torch_zip(&p, &tensor_pickle("FloatStorage", 6, &[4, 3], &[3, 1], None), &st);
+    write_torch_zip(
+        &p,
+        &tensor_pickle("FloatStorage", 6, &[4, 3], &[3, 1], None),
+        &st,
+    );
     let e = load_matrix(&p).unwrap_err().to_string();
     assert!(e.contains("past its storage"), "{e}");
 }
@@ -136,7 +162,11 @@ fn rejects_nan_with_position() {
     vals[7] = f32::NAN;
     let st: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
     let p = dir.path().join("nan.pt");
-    write_torch_zip(&p, &tensor_pickle("FloatStorage", 0, &[4, 3], &[3, 1], None), &st);
+    write_torch_zip(
+        &p,
+        &tensor_pickle("FloatStorage", 0, &[4, 3], &[3, 1], None),
+        &st,
+    );
     match load_matrix(&p).unwrap_err() {
         TensorIoError::NonFinite { row, col, path, .. } => {
             assert_eq!((row, col), (2, 1));
@@ -152,7 +182,10 @@ fn corrupt_and_non_tensor_files() {
     let p = dir.path().join("garbage.pt");
     std::fs::write(&p, b"this is not a zip").unwrap();
     let e = load_matrix(&p).unwrap_err().to_string();
-    assert!(e.contains("garbage.pt") && e.contains("not a PyTorch zip"), "{e}");
+    assert!(
+        e.contains("garbage.pt") && e.contains("not a PyTorch zip"),
+        "{e}"
+    );
     // truncated real file
     let bytes = std::fs::read(fixture("candidate_embeddings.pt")).unwrap();
     let p = dir.path().join("trunc.pt");
@@ -181,15 +214,21 @@ fn safetensors_and_npy() {
     let dir = tempfile::tempdir().unwrap();
     let vals: Vec<f32> = (0..6).map(|i| i as f32 * 0.25).collect();
     let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3], &bytes).unwrap();
-    let other = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, 2], &bytes).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3], &bytes).unwrap();
+    let other =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, 2], &bytes).unwrap();
     let p1 = dir.path().join("one.safetensors");
     safetensors::serialize_to_file(vec![("x", view.clone())], None, &p1).unwrap();
     assert_eq!(load_matrix(&p1).unwrap().data, vals);
     let p2 = dir.path().join("two.safetensors");
-    safetensors::serialize_to_file(vec![("a", view.clone()), ("b", other.clone())], None, &p2).unwrap();
+    safetensors::serialize_to_file(vec![("a", view.clone()), ("b", other.clone())], None, &p2)
+        .unwrap();
     let e = load_matrix(&p2).unwrap_err().to_string();
-    assert!(e.contains("ambiguous") && e.contains("\"a\"") && e.contains("\"b\""), "{e}");
+    assert!(
+        e.contains("ambiguous") && e.contains("\"a\"") && e.contains("\"b\""),
+        "{e}"
+    );
     let p3 = dir.path().join("named.safetensors");
     safetensors::serialize_to_file(vec![("embeddings", other), ("b", view)], None, &p3).unwrap();
     let m = load_matrix(&p3).unwrap();
@@ -200,7 +239,7 @@ fn safetensors_and_npy() {
     // npy f8
     let mut npy = b"\x93NUMPY\x01\x00".to_vec();
     let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (3, 2), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

@@ -50,9 +50,8 @@ impl TorchArchive {
                 "legacy (pre-1.6, non-zip) torch.save format is not supported; re-save with a recent PyTorch",
             ));
         }
-        let mut archive = zip::ZipArchive::new(Cursor::new(&mmap[..])).map_err(|e| {
-            fmt_err(path, format!("not a PyTorch zip archive (torch.save): {e}"))
-        })?;
+        let mut archive = zip::ZipArchive::new(Cursor::new(&mmap[..]))
+            .map_err(|e| fmt_err(path, format!("not a PyTorch zip archive (torch.save): {e}")))?;
         let mut entries = HashMap::new();
         let mut pkl: Option<String> = None;
         for i in 0..archive.len() {
@@ -75,9 +74,8 @@ impl TorchArchive {
                 },
             );
         }
-        let pkl = pkl.ok_or_else(|| {
-            fmt_err(path, "zip archive has no data.pkl: not a torch.save file")
-        })?;
+        let pkl =
+            pkl.ok_or_else(|| fmt_err(path, "zip archive has no data.pkl: not a torch.save file"))?;
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
         let mut me = TorchArchive {
             path: path.to_path_buf(),
@@ -97,9 +95,12 @@ impl TorchArchive {
             .get(name)
             .ok_or_else(|| fmt_err(&self.path, format!("missing zip entry {name}")))?;
         if e.stored {
-            let end = e.start.checked_add(e.size).unwrap_or(usize::MAX);
+            let end = e.start.saturating_add(e.size);
             if end > self.mmap.len() {
-                return Err(fmt_err(&self.path, format!("zip entry {name} is truncated")));
+                return Err(fmt_err(
+                    &self.path,
+                    format!("zip entry {name} is truncated"),
+                ));
             }
             return Ok(std::borrow::Cow::Borrowed(&self.mmap[e.start..end]));
         }
