@@ -19,7 +19,6 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -215,13 +214,13 @@ pub struct PointerSelector<B: Backend> {
 #[derive(Debug, Clone)]
 pub struct PreparedPool<B: Backend> {
     k: usize,
-    /// per layer: keys `[heads, head_dim, K]`
-    keys_t: Vec<Tensor<B, 3>>,
-    /// per layer: values `[heads, K, head_dim]`
-    values: Vec<Tensor<B, 3>>,
+    /// per layer, per head: keys transposed `[head_dim, K]`
+    keys_t: Vec<Vec<Tensor<B, 2>>>,
+    /// per layer, per head: values `[K, head_dim]`
+    values: Vec<Vec<Tensor<B, 2>>>,
     /// normalised candidate projections, transposed: `[H, K]`
     c_norm_t: Tensor<B, 2>,
-    /// `c_norm` on the host, row-major (for gathering chosen rows)
+    /// normalised candidate projections on the host, row-major `[K, H]`
     c_norm_host: Vec<f32>,
     /// raw embeddings (for retrieval), row-major `[K, d_model]`
     raw: Vec<f32>,
@@ -245,34 +244,42 @@ impl<B: Backend> PreparedPool<B> {
     }
 }
 
-/// Query states (one row per track), `[M, H]` on the device.
-#[derive(Debug, Clone)]
-pub struct QueryStates<B: Backend> {
-    /// the states
-    pub tensor: Tensor<B, 2>,
+/// Query states (one row per track), row-major `[M, H]` on the host.
+///
+/// Elementwise work (gate, normalisation, softmax, LayerNorm) runs in plain
+/// Rust on the host: burn's NdArray elementwise/broadcast ops cost ~30 ns per
+/// element here, more than the matmuls they follow.  All matmuls run in burn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryStates {
+    /// number of rows M
+    pub rows: usize,
+    /// row width H
+    pub cols: usize,
+    /// `rows * cols` values
+    pub data: Vec<f32>,
 }
 
-impl<B: Backend> QueryStates<B> {
+impl QueryStates {
     /// Number of rows.
     pub fn len(&self) -> usize {
-        self.tensor.dims()[0]
+        self.rows
     }
 
     /// True when there are no rows.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.rows == 0
     }
 
     /// Rows `rows` (repeats allowed), in that order.
     pub fn select(&self, rows: &[usize]) -> Self {
-        let device = self.tensor.device();
-        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = Tensor::<B, 1, burn::tensor::Int>::from_data(
-            TensorData::new(idx, [rows.len()]),
-            &device,
-        );
+        let mut data = Vec::with_capacity(rows.len() * self.cols);
+        for &r in rows {
+            data.extend_from_slice(&self.data[r * self.cols..(r + 1) * self.cols]);
+        }
         QueryStates {
-            tensor: self.tensor.clone().select(0, idx),
+            rows: rows.len(),
+            cols: self.cols,
+            data,
         }
     }
 }
@@ -295,20 +302,75 @@ fn tensor2<B: Backend>(
     Tensor::from_data(TensorData::new(data, [rows, cols]), device)
 }
 
-fn normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let norm = x
-        .clone()
-        .powf_scalar(2.0)
-        .sum_dim(1)
-        .sqrt()
-        .clamp_min(1e-12);
-    x.div(norm)
+/// `x / max(||x||, 1e-12)` per row (F.normalize).
+fn normalize_rows(x: &mut [f32], cols: usize) {
+    for row in x.chunks_exact_mut(cols) {
+        let n = row
+            .iter()
+            .map(|v| (*v as f64) * (*v as f64))
+            .sum::<f64>()
+            .sqrt() as f32;
+        let n = n.max(1e-12);
+        for v in row.iter_mut() {
+            *v /= n;
+        }
+    }
 }
 
-/// Materialises a (possibly permuted) tensor contiguously.
-fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    let device = t.device();
-    Tensor::from_data(t.into_data(), &device)
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// Row-wise softmax in place (f32 values, f64 sum).
+fn softmax_rows(x: &mut [f32], cols: usize) {
+    for row in x.chunks_exact_mut(cols) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0f64;
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+            s += *v as f64;
+        }
+        let s = s as f32;
+        for v in row.iter_mut() {
+            *v /= s;
+        }
+    }
+}
+
+/// LayerNorm over rows (biased variance, as torch).
+fn layer_norm_rows(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64) {
+    let n = gamma.len();
+    for row in x.chunks_exact_mut(n) {
+        let mean = row.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
+        let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = (((*v as f64 - mean) * inv) as f32) * gamma[j] + beta[j];
+        }
+    }
+}
+
+/// Transposes a row-major `[r, c]` block (columns `c0..c0+w` of a `[r, stride]` matrix) to `[w, r]`.
+fn transpose_cols(x: &[f32], r: usize, stride: usize, c0: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w * r];
+    for i in 0..r {
+        for j in 0..w {
+            out[j * r + i] = x[i * stride + c0 + j];
+        }
+    }
+    out
+}
+
+fn cols_block(x: &[f32], r: usize, stride: usize, c0: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(r * w);
+    for i in 0..r {
+        out.extend_from_slice(&x[i * stride + c0..i * stride + c0 + w]);
+    }
+    out
 }
 
 impl<B: Backend> PointerSelector<B> {
@@ -522,9 +584,24 @@ impl<B: Backend> PointerSelector<B> {
         })
     }
 
-    fn project(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn device(&self) -> B::Device {
+        self.gate.weight.val().device()
+    }
+
+    /// `x @ W (+ b)` for a burn Linear, with `x` row-major `[rows, in]` on the host.
+    fn linear_host(&self, lin: &Linear<B>, x: Vec<f32>, rows: usize) -> Vec<f32> {
+        let w = lin.weight.val();
+        let [inp, _] = w.dims();
+        let mut y = host(tensor2::<B>(x, rows, inp, &self.device()).matmul(w));
+        if let Some(b) = &lin.bias {
+            add_bias(&mut y, &host(b.val()));
+        }
+        y
+    }
+
+    fn project(&self, x: Vec<f32>, rows: usize) -> Vec<f32> {
         match &self.input_proj {
-            Some(p) => p.forward(x),
+            Some(p) => self.linear_host(p, x, rows),
             None => x,
         }
     }
@@ -563,57 +640,64 @@ impl<B: Backend> PointerSelector<B> {
             all.extend_from_slice(&p.data);
         }
         let total: usize = pools.iter().map(|p| p.rows).sum();
-        let device = self.gate.weight.val().device();
+        let device = self.device();
         let (h, nh) = (self.hidden_dim, self.num_heads);
         let hd = h / nh;
-        let ch = self.project(tensor2(all, total, self.d_model, &device));
-        let c_norm_all = normalize(self.cand_proj.forward(ch.clone()));
-        let keys_all: Vec<Tensor<B, 2>> = self
+        let ch = self.project(all, total);
+        let mut c_norm_all = self.linear_host(&self.cand_proj, ch.clone(), total);
+        normalize_rows(&mut c_norm_all, h);
+        let keys_all: Vec<Vec<f32>> = self
             .layers
             .iter()
-            .map(|l| l.k.forward(ch.clone()))
+            .map(|l| self.linear_host(&l.k, ch.clone(), total))
             .collect();
-        let vals_all: Vec<Tensor<B, 2>> = self
+        let vals_all: Vec<Vec<f32>> = self
             .layers
             .iter()
-            .map(|l| l.v.forward(ch.clone()))
+            .map(|l| self.linear_host(&l.v, ch.clone(), total))
             .collect();
         let mut out = Vec::with_capacity(pools.len());
         let mut start = 0;
         for p in pools {
             let k = p.rows;
-            let range = start..start + k;
+            let rows = start * h..(start + k) * h;
             start += k;
-            let c_norm = contiguous(c_norm_all.clone().slice([range.clone(), 0..h]));
+            let c_norm_host = c_norm_all[rows.clone()].to_vec();
             let keys_t = keys_all
                 .iter()
                 .map(|t| {
-                    contiguous(
-                        t.clone()
-                            .slice([range.clone(), 0..h])
-                            .reshape([k, nh, hd])
-                            .swap_dims(0, 1)
-                            .swap_dims(1, 2),
-                    )
+                    (0..nh)
+                        .map(|hh| {
+                            tensor2::<B>(
+                                transpose_cols(&t[rows.clone()], k, h, hh * hd, hd),
+                                hd,
+                                k,
+                                &device,
+                            )
+                        })
+                        .collect()
                 })
                 .collect();
             let values = vals_all
                 .iter()
                 .map(|t| {
-                    contiguous(
-                        t.clone()
-                            .slice([range.clone(), 0..h])
-                            .reshape([k, nh, hd])
-                            .swap_dims(0, 1),
-                    )
+                    (0..nh)
+                        .map(|hh| {
+                            tensor2::<B>(
+                                cols_block(&t[rows.clone()], k, h, hh * hd, hd),
+                                k,
+                                hd,
+                                &device,
+                            )
+                        })
+                        .collect()
                 })
                 .collect();
-            let c_norm_host = host(c_norm.clone());
             out.push(PreparedPool {
                 k,
                 keys_t,
                 values,
-                c_norm_t: contiguous(c_norm.transpose()),
+                c_norm_t: tensor2::<B>(transpose_cols(&c_norm_host, k, h, 0, h), h, k, &device),
                 c_norm_host,
                 raw: p.data.clone(),
             });
@@ -623,42 +707,76 @@ impl<B: Backend> PointerSelector<B> {
 
     /// Initial query states (after the cross-attention layers, `query_proj`
     /// and normalisation) for a batch of queries over one pool.
-    pub fn query_states(
-        &self,
-        pool: &PreparedPool<B>,
-        queries: &[&[f32]],
-    ) -> Result<QueryStates<B>> {
+    pub fn query_states(&self, pool: &PreparedPool<B>, queries: &[&[f32]]) -> Result<QueryStates> {
         let mut flat = Vec::with_capacity(queries.len() * self.d_model);
         for (i, q) in queries.iter().enumerate() {
             self.check_dim(&format!("query {i}"), q.len())?;
             flat.extend_from_slice(q);
         }
         let b = queries.len();
-        let device = self.gate.weight.val().device();
-        let (h, nh) = (self.hidden_dim, self.num_heads);
+        let device = self.device();
+        let (h, nh, k) = (self.hidden_dim, self.num_heads, pool.k);
         let hd = h / nh;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut qh = self.project(tensor2(flat, b, self.d_model, &device));
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let mut qh = self.project(flat, b);
         for (l, layer) in self.layers.iter().enumerate() {
-            let q = layer.q.forward(qh.clone()).mul_scalar(scale);
-            let q = q.reshape([b, nh, hd]).swap_dims(0, 1); // [nh, b, hd]
-            let scores = q.matmul(pool.keys_t[l].clone()); // [nh, b, K]
-            let p = softmax(scores, 2);
-            let a = p.matmul(pool.values[l].clone()); // [nh, b, hd]
-            let a = a.swap_dims(0, 1).reshape([b, h]);
-            let a = layer.out.forward(a);
-            qh = self.norms[l].forward(a + qh);
+            let mut q = self.linear_host(&layer.q, qh.clone(), b);
+            for v in q.iter_mut() {
+                *v *= scale;
+            }
+            let mut a = vec![0f32; b * h];
+            for hh in 0..nh {
+                let qhd = cols_block(&q, b, h, hh * hd, hd);
+                let mut p =
+                    host(tensor2::<B>(qhd, b, hd, &device).matmul(pool.keys_t[l][hh].clone()));
+                softmax_rows(&mut p, k);
+                let ah = host(tensor2::<B>(p, b, k, &device).matmul(pool.values[l][hh].clone()));
+                for i in 0..b {
+                    a[i * h + hh * hd..i * h + (hh + 1) * hd]
+                        .copy_from_slice(&ah[i * hd..(i + 1) * hd]);
+                }
+            }
+            let mut a = self.linear_host(&layer.out, a, b);
+            for (x, r) in a.iter_mut().zip(&qh) {
+                *x += r;
+            }
+            let norm = &self.norms[l];
+            let gamma = host(norm.gamma.val());
+            let beta = norm
+                .beta
+                .as_ref()
+                .map(|b| host(b.val()))
+                .unwrap_or_else(|| vec![0.0; h]);
+            layer_norm_rows(&mut a, &gamma, &beta, self.layer_norm_eps);
+            qh = a;
         }
+        let mut st = self.linear_host(&self.query_proj, qh, b);
+        normalize_rows(&mut st, h);
         Ok(QueryStates {
-            tensor: normalize(self.query_proj.forward(qh)),
+            rows: b,
+            cols: h,
+            data: st,
         })
     }
 
     /// Unmasked step logits `states · c_normᵀ / temperature`, row-major
     /// `[M, K]` on the host.
-    pub fn step_logits(&self, pool: &PreparedPool<B>, states: &QueryStates<B>) -> Vec<f32> {
-        let t = states.tensor.clone().matmul(pool.c_norm_t.clone());
-        host(t.div_scalar(self.temperature as f32))
+    pub fn step_logits(&self, pool: &PreparedPool<B>, states: &QueryStates) -> Vec<f32> {
+        if states.rows == 0 {
+            return vec![];
+        }
+        let t = tensor2::<B>(
+            states.data.clone(),
+            states.rows,
+            states.cols,
+            &self.device(),
+        );
+        let mut y = host(t.matmul(pool.c_norm_t.clone()));
+        let temp = self.temperature as f32;
+        for v in y.iter_mut() {
+            *v /= temp;
+        }
+        y
     }
 
     /// Gate update after choosing `chosen[i]` for row `parents[i]` of
@@ -667,32 +785,51 @@ impl<B: Backend> PointerSelector<B> {
     pub fn gate_update(
         &self,
         pool: &PreparedPool<B>,
-        states: &QueryStates<B>,
+        states: &QueryStates,
         parents: &[usize],
         chosen: &[usize],
-    ) -> Result<QueryStates<B>> {
+    ) -> Result<QueryStates> {
         let h = self.hidden_dim;
-        let mut rows = Vec::with_capacity(chosen.len() * h);
-        for &c in chosen {
-            if c >= pool.k {
+        let m = chosen.len();
+        if parents.len() != m {
+            return Err(PointerSelectorError::Input(format!(
+                "{} parents for {m} chosen indices",
+                parents.len()
+            )));
+        }
+        let mut cat = Vec::with_capacity(m * 2 * h);
+        for (&p, &c) in parents.iter().zip(chosen) {
+            if c >= pool.k || p >= states.rows {
                 return Err(PointerSelectorError::Input(format!(
-                    "index {c} out of range for a pool of {} candidates",
-                    pool.k
+                    "index {c} (row {p}) out of range for a pool of {} candidates / {} states",
+                    pool.k, states.rows
                 )));
             }
-            rows.extend_from_slice(&pool.c_norm_host[c * h..(c + 1) * h]);
+            cat.extend_from_slice(&states.data[p * h..(p + 1) * h]);
+            cat.extend_from_slice(&pool.c_norm_host[c * h..(c + 1) * h]);
         }
-        let device = states.tensor.device();
-        let chosen_t = tensor2::<B>(rows, chosen.len(), h, &device);
-        let q = states.select(parents).tensor;
-        let g = sigmoid(
-            self.gate
-                .forward(Tensor::cat(vec![q.clone(), chosen_t.clone()], 1)),
-        );
-        let ones = g.ones_like();
-        let mixed = g.clone().mul(q) + (ones - g).mul(chosen_t);
+        if m == 0 {
+            return Ok(QueryStates {
+                rows: 0,
+                cols: h,
+                data: vec![],
+            });
+        }
+        let g = self.linear_host(&self.gate, cat.clone(), m);
+        let mut out = vec![0f32; m * h];
+        for i in 0..m {
+            for j in 0..h {
+                let gv = 1.0 / (1.0 + (-g[i * h + j]).exp());
+                let q = cat[i * 2 * h + j];
+                let c = cat[i * 2 * h + h + j];
+                out[i * h + j] = gv * q + (1.0 - gv) * c;
+            }
+        }
+        normalize_rows(&mut out, h);
         Ok(QueryStates {
-            tensor: normalize(mixed),
+            rows: m,
+            cols: h,
+            data: out,
         })
     }
 
@@ -1090,8 +1227,8 @@ mod tests {
             .unwrap();
         let q1: Vec<f32> = (0..8).map(|i| i as f32 / 8.0).collect();
         let q2: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 / 8.0).collect();
-        let both = host(m.query_states(&pool, &[&q1, &q2]).unwrap().tensor);
-        let one = host(m.query_states(&pool, &[&q2]).unwrap().tensor);
+        let both = m.query_states(&pool, &[&q1, &q2]).unwrap().data;
+        let one = m.query_states(&pool, &[&q2]).unwrap().data;
         for (a, b) in both[4..].iter().zip(&one) {
             assert!((a - b).abs() < 1e-6);
         }
