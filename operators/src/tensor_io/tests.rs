@@ -144,6 +144,10 @@ fn half_bf16_and_strided_tensors() {
         &st,
     );
     assert_eq!(load_matrix(&p).unwrap().data, vals);
+    // the same file read as a bare state dict
+    let sd = load_state_dict(&p).unwrap();
+    assert_eq!(sd["embeddings"].shape, vec![4, 3]);
+    assert_eq!(sd["embeddings"].data, vals);
     // storage too small
     let p = dir.path().join("s.pt");
     write_torch_zip(
