@@ -1213,24 +1213,97 @@ mod tests {
         ));
     }
 
+    /// Independent scalar reference of the query path (any head count).
+    fn reference_state(m: &PointerSelector<Bk>, cand: &Matrix, q: &[f32]) -> Vec<f32> {
+        let lin = |l: &Linear<Bk>, x: &[f32]| -> Vec<f32> {
+            let w = host(l.weight.val()); // [in, out]
+            let [inp, out] = l.weight.val().dims();
+            let b = l
+                .bias
+                .as_ref()
+                .map(|b| host(b.val()))
+                .unwrap_or(vec![0.0; out]);
+            (0..out)
+                .map(|o| (0..inp).map(|i| x[i] * w[i * out + o]).sum::<f32>() + b[o])
+                .collect()
+        };
+        let proj = |x: &[f32]| match &m.input_proj {
+            Some(p) => lin(p, x),
+            None => x.to_vec(),
+        };
+        let h = m.hidden_dim;
+        let hd = h / m.num_heads;
+        let c: Vec<Vec<f32>> = (0..cand.rows).map(|r| proj(cand.row(r))).collect();
+        let mut qh = proj(q);
+        for (l, layer) in m.layers.iter().enumerate() {
+            let qq = lin(&layer.q, &qh);
+            let keys: Vec<Vec<f32>> = c.iter().map(|x| lin(&layer.k, x)).collect();
+            let vals: Vec<Vec<f32>> = c.iter().map(|x| lin(&layer.v, x)).collect();
+            let mut a = vec![0f32; h];
+            for head in 0..m.num_heads {
+                let r = head * hd..(head + 1) * hd;
+                let sc: Vec<f32> = keys
+                    .iter()
+                    .map(|k| {
+                        qq[r.clone()]
+                            .iter()
+                            .zip(&k[r.clone()])
+                            .map(|(x, y)| x * y)
+                            .sum::<f32>()
+                            / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let mx = sc.iter().copied().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for (j, v) in vals.iter().enumerate() {
+                    for d in r.clone() {
+                        a[d] += e[j] / z * v[d];
+                    }
+                }
+            }
+            let mut y: Vec<f32> = lin(&layer.out, &a)
+                .iter()
+                .zip(&qh)
+                .map(|(x, r)| x + r)
+                .collect();
+            let g = host(m.norms[l].gamma.val());
+            let b = host(m.norms[l].beta.as_ref().unwrap().val());
+            let mean = y.iter().sum::<f32>() / h as f32;
+            let var = y.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / h as f32;
+            for (j, x) in y.iter_mut().enumerate() {
+                *x = (*x - mean) / (var + 1e-5).sqrt() * g[j] + b[j];
+            }
+            qh = y;
+        }
+        let mut s = lin(&m.query_proj, &qh);
+        let n = s.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        s.iter_mut().for_each(|x| *x /= n);
+        s
+    }
+
     #[test]
-    fn multi_head_matches_manual_single_query() {
-        // 2 heads: batched and single-query states agree (shape plumbing check)
-        let cfg = PointerSelectorConfig::new(8, 4, 2).with_num_heads(2);
-        let m = cfg.init::<Bk>(&Default::default()).unwrap();
-        let pool = m
-            .prepare_pool(&Matrix {
+    fn multi_head_matches_scalar_reference() {
+        for heads in [1usize, 2, 4] {
+            let cfg = PointerSelectorConfig::new(8, 8, 2).with_num_heads(heads);
+            let m = cfg.init::<Bk>(&Default::default()).unwrap();
+            let cand = Matrix {
                 rows: 5,
                 cols: 8,
-                data: (0..40).map(|i| ((i * 7 % 11) as f32) / 11.0).collect(),
-            })
-            .unwrap();
-        let q1: Vec<f32> = (0..8).map(|i| i as f32 / 8.0).collect();
-        let q2: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 / 8.0).collect();
-        let both = m.query_states(&pool, &[&q1, &q2]).unwrap().data;
-        let one = m.query_states(&pool, &[&q2]).unwrap().data;
-        for (a, b) in both[4..].iter().zip(&one) {
-            assert!((a - b).abs() < 1e-6);
+                data: (0..40)
+                    .map(|i| ((i * 7 % 11) as f32) / 11.0 - 0.4)
+                    .collect(),
+            };
+            let pool = m.prepare_pool(&cand).unwrap();
+            let q1: Vec<f32> = (0..8).map(|i| i as f32 / 8.0).collect();
+            let q2: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 / 5.0).collect();
+            let both = m.query_states(&pool, &[&q1, &q2]).unwrap().data;
+            for (i, q) in [&q1, &q2].iter().enumerate() {
+                let r = reference_state(&m, &cand, q);
+                for (a, b) in both[i * 8..(i + 1) * 8].iter().zip(&r) {
+                    assert!((a - b).abs() < 1e-5, "heads {heads}: {a} vs {b}");
+                }
+            }
         }
     }
 }
