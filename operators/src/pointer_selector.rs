@@ -400,7 +400,17 @@ impl<B: Backend> PointerSelector<B> {
     /// Loads the pointer selector from a checkpoint file (Lightning `.ckpt`,
     /// state-dict `.pt` or `.safetensors`), see [`Self::from_state_dict`].
     pub fn load(path: &Path, num_heads: usize, device: &B::Device) -> Result<Self> {
-        let sd = tensor_io::load_state_dict(path)?;
+        // only the pointer selector's tensors are converted
+        const PARTS: [&str; 6] = [
+            "input_proj.",
+            "cross_attn_layers.",
+            "attn_norms.",
+            "query_proj.",
+            "cand_proj.",
+            "query_update_gate.",
+        ];
+        let keep = |k: &str| PARTS.iter().any(|p| k.contains(p));
+        let sd = tensor_io::load_state_dict_filtered(path, &keep)?;
         Self::from_state_dict(&sd, &path.display().to_string(), num_heads, device)
     }
 

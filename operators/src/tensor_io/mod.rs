@@ -332,13 +332,22 @@ fn load_matrix_safetensors(path: &Path) -> Result<Matrix, TensorIoError> {
 /// Non-float tensors (integer buffers) are skipped; non-finite values are
 /// errors naming the tensor.
 pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, NamedTensor>, TensorIoError> {
+    load_state_dict_filtered(path, &|_| true)
+}
+
+/// Like [`load_state_dict`], but only tensors whose name satisfies `keep`
+/// are converted (a full checkpoint may hold large unrelated sub-models).
+pub fn load_state_dict_filtered(
+    path: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<BTreeMap<String, NamedTensor>, TensorIoError> {
     let mut out = BTreeMap::new();
     if extension(path) == "safetensors" {
         let mmap = map_file(path)?;
         let st = safetensors::SafeTensors::deserialize(&mmap)
             .map_err(|e| TensorIoError::format(path, format!("invalid safetensors file: {e}")))?;
         for (name, view) in st.tensors() {
-            if !is_float_dtype(view.dtype()) {
+            if !is_float_dtype(view.dtype()) || !keep(&name) {
                 continue;
             }
             let data = safetensors_tensor(path, &view, &name)?;
@@ -385,7 +394,7 @@ pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, NamedTensor>, Ten
         let (Some(name), Value::Tensor(t)) = (key_str(k), v) else {
             continue;
         };
-        if matches!(t.dtype, pickle::StorageDtype::Other(..)) {
+        if matches!(t.dtype, pickle::StorageDtype::Other(..)) || !keep(&name) {
             continue;
         }
         let data = ar.tensor_f32(t, &name)?;
@@ -398,7 +407,7 @@ pub fn load_state_dict(path: &Path) -> Result<BTreeMap<String, NamedTensor>, Ten
             },
         );
     }
-    if out.is_empty() {
+    if out.is_empty() && items.iter().all(|(_, v)| !matches!(v, Value::Tensor(_))) {
         return Err(TensorIoError::format(
             path,
             "no floating-point tensors found (expected a state dict or a checkpoint with 'state_dict')",
