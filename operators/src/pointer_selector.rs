@@ -244,6 +244,41 @@ impl<B: Backend> PreparedPool<B> {
     }
 }
 
+/// Query-independent per-row precomputation (see
+/// [`PointerSelector::prepare_rows`]); memory: `(2·layers + 1)·N·H + N·d`
+/// floats.
+#[derive(Debug, Clone)]
+pub struct PreparedRows {
+    n: usize,
+    h: usize,
+    d: usize,
+    /// per layer: attention keys `[N, H]`
+    keys: Vec<Vec<f32>>,
+    /// per layer: attention values `[N, H]`
+    values: Vec<Vec<f32>>,
+    /// normalised candidate projections `[N, H]`
+    c_norm: Vec<f32>,
+    /// raw embeddings `[N, d]`
+    raw: Vec<f32>,
+}
+
+impl PreparedRows {
+    /// Number of rows N.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Hidden size H.
+    pub fn hidden_dim(&self) -> usize {
+        self.h
+    }
+}
+
 /// Query states (one row per track), row-major `[M, H]` on the host.
 ///
 /// Elementwise work (gate, normalisation, softmax, LayerNorm) runs in plain
@@ -634,7 +669,9 @@ impl<B: Backend> PointerSelector<B> {
     }
 
     /// Like [`Self::prepare_pool`] for several pools at once: the projections
-    /// of all pools run as single matmuls over the stacked rows.
+    /// of all pools run as single matmuls over the stacked rows.  When pools
+    /// share rows (per-query pools drawn from one item set), prefer
+    /// [`Self::prepare_rows`] once + [`Self::pool_from_rows`] per pool.
     pub fn prepare_pools(&self, pools: &[&Matrix]) -> Result<Vec<PreparedPool<B>>> {
         if pools.is_empty() {
             return Ok(vec![]);
@@ -650,69 +687,107 @@ impl<B: Backend> PointerSelector<B> {
             all.extend_from_slice(&p.data);
         }
         let total: usize = pools.iter().map(|p| p.rows).sum();
-        let device = self.device();
-        let (h, nh) = (self.hidden_dim, self.num_heads);
-        let hd = h / nh;
-        let ch = self.project(all, total);
-        let mut c_norm_all = self.linear_host(&self.cand_proj, ch.clone(), total);
-        normalize_rows(&mut c_norm_all, h);
-        let keys_all: Vec<Vec<f32>> = self
-            .layers
-            .iter()
-            .map(|l| self.linear_host(&l.k, ch.clone(), total))
-            .collect();
-        let vals_all: Vec<Vec<f32>> = self
-            .layers
-            .iter()
-            .map(|l| self.linear_host(&l.v, ch.clone(), total))
-            .collect();
+        let rows = self.prepare_rows(&Matrix {
+            rows: total,
+            cols: self.d_model,
+            data: all,
+        })?;
         let mut out = Vec::with_capacity(pools.len());
         let mut start = 0;
         for p in pools {
-            let k = p.rows;
-            let rows = start * h..(start + k) * h;
-            start += k;
-            let c_norm_host = c_norm_all[rows.clone()].to_vec();
-            let keys_t = keys_all
-                .iter()
-                .map(|t| {
-                    (0..nh)
-                        .map(|hh| {
-                            tensor2::<B>(
-                                transpose_cols(&t[rows.clone()], k, h, hh * hd, hd),
-                                hd,
-                                k,
-                                &device,
-                            )
-                        })
-                        .collect()
-                })
-                .collect();
-            let values = vals_all
-                .iter()
-                .map(|t| {
-                    (0..nh)
-                        .map(|hh| {
-                            tensor2::<B>(
-                                cols_block(&t[rows.clone()], k, h, hh * hd, hd),
-                                k,
-                                hd,
-                                &device,
-                            )
-                        })
-                        .collect()
-                })
-                .collect();
-            out.push(PreparedPool {
-                k,
-                keys_t,
-                values,
-                c_norm_t: tensor2::<B>(transpose_cols(&c_norm_host, k, h, 0, h), h, k, &device),
-                c_norm_host,
-                raw: p.data.clone(),
-            });
+            let positions: Vec<usize> = (start..start + p.rows).collect();
+            start += p.rows;
+            out.push(self.pool_from_rows(&rows, &positions)?);
         }
         Ok(out)
+    }
+
+    /// The per-row, query-independent part of the model for every row of
+    /// `items` (`[N, d_model]`): projected attention keys and values of each
+    /// layer and the normalised candidate projections, on the host.  Pools
+    /// made of these rows are then cheap gathers ([`Self::pool_from_rows`]).
+    pub fn prepare_rows(&self, items: &Matrix) -> Result<PreparedRows> {
+        self.check_dim("candidate rows", items.cols)?;
+        let n = items.rows;
+        let h = self.hidden_dim;
+        let ch = self.project(items.data.clone(), n);
+        let mut c_norm = self.linear_host(&self.cand_proj, ch.clone(), n);
+        normalize_rows(&mut c_norm, h);
+        let keys = self
+            .layers
+            .iter()
+            .map(|l| self.linear_host(&l.k, ch.clone(), n))
+            .collect();
+        let values = self
+            .layers
+            .iter()
+            .map(|l| self.linear_host(&l.v, ch.clone(), n))
+            .collect();
+        Ok(PreparedRows {
+            n,
+            h,
+            d: items.cols,
+            keys,
+            values,
+            c_norm,
+            raw: items.data.clone(),
+        })
+    }
+
+    /// A pool made of rows `positions` of `rows` (in that order).
+    pub fn pool_from_rows(
+        &self,
+        rows: &PreparedRows,
+        positions: &[usize],
+    ) -> Result<PreparedPool<B>> {
+        if positions.is_empty() {
+            return Err(PointerSelectorError::Input("empty candidate pool".into()));
+        }
+        if let Some(&bad) = positions.iter().find(|&&p| p >= rows.n) {
+            return Err(PointerSelectorError::Input(format!(
+                "pool row {bad} out of range for {} prepared rows",
+                rows.n
+            )));
+        }
+        let device = self.device();
+        let (h, nh, k) = (self.hidden_dim, self.num_heads, positions.len());
+        let hd = h / nh;
+        let gather = |src: &[f32], w: usize| -> Vec<f32> {
+            let mut out = Vec::with_capacity(k * w);
+            for &p in positions {
+                out.extend_from_slice(&src[p * w..(p + 1) * w]);
+            }
+            out
+        };
+        let keys_t = rows
+            .keys
+            .iter()
+            .map(|t| {
+                let g = gather(t, h);
+                (0..nh)
+                    .map(|hh| tensor2::<B>(transpose_cols(&g, k, h, hh * hd, hd), hd, k, &device))
+                    .collect()
+            })
+            .collect();
+        let values = rows
+            .values
+            .iter()
+            .map(|t| {
+                let g = gather(t, h);
+                (0..nh)
+                    .map(|hh| tensor2::<B>(cols_block(&g, k, h, hh * hd, hd), k, hd, &device))
+                    .collect()
+            })
+            .collect();
+        let c_norm_host = gather(&rows.c_norm, h);
+        Ok(PreparedPool {
+            k,
+            keys_t,
+            values,
+            c_norm_t: tensor2::<B>(transpose_cols(&c_norm_host, k, h, 0, h), h, k, &device),
+            c_norm_host,
+            raw: gather(&rows.raw, rows.d),
+        })
     }
 
     /// Initial query states (after the cross-attention layers, `query_proj`
