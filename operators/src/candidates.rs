@@ -492,12 +492,25 @@ fn run_group<B: Backend>(
         }
     }
     for step in 1..args.shot_num {
-        let chosen: Vec<usize> = new_tracks
+        // Tracks with the same (parent state, chosen index) share one state
+        // row (same prefix of the same query), so each distinct prefix is
+        // run once; `rows_of[track]` is its row in this step's logits.
+        let mut uniq: std::collections::HashMap<(usize, usize), usize> =
+            std::collections::HashMap::new();
+        let (mut u_parents, mut u_chosen) = (Vec::new(), Vec::new());
+        let rows_of: Vec<usize> = new_tracks
             .iter()
-            .map(|t| *t.prefix.last().unwrap_or(&0))
+            .zip(&parents)
+            .map(|(t, &p)| {
+                let c = *t.prefix.last().unwrap_or(&0);
+                *uniq.entry((p, c)).or_insert_with(|| {
+                    u_parents.push(p);
+                    u_chosen.push(c);
+                    u_parents.len() - 1
+                })
+            })
             .collect();
-        states = model.gate_update(pool, &states, &parents, &chosen)?;
-        // tracks whose logits are row r of this step's logits matrix
+        states = model.gate_update(pool, &states, &u_parents, &u_chosen)?;
         let tracks = std::mem::take(&mut new_tracks);
         parents.clear();
         if tracks.is_empty() {
@@ -505,18 +518,17 @@ fn run_group<B: Backend>(
         }
         let logits = model.step_logits(pool, &states);
         // per-row lse at temperature 1 (chosen at mask, exclusion)
-        let lses: Vec<f64> = tracks
-            .iter()
-            .enumerate()
-            .map(|(r, t)| {
-                lse_masked(
-                    &logits[r * k..(r + 1) * k],
+        let mut lses = vec![f64::NAN; u_parents.len()];
+        for (t, &row) in tracks.iter().zip(&rows_of) {
+            if lses[row].is_nan() {
+                lses[row] = lse_masked(
+                    &logits[row * k..(row + 1) * k],
                     &t.prefix,
                     queries[t.query].exclude_position,
                     mask,
-                )
-            })
-            .collect();
+                );
+            }
+        }
         // beams: per query, best extensions
         let mut best: Vec<Vec<(f64, usize, usize)>> = vec![Vec::new(); nq]; // (logp, track row, j)
         for (r, t) in tracks.iter().enumerate() {
@@ -524,13 +536,13 @@ fn run_group<B: Backend>(
                 continue;
             }
             let ex = queries[t.query].exclude_position;
-            let row = &logits[r * k..(r + 1) * k];
+            let row = &logits[rows_of[r] * k..(rows_of[r] + 1) * k];
             let buf = &mut best[t.query];
             for (j, &x) in row.iter().enumerate() {
                 if Some(j) == ex || t.prefix.contains(&j) {
                     continue;
                 }
-                let lp = t.logp + (x as f64 - lses[r]);
+                let lp = t.logp + (x as f64 - lses[rows_of[r]]);
                 let full = buf.len() >= args.num_beams;
                 if full {
                     let (wl, wr, wj) = buf[buf.len() - 1];
@@ -561,7 +573,7 @@ fn run_group<B: Backend>(
                     Kind::Beam { score } => score,
                     _ => 0.0,
                 };
-                let step_lp = logits[r * k + j] as f64 - lses[r];
+                let step_lp = logits[rows_of[r] * k + j] as f64 - lses[rows_of[r]];
                 let mut prefix = t.prefix.clone();
                 prefix.push(j);
                 new_tracks.push(Track {
@@ -573,13 +585,13 @@ fn run_group<B: Backend>(
                     },
                     slot: 0,
                 });
-                parents.push(r);
+                parents.push(rows_of[r]);
             }
         }
         // samples and fixed sequences
         for (r, t) in tracks.iter().enumerate() {
             let ex = queries[t.query].exclude_position;
-            let row = &logits[r * k..(r + 1) * k];
+            let row = &logits[rows_of[r] * k..(rows_of[r] + 1) * k];
             let (j, kind) = match &t.kind {
                 Kind::Beam { .. } => continue,
                 Kind::Sample {
@@ -608,11 +620,11 @@ fn run_group<B: Backend>(
             new_tracks.push(Track {
                 query: t.query,
                 prefix,
-                logp: t.logp + (x as f64 - lses[r]),
+                logp: t.logp + (x as f64 - lses[rows_of[r]]),
                 kind,
                 slot: t.slot,
             });
-            parents.push(r);
+            parents.push(rows_of[r]);
         }
     }
     // collect
