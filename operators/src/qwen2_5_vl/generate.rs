@@ -276,6 +276,17 @@ fn mask_eos(row: &mut [f32], eos: &[u32]) {
     }
 }
 
+/// `x - max - log(sum(exp(x - max)))` over one row of f32 logits (the
+/// reference's float32 log_softmax; the sum is accumulated in f64).
+fn log_softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32;
+    for x in row.iter_mut() {
+        *x = *x - max - log_sum;
+    }
+}
+
 /// First index of the maximum (NaN never wins).
 fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
@@ -423,9 +434,10 @@ fn beam_search<B: Backend>(
         })
         .collect();
     let mut cache = pre.cache.clone();
-    let mut logp = log_softmax(pre.last_logits.clone(), 1);
+    let mut logits = pre.last_logits.clone();
     for step in 0..config.max_new_tokens {
-        let host = host_rows(logp)?;
+        let mut host = host_rows(logits)?;
+        host.chunks_exact_mut(v).for_each(log_softmax_in_place);
         let is_last = step + 1 == config.max_new_tokens;
         let gen_len = (step + 1) as f64;
         let len_div = gen_len.powf(config.length_penalty) as f32;
@@ -525,8 +537,7 @@ fn beam_search<B: Backend>(
             }
         }
         cache = cache.select(&rows)?;
-        let logits = model.decode_step(&tokens, &mut cache)?;
-        logp = log_softmax(logits, 1);
+        logits = model.decode_step(&tokens, &mut cache)?;
     }
     states
         .into_iter()

@@ -232,6 +232,17 @@ fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4
     x.clone().mul(cos.clone()) + rotate_half(x).mul(sin.clone())
 }
 
+/// Row-major [rows, cols] -> row-major [cols, rows].
+fn transpose_host(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (r, row) in x.chunks_exact(cols).enumerate() {
+        for (c, &val) in row.iter().enumerate() {
+            out[c * rows + r] = val;
+        }
+    }
+    out
+}
+
 fn linear_from<B: Backend>(
     src: &dyn TensorSource,
     prefix: &str,
@@ -484,8 +495,10 @@ pub struct TextModel<B: Backend> {
     pub layers: Vec<TextDecoderLayer<B>>,
     /// Final norm.
     pub norm: RmsNorm<B>,
-    /// Untied LM head [vocab, hidden] (None = tied to `embed_tokens`).
-    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// LM head stored transposed and contiguous, [hidden, vocab] (a copy
+    /// of `embed_tokens` when tied): `h @ lm_head` is a plain matmul, far
+    /// faster on NdArray than multiplying by a transposed view.
+    pub lm_head: Param<Tensor<B, 2>>,
     #[module(skip)]
     rope: MRope,
     /// Hidden size.
@@ -519,8 +532,10 @@ impl<B: Backend> TextModel<B> {
         let v = config.vocab_size;
         let eps = config.rms_norm_eps;
         let emb = src.tensor_f32(&format!("{prefix}.embed_tokens.weight"), &[v, d])?;
-        let embed_tokens =
-            Param::from_tensor(Tensor::from_data(TensorData::new(emb, [v, d]), device));
+        let embed_tokens = Param::from_tensor(Tensor::from_data(
+            TensorData::new(emb.clone(), [v, d]),
+            device,
+        ));
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("{prefix}.layers.{i}");
@@ -559,15 +574,14 @@ impl<B: Backend> TextModel<B> {
             });
         }
         let norm = rms_from(src, &format!("{prefix}.norm.weight"), d, eps, device)?;
-        let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
+        let head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
             None
         } else {
-            let w = src.tensor_f32("lm_head.weight", &[v, d])?;
-            Some(Param::from_tensor(Tensor::from_data(
-                TensorData::new(w, [v, d]),
-                device,
-            )))
+            Some(src.tensor_f32("lm_head.weight", &[v, d])?)
         };
+        let head_t = transpose_host(head.as_deref().unwrap_or(&emb), v, d);
+        let lm_head =
+            Param::from_tensor(Tensor::from_data(TensorData::new(head_t, [d, v]), device));
         Ok(Self {
             embed_tokens,
             layers,
@@ -769,11 +783,7 @@ impl<B: Backend> TextModel<B> {
 
     /// LM head on hidden states [N, D] -> logits [N, vocab].
     pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        let w = match &self.lm_head {
-            Some(w) => w.val(),
-            None => self.embed_tokens.val(),
-        };
-        hidden.matmul(w.transpose())
+        hidden.matmul(self.lm_head.val())
     }
 
     /// Prefill of a batch of (left-padded) prompts into an empty `cache`:
@@ -1014,6 +1024,7 @@ pub(crate) mod tests {
             let logits = model.prefill(e, p, &case.mask, &mut cache).unwrap();
             let got: Vec<f32> = logits.into_data().convert::<f32>().into_vec().unwrap();
             let diff = max_abs_diff(&got, &case.logits_last);
+            eprintln!("{name}: max abs logits diff {diff:e}");
             assert!(diff < 1e-3, "{name}: max abs diff {diff}");
             assert_eq!(cache.seq_len(), case.len());
         }
