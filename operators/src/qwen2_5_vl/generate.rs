@@ -138,7 +138,7 @@ impl GenerationConfig {
         if self.num_beams == 0 {
             return Err(GenerateError::Config("num_beams must be >= 1".into()));
         }
-        if !(self.repetition_penalty > 0.0) {
+        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
             return Err(GenerateError::Config(format!(
                 "repetition_penalty must be > 0, got {}",
                 self.repetition_penalty
@@ -518,7 +518,7 @@ fn beam_search<B: Backend>(
                     .iter()
                     .map(|f| f.0)
                     .fold(f32::INFINITY, f32::min);
-                if !(best_running > worst) || config.early_stopping {
+                if best_running <= worst || best_running.is_nan() || config.early_stopping {
                     st.done = true;
                 }
             }
@@ -777,12 +777,12 @@ mod tests {
         for beams in [1, 3] {
             let together =
                 generate(&model, batch(&case, &model, &cfg), &config(beams, 1.0)).unwrap();
-            for r in 0..case.batch() {
+            for (r, joint) in together.iter().enumerate() {
                 let single = case.row(r, cfg.image_token_id);
                 let alone =
                     generate(&model, batch(&single, &model, &cfg), &config(beams, 1.0)).unwrap();
-                assert_eq!(alone[0].ids, together[r].ids, "beams {beams} row {r}");
-                if let (Some(a), Some(b)) = (alone[0].score, together[r].score) {
+                assert_eq!(alone[0].ids, joint.ids, "beams {beams} row {r}");
+                if let (Some(a), Some(b)) = (alone[0].score, joint.score) {
                     assert!((a - b).abs() < 1e-4);
                 }
             }

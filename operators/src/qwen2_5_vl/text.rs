@@ -758,16 +758,19 @@ impl<B: Backend> TextModel<B> {
             v.extend_from_slice(&new_valid[row]);
         }
         let t = past + l;
-        // masked[b, i, j] = key j invalid, or j after query i (causal).
-        let mut m = Vec::with_capacity(b * l * t);
-        for row in &valid {
-            for i in 0..l {
-                for (j, &ok) in row.iter().enumerate() {
-                    m.push(!ok || j > past + i);
-                }
-            }
-        }
-        let masked = Tensor::<B, 3, Bool>::from_data(TensorData::new(m, [b, l, t]), &device);
+        // masked[b, i, j] = key j invalid (padding) or j after query i
+        // (causal); built on the device from [B, T] and [L, T] pieces.
+        let pad: Vec<bool> = valid.iter().flatten().map(|&ok| !ok).collect();
+        let causal: Vec<bool> = (0..l)
+            .flat_map(|i| (0..t).map(move |j| j > past + i))
+            .collect();
+        let pad = Tensor::<B, 2, Bool>::from_data(TensorData::new(pad, [b, t]), &device)
+            .reshape([b, 1, t])
+            .expand([b, l, t]);
+        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [l, t]), &device)
+            .reshape([1, l, t])
+            .expand([b, l, t]);
+        let masked = pad.bool_or(causal);
         let (cos, sin) = self.rope.tables(position_ids);
         let mut x = embeds;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
