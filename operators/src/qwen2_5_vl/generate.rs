@@ -7,6 +7,19 @@
 //! Ranking is done on the host in f32 with a deterministic tie rule: on equal
 //! values the lower flattened index (beam * vocab + token) ranks first, as
 //! `torch.topk` / `torch.argmax` return in practice.
+//!
+//! `vqa_gt_prob` in the original (`compute_expected_vqa_acc_prob`): for every
+//! distinct normalised ground-truth answer `a` (count `c`), the ICL prompt is
+//! rebuilt with `a` written after the query's "Short answer:" *inside the user
+//! turn* (chat template without generation prompt, so `<|im_end|>\n`
+//! follows), run once, and scored with `get_cond_prob` = `exp(-mean CE)` over
+//! the labels after `mask_length`, where `mask_length` is the token count of
+//! a different plain-text rendering of the prompt (no chat template, no image
+//! expansion); the result is `sum_a p(a) * min(c/3, 1)`.
+//! [`original_cond_prob`] reproduces that reduction on a full sequence built
+//! by the caller; [`answer_probabilities`] is the cheaper prefill-reusing
+//! teacher-forced score of the answer tokens only; [`weighted_gt_prob`] is
+//! the aggregation.
 
 use super::config::GenerationDefaults;
 use super::text::{KvCache, TextError, TextModel};
@@ -657,6 +670,59 @@ pub fn answer_probabilities<B: Backend>(
         .collect())
 }
 
+/// The original project's `get_cond_prob` on one full sequence (prompt with
+/// the answer filled in, run in a single forward): `exp(-mean CE)` where the
+/// cross-entropy of label `ids[j+1]` given positions `..=j` is summed over
+/// `j >= mask_length - 1` (labels equal to `pad_token_id` count 0) and
+/// divided by `(#non-pad ids) - mask_length`. `prompt` must hold one row.
+/// Logits are computed in chunks so the full [L, vocab] matrix never exists.
+pub fn original_cond_prob<B: Backend>(
+    model: &TextModel<B>,
+    prompt: PromptBatch<B>,
+    mask_length: usize,
+    pad_token_id: u32,
+) -> Result<f64, GenerateError> {
+    let [b, l, d] = prompt.embeds.dims();
+    if b != 1 || prompt.input_ids.len() != 1 || prompt.input_ids[0].len() != l {
+        return Err(GenerateError::Input(format!(
+            "original_cond_prob needs one row; got embeds [{b}, {l}] and {} id rows",
+            prompt.input_ids.len()
+        )));
+    }
+    let ids = &prompt.input_ids[0];
+    let non_pad = ids.iter().filter(|&&t| t != pad_token_id).count();
+    let lens = non_pad as f64 - mask_length as f64;
+    let mut cache = model.new_cache();
+    let hidden = model
+        .forward_hidden(
+            prompt.embeds,
+            prompt.position_ids,
+            &prompt.attention_mask,
+            &mut cache,
+        )?
+        .reshape([l, d]);
+    let start = mask_length.saturating_sub(1);
+    let device = model.device();
+    let mut ce = 0f64;
+    const CHUNK: usize = 64;
+    let mut j = start;
+    while j + 1 < l {
+        let end = (j + CHUNK).min(l - 1);
+        let n = end - j;
+        let targets: Vec<i64> = ids[j + 1..=end].iter().map(|&t| t as i64).collect();
+        let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+        let logits = model.logits(hidden.clone().slice([j..end, 0..d]));
+        let picked = host_rows(log_softmax(logits, 1).gather(1, tgt))?;
+        for (k, lp) in picked.iter().enumerate() {
+            if ids[j + 1 + k] != pad_token_id {
+                ce -= *lp as f64;
+            }
+        }
+        j = end;
+    }
+    Ok((-ce / lens).exp())
+}
+
 /// VQA-weighted ground-truth probability: `sum_a p(a) * min(count(a)/3, 1)`
 /// over the distinct normalised ground-truth answers `a` (the original's
 /// `vqa_gt_prob` aggregation).
@@ -887,5 +953,36 @@ mod tests {
         }
         assert_eq!(t.items, vec![(3.0, 1), (3.0, 2), (3.0, 4)]);
         assert_eq!(argmax(&[1.0, 5.0, 5.0]), 1);
+    }
+
+    #[test]
+    fn original_cond_prob_scores_the_tail() {
+        let (model, cfg) = load_model();
+        let case = load_case("zero_shot");
+        let l = case.len();
+        let v = model.vocab_size;
+        // mask_length = l - 1: only the last token is scored.
+        let got = original_cond_prob(&model, batch(&case, &model, &cfg), l - 1, PAD).unwrap();
+        let (e, p) = case.tensors(&model, &cfg);
+        let d = model.hidden_size;
+        let mut cache = model.new_cache();
+        let logits = model
+            .prefill(
+                e.slice([0..1, 0..l - 1, 0..d]),
+                p.slice([0..3, 0..1, 0..l - 1]),
+                &[case.mask[0][..l - 1].to_vec()],
+                &mut cache,
+            )
+            .unwrap();
+        let mut row = host_rows(logits).unwrap();
+        log_softmax_in_place(&mut row[..v]);
+        let want = (row[case.input_ids[0][l - 1] as usize] as f64).exp();
+        assert!(
+            (got - want).abs() < 1e-5 * want.max(1e-3),
+            "{got} vs {want}"
+        );
+        // A longer tail: geometric mean of per-token probabilities, in (0, 1).
+        let g = original_cond_prob(&model, batch(&case, &model, &cfg), l - 100, PAD).unwrap();
+        assert!(g > 0.0 && g < 1.0);
     }
 }
