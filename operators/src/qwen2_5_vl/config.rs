@@ -132,7 +132,11 @@ fn read_json(path: &Path) -> Result<Value, ConfigError> {
     })?;
     serde_json::from_str(&text).map_err(|e| ConfigError::Invalid {
         path: path.to_path_buf(),
-        message: format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+        message: format!(
+            "invalid JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ),
     })
 }
 
@@ -178,7 +182,10 @@ impl Qwen25VlConfig {
             .ok_or_else(|| invalid(path, "`mrope_section` must be a list of integers"))?;
         let rope_theta = lookup("rope_theta")
             .and_then(Value::as_f64)
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                rope.and_then(|r| r.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(1_000_000.0);
         let tie = root
             .get("tie_word_embeddings")
@@ -202,7 +209,9 @@ impl Qwen25VlConfig {
         if text.num_attention_heads == 0
             || !text.hidden_size.is_multiple_of(text.num_attention_heads)
             || text.num_key_value_heads == 0
-            || !text.num_attention_heads.is_multiple_of(text.num_key_value_heads)
+            || !text
+                .num_attention_heads
+                .is_multiple_of(text.num_key_value_heads)
         {
             return Err(invalid(path, "inconsistent attention head counts"));
         }
@@ -441,7 +450,10 @@ mod tests {
         let err = Qwen25VlConfig::from_value(Path::new("x/config.json"), &v).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("x/config.json"), "{msg}");
-        assert!(msg.contains("mrope_section") || msg.contains("hidden_size"), "{msg}");
+        assert!(
+            msg.contains("mrope_section") || msg.contains("hidden_size"),
+            "{msg}"
+        );
     }
 
     #[test]
