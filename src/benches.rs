@@ -73,8 +73,11 @@ fn bench_cands(args: &BenchArgs) -> Result<()> {
         seed: 0,
     };
     let mut rates = Vec::new();
+    let mut prepare = Vec::new();
     for _ in 0..args.reps.max(1) {
-        rates.push(bench_candidates(512, 256, 3, args.pool, args.queries, 256, &cargs)?);
+        let r = bench_candidates(512, 256, 3, args.pool, args.queries, 256, &cargs)?;
+        rates.push(r.queries_per_s);
+        prepare.push(r.prepare_s);
     }
     let med = median(&rates);
     println!(
@@ -84,6 +87,7 @@ fn bench_cands(args: &BenchArgs) -> Result<()> {
             "reps": rates.len(), "median_queries_per_s": med,
             "min_queries_per_s": rates.iter().copied().fold(f64::INFINITY, f64::min),
             "max_queries_per_s": rates.iter().copied().fold(0.0, f64::max),
+            "median_pool_prepare_s": median(&prepare),
         })
     );
     Ok(())

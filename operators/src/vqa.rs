@@ -10,6 +10,9 @@
 //! original.
 
 use std::collections::HashMap;
+
+/// Default system prompt of the original `qwen2.5_vl_3B` inference config.
+pub use crate::qwen2_5_vl::processor::DEFAULT_SYSTEM_PROMPT;
 use std::path::PathBuf;
 
 /// Errors of a VQA backend.
