@@ -70,6 +70,10 @@ pub struct Inputs {
     pub strict: bool,
     /// SHA-256 of each input file, for `_meta`.
     pub hashes: BTreeMap<String, String>,
+    /// `--query_emb`, for messages.
+    pub query_emb_path: PathBuf,
+    /// `--beam_data`, for messages.
+    pub beam_path: PathBuf,
 }
 
 fn required<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a Path> {
@@ -227,6 +231,20 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
         shot_num: args.shot_num.unwrap_or(2),
         seed: args.seed,
     };
+    // Settings that only depend on the pool size fail before any work.
+    match &pools {
+        Pools::Shared { indices, .. } => cand_args
+            .validate(indices.len(), 1)
+            .or_else(|_| cand_args.validate(indices.len(), 0))
+            .map_err(|e| anyhow::anyhow!("{e} (--cand_emb {})", cand_emb_path.display()))?,
+        Pools::PerQuery { pools } => {
+            if let Some((q, pool)) = pools.iter().find(|(_, p)| cand_args.validate(p.len(), 1).is_err()) {
+                cand_args.validate(pool.len(), 1).map_err(|e| {
+                    anyhow::anyhow!("{e} (pool of query {q} in the sampler cache)")
+                })?;
+            }
+        }
+    }
     let reward = reward_config(args)?;
     Ok(Inputs {
         dataset,
@@ -243,6 +261,8 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
         parquet_path,
         strict,
         hashes,
+        query_emb_path: query_emb_path.to_path_buf(),
+        beam_path: beam.to_path_buf(),
     })
 }
 

@@ -4,7 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use leverflow_operators::accuracy::{self, postprocess_generation, relevance, Normalizer};
@@ -85,12 +84,15 @@ pub struct QueryScored {
 /// A finished record: query index and its serialised JSON (empty = skipped).
 pub type Finished = (u64, Vec<u8>);
 
-fn query_row<'a>(m: &'a Matrix, query_index: u64, what: &str) -> Result<&'a [f32], String> {
+fn query_row(inputs: &Inputs, query_index: u64) -> Result<&[f32], String> {
+    let m = &inputs.query_emb;
     if (query_index as usize) < m.rows {
         Ok(m.row(query_index as usize))
     } else {
         Err(format!(
-            "query {query_index} is outside the {what} embeddings ({} rows)",
+            "{}: query {query_index} is outside the query embeddings {} ({} rows)",
+            inputs.beam_path.display(),
+            inputs.query_emb_path.display(),
             m.rows
         ))
     }
@@ -113,9 +115,12 @@ pub fn candidates(
             } => {
                 let mut queries = Vec::with_capacity(batch.len());
                 for w in &batch {
+                    // Every ICD of the beam data must be a pool member, as the
+                    // original's `candidate_indices.index(id)` requires.
+                    source_positions(w, |id| position_of.get(&id).copied())?;
                     queries.push(QueryInput {
                         query_index: w.query_index,
-                        embedding: query_row(&inputs.query_emb, w.query_index, "query")?,
+                        embedding: query_row(&inputs, w.query_index)?,
                         exclude_position: position_of.get(&w.query_index).copied(),
                     });
                 }
@@ -166,7 +171,7 @@ pub fn candidates(
                     let ids = &pools[&w.query_index];
                     queries.push(QueryInput {
                         query_index: w.query_index,
-                        embedding: query_row(&inputs.query_emb, w.query_index, "query")?,
+                        embedding: query_row(&inputs, w.query_index)?,
                         exclude_position: ids.iter().position(|&i| i == w.query_index),
                     });
                 }
@@ -552,9 +557,4 @@ pub fn candidates_record_stage(
         }
         Ok(out)
     })
-}
-
-#[allow(dead_code)]
-fn _ordering_used() -> Ordering {
-    Ordering::Relaxed
 }
