@@ -77,6 +77,10 @@ pub struct GenerateArgs {
     /// Print the effective configuration (flags + YAML + defaults) and exit.
     #[arg(long = "print_config", visible_alias = "print-config")]
     pub print_config: bool,
+    /// Run on the embedded demo (easy-VQA subset in demo/, the tiny
+    /// Qwen2.5-VL fixture); writes under demo-output/ unless --output_path.
+    #[arg(long)]
+    pub demo: bool,
 
     // ---- inputs ----
     /// SFT pointer-selector checkpoint (Lightning .ckpt, state-dict .pt, or .safetensors).

@@ -11,6 +11,7 @@ mod bench;
 mod benches;
 mod cli;
 mod config;
+mod demo;
 mod generate;
 mod progress;
 mod qwen;
@@ -37,7 +38,10 @@ fn real_main() -> Result<()> {
     }
 }
 
-fn run_job(args: cli::GenerateArgs, job: generate::Job) -> Result<()> {
+fn run_job(mut args: cli::GenerateArgs, job: generate::Job) -> Result<()> {
+    if args.demo {
+        demo::apply(&mut args, job)?;
+    }
     if args.print_config {
         print!("{}", serde_yaml::to_string(&args)?);
         return Ok(());
