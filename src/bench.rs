@@ -8,7 +8,10 @@ use std::time::Instant;
 
 /// Times `work` `reps` times (after one warm-up run) and returns the seconds
 /// of each run.
-pub fn time_runs<F: FnMut() -> anyhow::Result<()>>(reps: usize, mut work: F) -> anyhow::Result<Vec<f64>> {
+pub fn time_runs<F: FnMut() -> anyhow::Result<()>>(
+    reps: usize,
+    mut work: F,
+) -> anyhow::Result<Vec<f64>> {
     work()?;
     let mut secs = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {

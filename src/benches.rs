@@ -20,7 +20,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Official accuracy: answer evaluations per second on the vqa_eval fixture

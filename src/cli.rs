@@ -90,7 +90,11 @@ pub struct GenerateArgs {
     #[arg(long = "beam_data", visible_alias = "beam-data", value_name = "FILE")]
     pub beam_data: Option<PathBuf>,
     /// Output JSON path (the original format).
-    #[arg(long = "output_path", visible_alias = "output-path", value_name = "FILE")]
+    #[arg(
+        long = "output_path",
+        visible_alias = "output-path",
+        value_name = "FILE"
+    )]
     pub output_path: Option<PathBuf>,
     /// Query embeddings [N, d] (.pt, .safetensors, .npy); row i = dataset index i.
     #[arg(long = "query_emb", visible_alias = "query-emb", value_name = "FILE")]
@@ -99,28 +103,56 @@ pub struct GenerateArgs {
     #[arg(long = "cand_emb", visible_alias = "cand-emb", value_name = "FILE")]
     pub cand_emb: Option<PathBuf>,
     /// JSON list: the dataset index of each candidate-embedding row (default: row = index).
-    #[arg(long = "candidate_indices", visible_alias = "candidate-indices", value_name = "FILE")]
+    #[arg(
+        long = "candidate_indices",
+        visible_alias = "candidate-indices",
+        value_name = "FILE"
+    )]
     pub candidate_indices: Option<PathBuf>,
     /// Per-query candidate pools `{"<query_idx>": [ids]}`: the pointer picks positions in the pool.
-    #[arg(long = "sampler_cache", visible_alias = "sampler-cache", value_name = "FILE")]
+    #[arg(
+        long = "sampler_cache",
+        visible_alias = "sampler-cache",
+        value_name = "FILE"
+    )]
     pub sampler_cache: Option<PathBuf>,
     /// VQA model: the directory of a downloaded Qwen2.5-VL checkpoint.
-    #[arg(long = "vqa_model", visible_alias = "vqa-model", default_value = "qwen2.5_vl_3B")]
+    #[arg(
+        long = "vqa_model",
+        visible_alias = "vqa-model",
+        default_value = "qwen2.5_vl_3B"
+    )]
     pub vqa_model: String,
     /// Dataset kind: okvqa_local or vqav2_local.
     #[arg(long, default_value = "okvqa_local")]
     pub dataset: String,
     /// Training questions (official VQA format).
-    #[arg(long = "train_ques_path", visible_alias = "train-ques-path", value_name = "FILE")]
+    #[arg(
+        long = "train_ques_path",
+        visible_alias = "train-ques-path",
+        value_name = "FILE"
+    )]
     pub train_ques_path: Option<PathBuf>,
     /// Training annotations (official VQA format, or merged vqav2 style).
-    #[arg(long = "train_ann_path", visible_alias = "train-ann-path", value_name = "FILE")]
+    #[arg(
+        long = "train_ann_path",
+        visible_alias = "train-ann-path",
+        value_name = "FILE"
+    )]
     pub train_ann_path: Option<PathBuf>,
     /// Validation questions (accuracy fallback split).
-    #[arg(long = "val_ques_path", visible_alias = "val-ques-path", value_name = "FILE")]
+    #[arg(
+        long = "val_ques_path",
+        visible_alias = "val-ques-path",
+        value_name = "FILE"
+    )]
     pub val_ques_path: Option<PathBuf>,
     /// Validation annotations.
-    #[arg(long = "val_ann_path", visible_alias = "val-ann-path", value_name = "FILE")]
+    #[arg(
+        long = "val_ann_path",
+        visible_alias = "val-ann-path",
+        value_name = "FILE"
+    )]
     pub val_ann_path: Option<PathBuf>,
     /// Merged training file (vqav2 style: annotations holding `question`).
     #[arg(long = "train_path", visible_alias = "train-path", value_name = "FILE")]
@@ -129,13 +161,25 @@ pub struct GenerateArgs {
     #[arg(long = "val_path", visible_alias = "val-path", value_name = "FILE")]
     pub val_path: Option<PathBuf>,
     /// Training image directory.
-    #[arg(long = "train_coco_root", visible_alias = "train-coco-root", value_name = "DIR")]
+    #[arg(
+        long = "train_coco_root",
+        visible_alias = "train-coco-root",
+        value_name = "DIR"
+    )]
     pub train_coco_root: Option<PathBuf>,
     /// Validation image directory.
-    #[arg(long = "val_coco_root", visible_alias = "val-coco-root", value_name = "DIR")]
+    #[arg(
+        long = "val_coco_root",
+        visible_alias = "val-coco-root",
+        value_name = "DIR"
+    )]
     pub val_coco_root: Option<PathBuf>,
     /// Image file name pattern ({image_id}, {image_id:012d}, {question_id}).
-    #[arg(long = "image_pattern", visible_alias = "image-pattern", default_value = "COCO_train2014_{image_id:012d}.jpg")]
+    #[arg(
+        long = "image_pattern",
+        visible_alias = "image-pattern",
+        default_value = "COCO_train2014_{image_id:012d}.jpg"
+    )]
     pub image_pattern: String,
 
     // ---- candidates ----
@@ -146,13 +190,21 @@ pub struct GenerateArgs {
     #[arg(long, num_args = 1.., default_values_t = [1.0, 1.3])]
     pub temps: Vec<f64>,
     /// Samples per temperature.
-    #[arg(long = "num_samples_per_temp", visible_alias = "num-samples-per-temp", default_value_t = 2)]
+    #[arg(
+        long = "num_samples_per_temp",
+        visible_alias = "num-samples-per-temp",
+        default_value_t = 2
+    )]
     pub num_samples_per_temp: usize,
     /// Uniformly random sequences.
     #[arg(long = "num_random", visible_alias = "num-random", default_value_t = 1)]
     pub num_random: usize,
     /// Similarity-retrieval sequences.
-    #[arg(long = "num_retrieval", visible_alias = "num-retrieval", default_value_t = 0)]
+    #[arg(
+        long = "num_retrieval",
+        visible_alias = "num-retrieval",
+        default_value_t = 0
+    )]
     pub num_retrieval: usize,
     /// Examples per prompt (default: the checkpoint's, else 2).
     #[arg(long = "shot_num", visible_alias = "shot-num")]
@@ -169,10 +221,18 @@ pub struct GenerateArgs {
 
     // ---- VQA ----
     /// VQA backend: qwen2_5_vl or replay.
-    #[arg(long = "vqa_backend", visible_alias = "vqa-backend", default_value = "qwen2_5_vl")]
+    #[arg(
+        long = "vqa_backend",
+        visible_alias = "vqa-backend",
+        default_value = "qwen2_5_vl"
+    )]
     pub vqa_backend: String,
     /// Earlier leverflow output (JSON or Parquet) whose raw generations the replay backend answers with.
-    #[arg(long = "replay_from", visible_alias = "replay-from", value_name = "FILE")]
+    #[arg(
+        long = "replay_from",
+        visible_alias = "replay-from",
+        value_name = "FILE"
+    )]
     pub replay_from: Option<PathBuf>,
     /// Device: cpu, or cuda:N (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -181,16 +241,32 @@ pub struct GenerateArgs {
     #[arg(long = "batch_size", visible_alias = "batch-size", default_value_t = 8)]
     pub batch_size: usize,
     /// Maximum new tokens.
-    #[arg(long = "max_new_tokens", visible_alias = "max-new-tokens", default_value_t = 5)]
+    #[arg(
+        long = "max_new_tokens",
+        visible_alias = "max-new-tokens",
+        default_value_t = 5
+    )]
     pub max_new_tokens: usize,
     /// Beams of the VQA generation.
-    #[arg(long = "vqa_num_beams", visible_alias = "vqa-num-beams", default_value_t = 3)]
+    #[arg(
+        long = "vqa_num_beams",
+        visible_alias = "vqa-num-beams",
+        default_value_t = 3
+    )]
     pub vqa_num_beams: usize,
     /// Length penalty of the VQA beam search.
-    #[arg(long = "length_penalty", visible_alias = "length-penalty", default_value_t = 0.0)]
+    #[arg(
+        long = "length_penalty",
+        visible_alias = "length-penalty",
+        default_value_t = 0.0
+    )]
     pub length_penalty: f64,
     /// Minimum new tokens.
-    #[arg(long = "min_new_tokens", visible_alias = "min-new-tokens", default_value_t = 0)]
+    #[arg(
+        long = "min_new_tokens",
+        visible_alias = "min-new-tokens",
+        default_value_t = 0
+    )]
     pub min_new_tokens: usize,
     /// Repetition penalty (default: the checkpoint's generation_config.json, as HF does).
     #[arg(long = "repetition_penalty", visible_alias = "repetition-penalty")]
@@ -199,10 +275,18 @@ pub struct GenerateArgs {
     #[arg(long = "gt_prob", visible_alias = "gt-prob")]
     pub gt_prob: bool,
     /// Vision-embedding cache size in MB.
-    #[arg(long = "vision_cache_mb", visible_alias = "vision-cache-mb", default_value_t = 512)]
+    #[arg(
+        long = "vision_cache_mb",
+        visible_alias = "vision-cache-mb",
+        default_value_t = 512
+    )]
     pub vision_cache_mb: usize,
     /// What to do when an image is missing: error or skip (the query is recorded as skipped).
-    #[arg(long = "on_missing_image", visible_alias = "on-missing-image", default_value = "error")]
+    #[arg(
+        long = "on_missing_image",
+        visible_alias = "on-missing-image",
+        default_value = "error"
+    )]
     pub on_missing_image: String,
     /// System prompt (default: the original's).
     #[arg(long = "system_prompt", visible_alias = "system-prompt")]
@@ -210,7 +294,11 @@ pub struct GenerateArgs {
 
     // ---- accuracy ----
     /// Strict evaluation: only the official metric with annotation files (default).
-    #[arg(long = "strict_eval", visible_alias = "strict-eval", overrides_with = "no_strict_eval")]
+    #[arg(
+        long = "strict_eval",
+        visible_alias = "strict-eval",
+        overrides_with = "no_strict_eval"
+    )]
     pub strict_eval: bool,
     /// Allow the fallback match (exact 1.0, substring 0.5) when no annotations match.
     #[arg(long = "no_strict_eval", visible_alias = "no-strict-eval")]
@@ -222,25 +310,49 @@ pub struct GenerateArgs {
     // ---- rewards ----
     /// Reward mode (hard_plus_soft, hard_plus_soft_v2, separated, hard_only, soft_only,
     /// hard01_plus_gtprob, hard01_plus_gtprob_separated, hard_plus_gtprob_plus_rel, legacy).
-    #[arg(long = "reward_mode", visible_alias = "reward-mode", default_value = "hard_plus_soft")]
+    #[arg(
+        long = "reward_mode",
+        visible_alias = "reward-mode",
+        default_value = "hard_plus_soft"
+    )]
     pub reward_mode: String,
     /// Weight of the hard (0/1) correctness.
-    #[arg(long = "hard_weight", visible_alias = "hard-weight", default_value_t = 1.0)]
+    #[arg(
+        long = "hard_weight",
+        visible_alias = "hard-weight",
+        default_value_t = 1.0
+    )]
     pub hard_weight: f64,
     /// Weight of the soft score (accuracy or answer probability).
-    #[arg(long = "soft_weight", visible_alias = "soft-weight", default_value_t = 1.0)]
+    #[arg(
+        long = "soft_weight",
+        visible_alias = "soft-weight",
+        default_value_t = 1.0
+    )]
     pub soft_weight: f64,
     /// Weight of the relevance score.
     #[arg(long = "rel_weight", visible_alias = "rel-weight")]
     pub rel_weight: Option<f64>,
     /// Legacy mode: weight of the policy quality term.
-    #[arg(long = "reward_alpha", visible_alias = "reward-alpha", default_value_t = 0.0)]
+    #[arg(
+        long = "reward_alpha",
+        visible_alias = "reward-alpha",
+        default_value_t = 0.0
+    )]
     pub reward_alpha: f64,
     /// Legacy mode: weight of the correctness term.
-    #[arg(long = "reward_beta", visible_alias = "reward-beta", default_value_t = 0.0)]
+    #[arg(
+        long = "reward_beta",
+        visible_alias = "reward-beta",
+        default_value_t = 0.0
+    )]
     pub reward_beta: f64,
     /// Legacy mode: correctness as 01 or pm1.
-    #[arg(long = "correctness_mode", visible_alias = "correctness-mode", default_value = "01")]
+    #[arg(
+        long = "correctness_mode",
+        visible_alias = "correctness-mode",
+        default_value = "01"
+    )]
     pub correctness_mode: String,
     /// Legacy mode: use -logprob_score as the quality term.
     #[arg(long = "use_logprob", visible_alias = "use-logprob")]
@@ -260,7 +372,11 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "json,parquet")]
     pub format: String,
     /// Parquet output path (default: the output path with `.parquet`).
-    #[arg(long = "parquet_path", visible_alias = "parquet-path", value_name = "FILE")]
+    #[arg(
+        long = "parquet_path",
+        visible_alias = "parquet-path",
+        value_name = "FILE"
+    )]
     pub parquet_path: Option<PathBuf>,
     /// No progress output.
     #[arg(long)]

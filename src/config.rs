@@ -56,10 +56,16 @@ pub fn yaml_to_args(path: &Path) -> Result<Vec<String>> {
     let mut tokens = Vec::new();
     for (key, value) in map {
         let Some(key) = key.as_str() else {
-            bail!("{}: every key must be a string, found {key:?}", path.display());
+            bail!(
+                "{}: every key must be a string, found {key:?}",
+                path.display()
+            );
         };
         if key == "config" {
-            bail!("{}: `config` cannot be set inside a config file", path.display());
+            bail!(
+                "{}: `config` cannot be set inside a config file",
+                path.display()
+            );
         }
         let flag = format!("--{}", key.replace('-', "_"));
         let where_ = || format!("{} (key `{key}`)", path.display());
@@ -112,7 +118,10 @@ pub fn interpolate(raw: &str) -> Result<String> {
             bail!("unsupported interpolation `${{{expr}}}` in `{raw}` (only ${{oc.env:VAR}} is supported)");
         };
         let (var, default) = match body.split_once(',') {
-            Some((v, d)) => (v.trim(), Some(d.trim().trim_matches(|c| c == '\'' || c == '"'))),
+            Some((v, d)) => (
+                v.trim(),
+                Some(d.trim().trim_matches(|c| c == '\'' || c == '"')),
+            ),
             None => (body.trim(), None),
         };
         match (std::env::var(var), default) {
@@ -142,10 +151,17 @@ mod tests {
             "num_beams: 7\ntemps: [0.5, 2.0]\ntrain_coco_root: ${oc.env:LEVERFLOW_TEST_ROOT}/img\nsave_prompts: true\nstrict_eval: false\nbeam-data: b.json\n",
         )
         .unwrap();
-        let args: Vec<String> = ["leverflow", "generate", "--config", path.to_str().unwrap(), "--num_beams", "3"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "leverflow",
+            "generate",
+            "--config",
+            path.to_str().unwrap(),
+            "--num_beams",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let out = expand_config_args(args).unwrap();
         let joined = out.join(" ");
         assert!(joined.starts_with("leverflow generate --num_beams 7 --temps 0.5 2.0 --train_coco_root /data/img --save_prompts --no_strict_eval --beam_data b.json --config"), "{joined}");
@@ -154,8 +170,13 @@ mod tests {
 
     #[test]
     fn interpolation_defaults_and_errors() {
-        assert_eq!(interpolate("${oc.env:LEVERFLOW_UNSET_VAR,abc}/x").unwrap(), "abc/x");
-        let err = interpolate("${oc.env:LEVERFLOW_UNSET_VAR}").unwrap_err().to_string();
+        assert_eq!(
+            interpolate("${oc.env:LEVERFLOW_UNSET_VAR,abc}/x").unwrap(),
+            "abc/x"
+        );
+        let err = interpolate("${oc.env:LEVERFLOW_UNSET_VAR}")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("LEVERFLOW_UNSET_VAR"), "{err}");
     }
 

@@ -10,12 +10,18 @@ use crate::generate::Job;
 /// The repository root holding `demo/`: the current directory when it has
 /// one, else the source tree this binary was built from.
 fn demo_root() -> Result<PathBuf> {
-    for base in [PathBuf::from("."), PathBuf::from(env!("CARGO_MANIFEST_DIR"))] {
+    for base in [
+        PathBuf::from("."),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    ] {
         if base.join("demo/beam_data.json").exists() {
             return Ok(base);
         }
     }
-    bail!("--demo: no demo/ folder here or in {}; run from the leverflow repository", env!("CARGO_MANIFEST_DIR"))
+    bail!(
+        "--demo: no demo/ folder here or in {}; run from the leverflow repository",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 fn set(slot: &mut Option<PathBuf>, value: PathBuf) {

@@ -50,7 +50,8 @@ fn run_job(mut args: cli::GenerateArgs, job: generate::Job) -> Result<()> {
 }
 
 fn score(a: &cli::ScoreArgs) -> Result<()> {
-    let index = leverflow_operators::accuracy::load_questions_annotations(&a.questions, &a.annotations)?;
+    let index =
+        leverflow_operators::accuracy::load_questions_annotations(&a.questions, &a.annotations)?;
     let report = leverflow_operators::accuracy::score_predictions(&index, &a.predictions)?;
     let full = report.to_json();
     let out = serde_json::json!({"overall": full["overall"], "perQuestion": full["perQuestion"]});

@@ -81,7 +81,9 @@ impl Reporter {
             _ => {
                 let stop = Arc::clone(&stop);
                 let stage = stage.to_string();
-                Some(std::thread::spawn(move || report(style, &counters, &stop, &stage)))
+                Some(std::thread::spawn(move || {
+                    report(style, &counters, &stop, &stage)
+                }))
             }
         };
         Self { stop, handle }
@@ -141,19 +143,19 @@ fn report(style: ProgressStyle, c: &Counters, stop: &AtomicBool, stage: &str) {
                     calls as f64 / secs
                 ));
             }
-            (None, ProgressStyle::Json) => {
-                if done || last_json.elapsed() >= Duration::from_secs(1) {
-                    last_json = Instant::now();
-                    eprintln!(
-                        "{}",
-                        serde_json::json!({
-                            "event": "progress", "stage": stage, "queries_done": queries,
-                            "queries_total": c.queries_total.load(Ordering::Relaxed),
-                            "candidates_done": candidates, "vqa_calls": calls,
-                            "vqa_calls_per_s": calls as f64 / secs, "elapsed_s": secs,
-                        })
-                    );
-                }
+            (None, ProgressStyle::Json)
+                if done || last_json.elapsed() >= Duration::from_secs(1) =>
+            {
+                last_json = Instant::now();
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "event": "progress", "stage": stage, "queries_done": queries,
+                        "queries_total": c.queries_total.load(Ordering::Relaxed),
+                        "candidates_done": candidates, "vqa_calls": calls,
+                        "vqa_calls_per_s": calls as f64 / secs, "elapsed_s": secs,
+                    })
+                );
             }
             _ => {}
         }

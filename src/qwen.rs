@@ -10,7 +10,9 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use leverflow_operators::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
 use leverflow_operators::qwen2_5_vl::model::{Qwen25Vl, QwenVqa};
-use leverflow_operators::qwen2_5_vl::processor::{ImageSource, PromptRequest, VqaExample, VqaQuery};
+use leverflow_operators::qwen2_5_vl::processor::{
+    ImageSource, PromptRequest, VqaExample, VqaQuery,
+};
 use leverflow_operators::vqa::VqaModel;
 
 use crate::cli::{BenchArgs, GenerateArgs, VqaArgs};
@@ -73,7 +75,11 @@ where
     let generation = GenerationConfig::resolve(&over, &model.generation_defaults)?;
     let identity = QwenVqa::new(Arc::clone(&model), generation.clone(), 0).identity();
     let f: VqaFactory = Arc::new(move || {
-        Ok(Box::new(QwenVqa::new(Arc::clone(&model), generation.clone(), cache_mb)) as Box<dyn VqaModel>)
+        Ok(Box::new(QwenVqa::new(
+            Arc::clone(&model),
+            generation.clone(),
+            cache_mb,
+        )) as Box<dyn VqaModel>)
     });
     Ok((f, identity))
 }
@@ -136,9 +142,15 @@ struct RequestGen {
 }
 
 fn read_requests(path: &Path) -> Result<Vec<Request>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!("{}: invalid JSON at line {} column {}: {e}", path.display(), e.line(), e.column())
+        anyhow::anyhow!(
+            "{}: invalid JSON at line {} column {}: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        )
     })?;
     let items = match value {
         serde_json::Value::Array(xs) => xs,
@@ -204,10 +216,14 @@ fn run_vqa_on<B: Backend>(args: &VqaArgs, device: B::Device) -> Result<()> {
         };
         let generation = GenerationConfig::resolve(&over, &model.generation_defaults)?;
         let mut qv = QwenVqa::new(Arc::clone(&model), generation, 256);
-        let reqs: Vec<PromptRequest> = idx.iter().map(|&i| to_prompt_request(&requests[i])).collect();
+        let reqs: Vec<PromptRequest> = idx
+            .iter()
+            .map(|&i| to_prompt_request(&requests[i]))
+            .collect();
         let answers = qv.answer_requests(&reqs, None)?;
         for (i, a) in idx.into_iter().zip(answers) {
-            let answer = leverflow_operators::accuracy::postprocess_generation(Some(&a.raw_generation));
+            let answer =
+                leverflow_operators::accuracy::postprocess_generation(Some(&a.raw_generation));
             outputs[i] = Some(serde_json::json!({
                 "prompt_text": a.prompt_text,
                 "input_ids": a.input_ids,
@@ -256,7 +272,10 @@ pub fn bench_vqa(args: &BenchArgs) -> Result<()> {
     let images: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
         .with_context(|| format!("{}: no images/ folder with prompt images", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("easyvqa")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("easyvqa"))
+        })
         .collect();
     let mut images = images;
     images.sort();

@@ -156,14 +156,23 @@ fn generate_with_replay_writes_what_the_original_reader_needs() {
         .map(|k| k.parse().unwrap())
         .collect();
     assert_eq!(keys.len(), 48);
-    assert!(keys.windows(2).all(|w| w[0] < w[1]), "ascending query order");
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "ascending query order"
+    );
     let annotations = read_json(Path::new(&demo("data/annotations.json")));
     let n_items = annotations["annotations"].as_array().unwrap().len() as u64;
     let mut correct = 0;
     for (k, rec) in obj.iter().filter(|(k, _)| *k != "_meta") {
         let q: u64 = k.parse().unwrap();
         assert_eq!(rec["query"]["query_id"].as_u64(), Some(q));
-        for key in ["question_id", "image_id", "question", "gt_answers_raw", "gt_answers_norm"] {
+        for key in [
+            "question_id",
+            "image_id",
+            "question",
+            "gt_answers_raw",
+            "gt_answers_norm",
+        ] {
             assert!(rec["query"].get(key).is_some(), "query.{key}");
         }
         let cands = rec["pointer_candidates"].as_array().unwrap();
@@ -173,15 +182,33 @@ fn generate_with_replay_writes_what_the_original_reader_needs() {
             // What RLBeamDatasetWithEmbedding reads: pointer_pos if present
             // (else pointer) as dataset indices, correctness and rewards.
             let ptr = c.get("pointer_pos").unwrap_or(&c["pointer"]);
-            let ids: Vec<u64> = ptr.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            let ids: Vec<u64> = ptr
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
             assert_eq!(ids.len(), 2);
-            assert!(ids.iter().all(|&i| i < n_items && i != q), "{ids:?} for query {q}");
+            assert!(
+                ids.iter().all(|&i| i < n_items && i != q),
+                "{ids:?} for query {q}"
+            );
             assert_ne!(ids[0], ids[1]);
             for key in [
-                "gen_method", "logprob_score", "vqa_raw_generation", "vqa_pred_answer",
-                "vqa_correct", "vqa_acc_score", "vqa_rel_token_f1", "vqa_rel_edit_sim",
-                "vqa_rel_score", "vqa_eval_mode", "eval_split_used", "eval_failed",
-                "reward", "advantage",
+                "gen_method",
+                "logprob_score",
+                "vqa_raw_generation",
+                "vqa_pred_answer",
+                "vqa_correct",
+                "vqa_acc_score",
+                "vqa_rel_token_f1",
+                "vqa_rel_edit_sim",
+                "vqa_rel_score",
+                "vqa_eval_mode",
+                "eval_split_used",
+                "eval_failed",
+                "reward",
+                "advantage",
             ] {
                 assert!(c.get(key).is_some(), "candidate field {key} missing: {c}");
             }
@@ -197,7 +224,10 @@ fn generate_with_replay_writes_what_the_original_reader_needs() {
             rewards.push(c["reward"].as_f64().unwrap());
             assert!(c.get("pointer_global").is_none());
         }
-        let advs: Vec<f64> = cands.iter().map(|c| c["advantage"].as_f64().unwrap()).collect();
+        let advs: Vec<f64> = cands
+            .iter()
+            .map(|c| c["advantage"].as_f64().unwrap())
+            .collect();
         let mean: f64 = advs.iter().sum::<f64>() / advs.len() as f64;
         assert!(mean.abs() < 1e-9 || rewards.iter().all(|r| *r == rewards[0]));
     }
@@ -255,7 +285,10 @@ fn replay_from_parquet_equals_replay_from_json() {
 fn expect_failure(args: Vec<String>, out: &Path, needles: &[&str]) {
     let o = leverflow(&args);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "expected a failure, got success; stderr: {stderr}");
+    assert!(
+        !o.status.success(),
+        "expected a failure, got success; stderr: {stderr}"
+    );
     for n in needles {
         assert!(stderr.contains(n), "stderr should mention {n:?}: {stderr}");
     }
@@ -304,7 +337,11 @@ fn malformed_and_truncated_beam_data() {
         &["truncated.json", "line"],
     );
     let malformed = dir.path().join("malformed.json");
-    std::fs::write(&malformed, text.replacen("\"id_list\"", "\"id_list\" oops", 1)).unwrap();
+    std::fs::write(
+        &malformed,
+        text.replacen("\"id_list\"", "\"id_list\" oops", 1),
+    )
+    .unwrap();
     expect_failure(
         with_flag(args, "--beam_data", malformed.to_str().unwrap()),
         &out,
@@ -316,7 +353,11 @@ fn malformed_and_truncated_beam_data() {
 fn query_index_outside_the_embeddings() {
     let (dir, out, args) = bad_case("query");
     let beam = dir.path().join("beam.json");
-    std::fs::write(&beam, r#"{"5000": {"id_list": [[1, 2, 5000]], "score_list": [0.5]}}"#).unwrap();
+    std::fs::write(
+        &beam,
+        r#"{"5000": {"id_list": [[1, 2, 5000]], "score_list": [0.5]}}"#,
+    )
+    .unwrap();
     expect_failure(
         with_flag(args, "--beam_data", beam.to_str().unwrap()),
         &out,
@@ -328,7 +369,11 @@ fn query_index_outside_the_embeddings() {
 fn icd_index_outside_the_pool() {
     let (dir, out, args) = bad_case("icd");
     let beam = dir.path().join("beam.json");
-    std::fs::write(&beam, r#"{"3": {"id_list": [[1, 9999, 3]], "score_list": [0.5]}}"#).unwrap();
+    std::fs::write(
+        &beam,
+        r#"{"3": {"id_list": [[1, 9999, 3]], "score_list": [0.5]}}"#,
+    )
+    .unwrap();
     expect_failure(
         with_flag(args, "--beam_data", beam.to_str().unwrap()),
         &out,
@@ -355,7 +400,12 @@ fn embedding_dimension_differs_from_the_checkpoint() {
 fn nan_in_embeddings() {
     let (_dir, out, args) = bad_case("nan");
     let npy = out.parent().unwrap().join("nan.npy");
-    write_npy(&npy, 300, 64, |r, c| if r == 7 && c == 3 { f32::NAN } else { 0.1 });
+    write_npy(
+        &npy,
+        300,
+        64,
+        |r, c| if r == 7 && c == 3 { f32::NAN } else { 0.1 },
+    );
     expect_failure(
         with_flag(args, "--query_emb", npy.to_str().unwrap()),
         &out,
@@ -436,7 +486,11 @@ fn missing_image_fails_or_is_skipped() {
         "--replay_from".into(),
         r.replay.display().to_string(),
     ]);
-    expect_failure(args.clone(), &out, &["COCO_train2014_000000000000.png", "--on_missing_image skip"]);
+    expect_failure(
+        args.clone(),
+        &out,
+        &["COCO_train2014_000000000000.png", "--on_missing_image skip"],
+    );
     let skip = with_flag(args, "--on_missing_image", "skip");
     ok(&leverflow(&skip));
     let v = read_json(&out);
@@ -447,8 +501,16 @@ fn missing_image_fails_or_is_skipped() {
 #[test]
 fn bad_temperatures_and_too_many_beams() {
     let (_dir, out, args) = bad_case("args");
-    expect_failure(with_flag(args.clone(), "--temps", "0"), &out, &["--temps", "> 0"]);
-    expect_failure(with_flag(args, "--num_beams", "400"), &out, &["num_beams 400", "pool"]);
+    expect_failure(
+        with_flag(args.clone(), "--temps", "0"),
+        &out,
+        &["--temps", "> 0"],
+    );
+    expect_failure(
+        with_flag(args, "--num_beams", "400"),
+        &out,
+        &["num_beams 400", "pool"],
+    );
 }
 
 #[test]
@@ -471,7 +533,14 @@ fn yaml_config_and_print_config() {
     .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_leverflow"))
         .env("LEVERFLOW_DEMO_DIR", root().join("demo"))
-        .args(["generate", "--config", cfg.to_str().unwrap(), "--num-beams", "3", "--print_config"])
+        .args([
+            "generate",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--num-beams",
+            "3",
+            "--print_config",
+        ])
         .output()
         .unwrap();
     ok(&o);
@@ -483,9 +552,8 @@ fn yaml_config_and_print_config() {
 
 /// Writes a little-endian float32 C-order .npy file.
 fn write_npy(path: &Path, rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}"
-    );
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }

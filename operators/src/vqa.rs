@@ -134,7 +134,9 @@ impl ReplayIndex {
 
     /// Records the answer for (query, examples); the first one recorded wins.
     pub fn insert(&mut self, query_index: u64, examples: Vec<u64>, answer: VqaAnswer) {
-        self.answers.entry((query_index, examples)).or_insert(answer);
+        self.answers
+            .entry((query_index, examples))
+            .or_insert(answer);
     }
 
     /// Number of recorded answers.

@@ -238,10 +238,13 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
             .or_else(|_| cand_args.validate(indices.len(), 0))
             .map_err(|e| anyhow::anyhow!("{e} (--cand_emb {})", cand_emb_path.display()))?,
         Pools::PerQuery { pools } => {
-            if let Some((q, pool)) = pools.iter().find(|(_, p)| cand_args.validate(p.len(), 1).is_err()) {
-                cand_args.validate(pool.len(), 1).map_err(|e| {
-                    anyhow::anyhow!("{e} (pool of query {q} in the sampler cache)")
-                })?;
+            if let Some((q, pool)) = pools
+                .iter()
+                .find(|(_, p)| cand_args.validate(p.len(), 1).is_err())
+            {
+                cand_args
+                    .validate(pool.len(), 1)
+                    .map_err(|e| anyhow::anyhow!("{e} (pool of query {q} in the sampler cache)"))?;
             }
         }
     }
@@ -295,7 +298,10 @@ fn load_dataset(args: &GenerateArgs) -> Result<VqaDataset> {
     Ok(VqaDataset::load(&cfg)?)
 }
 
-fn load_scoring(args: &GenerateArgs, with_vqa: bool) -> Result<Vec<(&'static str, Arc<ScoringIndex>)>> {
+fn load_scoring(
+    args: &GenerateArgs,
+    with_vqa: bool,
+) -> Result<Vec<(&'static str, Arc<ScoringIndex>)>> {
     let mut out = Vec::new();
     if !with_vqa {
         return Ok(out);
@@ -303,20 +309,27 @@ fn load_scoring(args: &GenerateArgs, with_vqa: bool) -> Result<Vec<(&'static str
     if let (Some(q), Some(a)) = (&args.train_ques_path, &args.train_ann_path) {
         out.push((
             "train",
-            Arc::new(leverflow_operators::accuracy::load_questions_annotations(q, a)?),
+            Arc::new(leverflow_operators::accuracy::load_questions_annotations(
+                q, a,
+            )?),
         ));
     }
     if let (Some(q), Some(a)) = (&args.val_ques_path, &args.val_ann_path) {
         out.push((
             "val",
-            Arc::new(leverflow_operators::accuracy::load_questions_annotations(q, a)?),
+            Arc::new(leverflow_operators::accuracy::load_questions_annotations(
+                q, a,
+            )?),
         ));
     }
     Ok(out)
 }
 
 fn reward_config(args: &GenerateArgs) -> Result<RewardConfig> {
-    let mode: RewardMode = args.reward_mode.parse().map_err(|e| anyhow::anyhow!("--reward_mode: {e}"))?;
+    let mode: RewardMode = args
+        .reward_mode
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--reward_mode: {e}"))?;
     let correctness_mode: CorrectnessMode = args
         .correctness_mode
         .parse()

@@ -17,7 +17,9 @@ use anyhow::{Context, Result};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use leverflow_operators::dataflow::{batched, execute_threads, run_worker, DriverConfig, ErrorSlot, SinkFn};
+use leverflow_operators::dataflow::{
+    batched, execute_threads, run_worker, DriverConfig, ErrorSlot, SinkFn,
+};
 use leverflow_operators::sinks::{OutputConfig, OutputWriter, SortedSpill};
 use leverflow_operators::source::{count_records, BeamReader};
 use leverflow_operators::vqa::VqaModel;
@@ -57,13 +59,11 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     };
     let load_s = started.elapsed().as_secs_f64();
 
-    let beam_path = args
-        .beam_data
-        .clone()
-        .context("missing --beam_data")?;
+    let beam_path = args.beam_data.clone().context("missing --beam_data")?;
     let counters = Arc::new(Counters::default());
     let total = count_records(&beam_path)?;
-    let (lo, hi) = leverflow_operators::source::slice_bounds(args.start_idx as i64, args.end_idx, total);
+    let (lo, hi) =
+        leverflow_operators::source::slice_bounds(args.start_idx as i64, args.end_idx, total);
     counters
         .queries_total
         .store(hi.saturating_sub(lo), std::sync::atomic::Ordering::Relaxed);
@@ -71,7 +71,13 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let spill_dir = inputs
         .output_path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { std::path::Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
     std::fs::create_dir_all(&spill_dir)
@@ -178,7 +184,12 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                                 cands,
                                 "vqa",
                                 vqa_cfg.batch_size.div_ceil(8).max(1),
-                                stages::vqa(Arc::clone(&inputs), model, vqa_cfg, Arc::clone(&counters)),
+                                stages::vqa(
+                                    Arc::clone(&inputs),
+                                    model,
+                                    vqa_cfg,
+                                    Arc::clone(&counters),
+                                ),
                                 e2.clone(),
                             );
                             let scored = batched(
@@ -235,14 +246,23 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     }
     let skipped = std::mem::take(&mut *skipped.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
     summary.skipped = skipped.len() as u64;
-    summary.vqa_calls = counters.vqa_calls.load(std::sync::atomic::Ordering::Relaxed);
+    summary.vqa_calls = counters
+        .vqa_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
     let timings = meta::Timings {
         load_s,
         dataflow_s,
         write_s: write_started.elapsed().as_secs_f64(),
         total_s: started.elapsed().as_secs_f64(),
     };
-    let meta = meta::build(&args, &inputs, &summary, &skipped, &timings, &model_identity);
+    let meta = meta::build(
+        &args,
+        &inputs,
+        &summary,
+        &skipped,
+        &timings,
+        &model_identity,
+    );
     writer.finish(meta)?;
     summary.print(&inputs, &timings, with_vqa);
     Ok(())

@@ -129,10 +129,13 @@ pub fn candidates(
                 for ((w, q), mut cands) in batch.iter().zip(&queries).zip(generated) {
                     if include_source_beams && !w.source_beams.is_empty() {
                         let seqs = source_positions(w, |id| position_of.get(&id).copied())?;
-                        let lps = score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
-                        cands.extend(seqs.into_iter().zip(lps).map(|(positions, lp)| {
-                            source_candidate(positions, lp)
-                        }));
+                        let lps =
+                            score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
+                        cands.extend(
+                            seqs.into_iter()
+                                .zip(lps)
+                                .map(|(positions, lp)| source_candidate(positions, lp)),
+                        );
                         cands = dedup_candidates(cands);
                     }
                     let rows = cands
@@ -160,7 +163,10 @@ pub fn candidates(
                     })?;
                     let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
                     let m = inputs.cand_emb.select_rows(&rows).ok_or_else(|| {
-                        format!("query {}: pool id outside the candidate embeddings", w.query_index)
+                        format!(
+                            "query {}: pool id outside the candidate embeddings",
+                            w.query_index
+                        )
                     })?;
                     mats.push(m);
                 }
@@ -183,10 +189,14 @@ pub fn candidates(
                 {
                     let ids = &pools[&w.query_index];
                     if include_source_beams && !w.source_beams.is_empty() {
-                        let seqs =
-                            source_positions(w, |id| ids.iter().position(|&i| i == id))?;
-                        let lps = score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
-                        cands.extend(seqs.into_iter().zip(lps).map(|(p, lp)| source_candidate(p, lp)));
+                        let seqs = source_positions(w, |id| ids.iter().position(|&i| i == id))?;
+                        let lps =
+                            score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
+                        cands.extend(
+                            seqs.into_iter()
+                                .zip(lps)
+                                .map(|(p, lp)| source_candidate(p, lp)),
+                        );
                         cands = dedup_candidates(cands);
                     }
                     let rows = cands
@@ -486,7 +496,14 @@ pub fn reward_stage(
             }
             let mut cands = Vec::with_capacity(q.scores.len());
             let mut rewards = Vec::with_capacity(q.scores.len());
-            for ((row, ans), s) in q.answered.base.cands.iter().zip(&q.answered.answers).zip(&q.scores) {
+            for ((row, ans), s) in q
+                .answered
+                .base
+                .cands
+                .iter()
+                .zip(&q.answered.answers)
+                .zip(&q.scores)
+            {
                 let mut rec = candidate_record(&inputs, row)?;
                 rec.vqa_raw_generation = Some(ans.raw_generation.clone());
                 rec.vqa_pred_answer = Some(s.pred.clone());
@@ -526,7 +543,10 @@ pub fn reward_stage(
                 pointer_candidates: cands,
             };
             Counters::add(&counters.queries_done, 1);
-            Counters::add(&counters.candidates_done, record.pointer_candidates.len() as u64);
+            Counters::add(
+                &counters.candidates_done,
+                record.pointer_candidates.len() as u64,
+            );
             out.push(serialise(qi, &record)?);
         }
         Ok(out)
@@ -552,7 +572,10 @@ pub fn candidates_record_stage(
                 pointer_candidates: cands,
             };
             Counters::add(&counters.queries_done, 1);
-            Counters::add(&counters.candidates_done, record.pointer_candidates.len() as u64);
+            Counters::add(
+                &counters.candidates_done,
+                record.pointer_candidates.len() as u64,
+            );
             out.push(serialise(q.query_index, &record)?);
         }
         Ok(out)

@@ -119,7 +119,11 @@ impl Summary {
                 println!(
                     "    {k:<12} {:>8} candidates  mean accuracy {:.3}  correct {}",
                     m.candidates,
-                    if m.candidates > 0 { m.acc_sum / m.candidates as f64 } else { 0.0 },
+                    if m.candidates > 0 {
+                        m.acc_sum / m.candidates as f64
+                    } else {
+                        0.0
+                    },
                     m.correct
                 );
             } else {
@@ -137,7 +141,9 @@ impl Summary {
                 self.reward_quantile(0.9),
             ) {
                 let mean = self.rewards.iter().sum::<f64>() / self.rewards.len() as f64;
-                println!("  reward             mean {mean:.3}  p10 {p10:.3}  p50 {p50:.3}  p90 {p90:.3}");
+                println!(
+                    "  reward             mean {mean:.3}  p10 {p10:.3}  p50 {p50:.3}  p90 {p90:.3}"
+                );
             }
             println!(
                 "  VQA calls          {} ({:.1}/s)",

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
-use timely::container::CapacityContainerBuilder;
 use timely::dataflow::StreamVec;
 
 use super::ErrorSlot;
@@ -38,8 +38,10 @@ where
 {
     let batch_size = batch_size.max(1);
     let stage = name.to_string();
-    stream
-        .unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(Pipeline, name, move |_capability, _info| {
+    stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(
+        Pipeline,
+        name,
+        move |_capability, _info| {
             // Records waiting to be processed, grouped by time.
             let mut stash: BTreeMap<u64, (Capability<u64>, Vec<I>)> = BTreeMap::new();
             let mut stashed = 0usize;
@@ -92,5 +94,6 @@ where
                     Err(message) => errors.set(message),
                 }
             }
-        })
+        },
+    )
 }

@@ -1,11 +1,11 @@
 //! The per-worker driver: builds the graph, feeds the source with
 //! back-pressure, and runs the worker until the graph has drained.
 
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Exchange, Input, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
-use timely::container::CapacityContainerBuilder;
 use timely::worker::Worker;
 use timely::ExchangeData;
 
@@ -125,8 +125,7 @@ where
                 let next = *input.time() + 1;
                 input.advance_to(next);
                 // Back-pressure: keep at most `max_inflight` batches in flight.
-                while !errors.is_set()
-                    && probe.less_than(&next.saturating_sub(config.max_inflight))
+                while !errors.is_set() && probe.less_than(&next.saturating_sub(config.max_inflight))
                 {
                     worker.step();
                 }

@@ -3,10 +3,12 @@
 use super::*;
 use std::sync::{Arc, Mutex};
 
+type Seen = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
 /// Runs a pipeline squaring numbers through two batched stages and collects
 /// what the sink saw.
 fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>)>, String> {
-    let seen: Arc<Mutex<Vec<(u64, Vec<u8>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let seen2 = Arc::clone(&seen);
     let results = execute_threads(workers, move |worker| {
         let errors = ErrorSlot::default();

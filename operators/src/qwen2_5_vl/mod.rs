@@ -9,9 +9,9 @@
 pub mod config;
 pub mod generate;
 pub mod image;
+pub mod model;
 pub mod processor;
 pub mod rope_index;
 pub mod text;
 pub mod vision;
 pub mod weights;
-pub mod model;

@@ -17,7 +17,7 @@ use super::generate::{
 };
 use super::image::ProcessedImage;
 use super::processor::{
-    ImageSource, PromptRequest, Processor, ProcessorError, VqaExample, VqaQuery,
+    ImageSource, Processor, ProcessorError, PromptRequest, VqaExample, VqaQuery,
 };
 use super::text::{TextError, TextModel};
 use super::vision::{VisionError, VisionTower, VisionTowerConfig};
@@ -79,7 +79,11 @@ impl<B: Backend> Qwen25Vl<B> {
         let store = WeightStore::open(dir, config.text.tie_word_embeddings)?;
         store.check_all(&config)?;
         let processor = Processor::from_dir(dir)?;
-        let vision = VisionTower::load(&store, &VisionTowerConfig::from_config(&config.vision), device)?;
+        let vision = VisionTower::load(
+            &store,
+            &VisionTowerConfig::from_config(&config.vision),
+            device,
+        )?;
         let text = TextModel::load(&config.text, &store, device)?;
         let gen_path = dir.join("generation_config.json");
         let generation_defaults = if gen_path.exists() {
@@ -125,8 +129,11 @@ impl<B: Backend> VisionCache<B> {
         }
     }
 
-    fn get(&mut self, path: &Path) -> Option<(Arc<ProcessedImage>, Tensor<B, 2>)> {
-        let hit = self.entries.get(path).map(|(p, t, _)| (Arc::clone(p), t.clone()));
+    fn get(&mut self, path: &Path) -> Option<EncodedImage<B>> {
+        let hit = self
+            .entries
+            .get(path)
+            .map(|(p, t, _)| (Arc::clone(p), t.clone()));
         if hit.is_some() {
             self.hits += 1;
             if let Some(i) = self.order.iter().position(|p| p == path) {
@@ -142,7 +149,9 @@ impl<B: Backend> VisionCache<B> {
         let [n, d] = embeds.dims();
         let bytes = n * d * 4;
         while self.used_bytes + bytes > self.capacity_bytes {
-            let Some(old) = self.order.pop_front() else { break };
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
             if let Some((_, _, b)) = self.entries.remove(&old) {
                 self.used_bytes -= b;
             }
@@ -154,6 +163,9 @@ impl<B: Backend> VisionCache<B> {
         }
     }
 }
+
+/// An image's grid (pixels dropped) and its merged vision embeddings.
+type EncodedImage<B> = (Arc<ProcessedImage>, Tensor<B, 2>);
 
 /// Counters of an answerer, for the run summary.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -181,7 +193,11 @@ pub struct QwenVqa<B: Backend> {
 impl<B: Backend> QwenVqa<B> {
     /// An answerer with generation settings `generation` and a vision cache
     /// of `vision_cache_mb` MiB.
-    pub fn new(model: Arc<Qwen25Vl<B>>, generation: GenerationConfig, vision_cache_mb: usize) -> Self {
+    pub fn new(
+        model: Arc<Qwen25Vl<B>>,
+        generation: GenerationConfig,
+        vision_cache_mb: usize,
+    ) -> Self {
         Self {
             model,
             generation,
@@ -200,12 +216,9 @@ impl<B: Backend> QwenVqa<B> {
 
     /// Vision embeddings of the images at `paths` (in order), encoding the
     /// ones not cached in one batched vision forward.
-    fn image_embeds(
-        &mut self,
-        paths: &[&Path],
-    ) -> Result<Vec<(Arc<ProcessedImage>, Tensor<B, 2>)>, ModelError> {
+    fn image_embeds(&mut self, paths: &[&Path]) -> Result<Vec<EncodedImage<B>>, ModelError> {
         let m = &*self.model;
-        let mut found: HashMap<&Path, (Arc<ProcessedImage>, Tensor<B, 2>)> = HashMap::new();
+        let mut found: HashMap<&Path, EncodedImage<B>> = HashMap::new();
         let mut missing: Vec<(&Path, Arc<ProcessedImage>)> = Vec::new();
         for &p in paths {
             if found.contains_key(p) || missing.iter().any(|(q, _)| *q == p) {
@@ -241,7 +254,8 @@ impl<B: Backend> QwenVqa<B> {
                     pixel_values: Vec::new(),
                     grid_thw: img.grid_thw,
                 });
-                self.cache.insert(p.to_path_buf(), Arc::clone(&grid_only), emb.clone());
+                self.cache
+                    .insert(p.to_path_buf(), Arc::clone(&grid_only), emb.clone());
                 found.insert(p, (grid_only, emb));
             }
         }
@@ -289,7 +303,11 @@ impl<B: Backend> QwenVqa<B> {
         let refs: Vec<_> = prompts.iter().collect();
         let padded = m.processor.pad_batch(&refs)?;
         let (b, l) = (padded.batch_size, padded.seq_len);
-        let input_ids: Vec<Vec<u32>> = padded.input_ids.chunks(l.max(1)).map(<[u32]>::to_vec).collect();
+        let input_ids: Vec<Vec<u32>> = padded
+            .input_ids
+            .chunks(l.max(1))
+            .map(<[u32]>::to_vec)
+            .collect();
         let attention_mask: Vec<Vec<bool>> = padded
             .attention_mask
             .chunks(l.max(1))
@@ -308,7 +326,8 @@ impl<B: Backend> QwenVqa<B> {
             TensorData::new(padded.position_ids.clone(), [3, b, l]),
             &m.device,
         );
-        self.stats.tokens_prefilled += attention_mask.iter().flatten().filter(|&&x| x).count() as u64;
+        self.stats.tokens_prefilled +=
+            attention_mask.iter().flatten().filter(|&&x| x).count() as u64;
         let pre = prefill(
             &m.text,
             PromptBatch {
@@ -333,8 +352,13 @@ impl<B: Backend> QwenVqa<B> {
                             weights.push(*w);
                         }
                     }
-                    let probs =
-                        answer_probabilities(&m.text, &pre, row, &ids, AnswerScoring::GeometricMean)?;
+                    let probs = answer_probabilities(
+                        &m.text,
+                        &pre,
+                        row,
+                        &ids,
+                        AnswerScoring::GeometricMean,
+                    )?;
                     Some(probs.iter().zip(&weights).map(|(p, w)| p * w).sum())
                 }
                 Some(_) => Some(0.0),
