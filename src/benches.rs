@@ -234,7 +234,7 @@ fn bench_pipeline(args: &BenchArgs) -> Result<()> {
         visit_rl_json(&cands, |q, mut rec| {
             for c in &mut rec.pointer_candidates {
                 i += 1;
-                c.vqa_raw_generation = Some(if i % 3 == 0 {
+                c.vqa_raw_generation = Some(if i.is_multiple_of(3) {
                     "red".into()
                 } else {
                     "blue Question:".into()
