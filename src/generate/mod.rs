@@ -91,6 +91,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let dataflow_started = Instant::now();
     let spill_slot: Arc<Mutex<Option<SortedSpill>>> = Arc::default();
     let skipped: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let backend_stats: stages::BackendStats = Arc::default();
     let workers = args.workers;
     let vqa_cfg = VqaStageConfig {
         batch_size: args.batch_size,
@@ -114,6 +115,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         let counters = Arc::clone(&counters);
         let spill_slot = Arc::clone(&spill_slot);
         let skipped = Arc::clone(&skipped);
+        let backend_stats = Arc::clone(&backend_stats);
         let spill_dir = spill_dir.clone();
         execute_threads(workers, move |worker| -> Result<(), String> {
             let errors = ErrorSlot::default();
@@ -164,6 +166,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
             let counters = Arc::clone(&counters);
             let vqa_cfg = vqa_cfg.clone();
             let cand_batch = 64;
+            let stats = (index, Arc::clone(&backend_stats));
             let e2 = errors.clone();
             run_worker(
                 worker,
@@ -189,6 +192,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                                     model,
                                     vqa_cfg,
                                     Arc::clone(&counters),
+                                    stats,
                                 ),
                                 e2.clone(),
                             );
@@ -249,6 +253,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     summary.vqa_calls = counters
         .vqa_calls
         .load(std::sync::atomic::Ordering::Relaxed);
+    summary.backend = sum_stats(&backend_stats);
     let timings = meta::Timings {
         load_s,
         dataflow_s,
@@ -266,6 +271,25 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     writer.finish(meta)?;
     summary.print(&inputs, &timings, with_vqa);
     Ok(())
+}
+
+/// Sums the numeric counters the workers' backends reported.
+fn sum_stats(stats: &stages::BackendStats) -> serde_json::Value {
+    let mut total = serde_json::Map::new();
+    if let Ok(per_worker) = stats.lock() {
+        let mut workers: Vec<_> = per_worker.iter().collect();
+        workers.sort_by_key(|(w, _)| **w);
+        for (_, v) in workers {
+            if let serde_json::Value::Object(m) = v {
+                for (k, x) in m {
+                    let sum = total.get(k).and_then(|t| t.as_f64()).unwrap_or(0.0)
+                        + x.as_f64().unwrap_or(0.0);
+                    total.insert(k.clone(), serde_json::json!(sum));
+                }
+            }
+        }
+    }
+    serde_json::Value::Object(total)
 }
 
 /// Output paths and Parquet options for a run.

@@ -265,6 +265,10 @@ pub struct VqaStageConfig {
     pub skip_missing_images: bool,
 }
 
+/// The latest backend counters of each worker (`VqaModel::stats`), summed
+/// into the run summary at the end.
+pub type BackendStats = Arc<std::sync::Mutex<HashMap<usize, serde_json::Value>>>;
+
 /// Distinct post-processed ground-truth answers with weights min(count/3, 1).
 pub fn weighted_gt_answers(raw: &[String]) -> Vec<(String, f64)> {
     let mut order: Vec<String> = Vec::new();
@@ -292,6 +296,7 @@ pub fn vqa(
     mut model: Box<dyn VqaModel>,
     cfg: VqaStageConfig,
     counters: Arc<Counters>,
+    stats: (usize, BackendStats),
 ) -> BatchFn<QueryCands, QueryAnswered> {
     Box::new(move |batch: Vec<QueryCands>| {
         let ds = &inputs.dataset;
@@ -370,6 +375,9 @@ pub fn vqa(
             }
             Counters::add(&counters.vqa_calls, chunk.len() as u64);
             answers.extend(got);
+        }
+        if let Ok(mut slot) = stats.1.lock() {
+            slot.insert(stats.0, model.stats());
         }
         Ok(batch
             .into_iter()

@@ -35,6 +35,9 @@ pub struct Summary {
     pub skipped: u64,
     /// Prompts sent to the VQA backend.
     pub vqa_calls: u64,
+    /// The backend's own counters summed over workers (prompts, tokens
+    /// prefilled, images encoded / served from the vision cache, seconds).
+    pub backend: serde_json::Value,
 }
 
 impl Summary {
@@ -103,6 +106,7 @@ impl Summary {
             "reward_p50": self.reward_quantile(0.5),
             "reward_p90": self.reward_quantile(0.9),
             "vqa_calls": self.vqa_calls,
+            "vqa_backend": self.backend,
         })
     }
 
@@ -150,6 +154,15 @@ impl Summary {
                 self.vqa_calls,
                 self.vqa_calls as f64 / t.dataflow_s.max(1e-9)
             );
+            let get = |k: &str| self.backend.get(k).and_then(|v| v.as_f64());
+            if let (Some(enc), Some(hit)) = (get("images_encoded"), get("images_cached")) {
+                let total = (enc + hit).max(1.0);
+                println!(
+                    "  vision cache       {enc:.0} images encoded, {hit:.0} served from cache ({:.1}% hits); {:.0} prompt tokens prefilled",
+                    100.0 * hit / total,
+                    get("tokens_prefilled").unwrap_or(0.0)
+                );
+            }
         }
         println!(
             "  time               {:.2}s (load {:.2}s, dataflow {:.2}s, write {:.2}s); {:.0} candidates/s",
