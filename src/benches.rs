@@ -263,6 +263,7 @@ fn bench_pipeline(args: &BenchArgs) -> Result<()> {
         candidates,
         &secs,
         serde_json::json!({"queries": n, "workers": args.workers, "candidates": candidates,
+            "last_run_timings": written["timings"],
             "note": "wall time of `leverflow generate --vqa_backend replay` (process start, loading, dataflow, JSON + Parquet)"}),
     );
     Ok(())
