@@ -456,24 +456,3 @@ impl<B: Backend> VqaModel for QwenVqa<B> {
         serde_json::to_value(self.qwen_stats()).unwrap_or(serde_json::Value::Null)
     }
 }
-
-/// The shared weight store feeds the language-model loader.
-impl super::text::TensorSource for WeightStore {
-    fn tensor_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, TextError> {
-        let (data, found) = self.read_f32(key).map_err(|e| TextError::Weight {
-            key: key.to_string(),
-            message: e.to_string(),
-        })?;
-        if found != shape {
-            return Err(TextError::Weight {
-                key: key.to_string(),
-                message: format!("expected shape {shape:?}, found {found:?}"),
-            });
-        }
-        Ok(data)
-    }
-
-    fn contains(&self, key: &str) -> bool {
-        WeightStore::contains(self, key)
-    }
-}

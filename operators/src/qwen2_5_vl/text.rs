@@ -15,8 +15,7 @@ use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Errors of the language model: loading weights or malformed inputs.
 #[derive(Debug, thiserror::Error)]
@@ -58,114 +57,6 @@ pub trait TensorSource {
     fn tensor_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, TextError>;
     /// Whether the checkpoint holds `key`.
     fn contains(&self, key: &str) -> bool;
-}
-
-/// A [`TensorSource`] backed by a closure `(key, expected shape) -> data`
-/// plus a key list, so an external weight store plugs in with one line.
-pub struct FnSource<F: Fn(&str, &[usize]) -> Result<Vec<f32>, TextError>> {
-    /// Getter for one tensor.
-    pub get: F,
-    /// Names present in the checkpoint.
-    pub keys: Vec<String>,
-}
-
-impl<F: Fn(&str, &[usize]) -> Result<Vec<f32>, TextError>> TensorSource for FnSource<F> {
-    fn tensor_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, TextError> {
-        (self.get)(key, shape)
-    }
-    fn contains(&self, key: &str) -> bool {
-        self.keys.iter().any(|k| k == key)
-    }
-}
-
-/// Minimal reader of one or more `.safetensors` files (memory-mapped),
-/// converting bf16 / f16 / f32 tensors to f32. Stop-gap until the shared
-/// weight store is wired in.
-pub struct SafetensorsFiles {
-    maps: Vec<(PathBuf, memmap2::Mmap)>,
-    /// key -> index into `maps`.
-    index: HashMap<String, usize>,
-}
-
-impl SafetensorsFiles {
-    /// Memory-maps the given files and indexes their tensor names.
-    pub fn open(paths: &[&Path]) -> Result<Self, TextError> {
-        let mut maps = Vec::new();
-        let mut index = HashMap::new();
-        for (i, path) in paths.iter().enumerate() {
-            let file = std::fs::File::open(path).map_err(|source| TextError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            // SAFETY: the file is opened read-only and is not expected to be
-            // modified while the model is loaded.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| TextError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let st =
-                safetensors::SafeTensors::deserialize(&map).map_err(|e| TextError::Format {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })?;
-            for name in st.names() {
-                index.insert(name.to_string(), i);
-            }
-            maps.push((path.to_path_buf(), map));
-        }
-        Ok(Self { maps, index })
-    }
-}
-
-impl TensorSource for SafetensorsFiles {
-    fn tensor_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, TextError> {
-        let weight_err = |message: String| TextError::Weight {
-            key: key.to_string(),
-            message,
-        };
-        let i = *self
-            .index
-            .get(key)
-            .ok_or_else(|| weight_err("missing from the checkpoint".into()))?;
-        let (path, map) = &self.maps[i];
-        let st = safetensors::SafeTensors::deserialize(map).map_err(|e| TextError::Format {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let view = st
-            .tensor(key)
-            .map_err(|e| weight_err(format!("{}: {e}", path.display())))?;
-        if view.shape() != shape {
-            return Err(weight_err(format!(
-                "shape {:?} in {}, expected {:?}",
-                view.shape(),
-                path.display(),
-                shape
-            )));
-        }
-        let bytes = view.data();
-        use safetensors::Dtype;
-        let out = match view.dtype() {
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            other => return Err(weight_err(format!("unsupported dtype {other:?}"))),
-        };
-        Ok(out)
-    }
-
-    fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key)
-    }
 }
 
 /// Rotary settings of the text model (M-RoPE).
@@ -875,7 +766,7 @@ pub(crate) mod tests {
     pub(crate) type TB = NdArray<f32>;
 
     pub(crate) fn fixture_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2_5_vl_tiny")
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2_5_vl_tiny")
     }
 
     /// One case's prompt inputs from `cases.safetensors`.
@@ -932,7 +823,11 @@ pub(crate) mod tests {
 
     pub(crate) fn load_model() -> (TextModel<TB>, Qwen25VlConfig) {
         let cfg = Qwen25VlConfig::from_file(&fixture_dir().join("config.json")).unwrap();
-        let src = SafetensorsFiles::open(&[&fixture_dir().join("model.safetensors")]).unwrap();
+        let src = crate::qwen2_5_vl::weights::WeightStore::open(
+            &fixture_dir(),
+            cfg.text.tie_word_embeddings,
+        )
+        .unwrap();
         let model = TextModel::<TB>::load(&cfg.text, &src, &Default::default()).unwrap();
         (model, cfg)
     }

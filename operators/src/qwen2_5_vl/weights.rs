@@ -511,6 +511,29 @@ pub fn expected_shapes(config: &Qwen25VlConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The shared weight store feeds the language-model loader.
+impl super::text::TensorSource for WeightStore {
+    fn tensor_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, super::text::TextError> {
+        let (data, found) = self
+            .read_f32(key)
+            .map_err(|e| super::text::TextError::Weight {
+                key: key.to_string(),
+                message: e.to_string(),
+            })?;
+        if found != shape {
+            return Err(super::text::TextError::Weight {
+                key: key.to_string(),
+                message: format!("expected shape {shape:?}, found {found:?}"),
+            });
+        }
+        Ok(data)
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        WeightStore::contains(self, key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
