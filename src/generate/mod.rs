@@ -20,9 +20,10 @@ use std::time::Instant;
 use leverflow_operators::dataflow::{
     batched, execute_threads, run_worker, DriverConfig, ErrorSlot, SinkFn,
 };
-use leverflow_operators::sinks::{OutputConfig, OutputWriter, SortedSpill};
+use leverflow_operators::sinks::{JsonSink, OutputConfig, ParquetSink, SinkError, SortedSpill};
 use leverflow_operators::source::{count_records, BeamReader};
 use leverflow_operators::vqa::VqaModel;
+use leverflow_schemas::RlRecord;
 
 use crate::cli::GenerateArgs;
 use crate::progress::{self, Counters, ProgressStyle, Reporter};
@@ -48,14 +49,29 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     inputs::validate_args(&args)?;
     let with_vqa = job == Job::Generate;
 
-    progress::phase(style, "loading inputs (dataset, embeddings, checkpoint)");
-    let inputs = Arc::new(inputs::load(&args, with_vqa)?);
-    let (vqa_factory, model_identity) = if with_vqa {
+    // The VQA backend (model weights or a replay file) loads on its own
+    // thread while the dataset, embeddings and checkpoint load here.
+    let backend = with_vqa.then(|| {
         progress::phase(style, "loading the VQA backend");
-        let (f, id) = crate::backends::vqa_factory(&args)?;
-        (Some(f), id)
-    } else {
-        (None, serde_json::Value::Null)
+        let a = args.clone();
+        std::thread::spawn(move || crate::backends::vqa_factory(&a))
+    });
+    progress::phase(style, "loading inputs (dataset, embeddings, checkpoint)");
+    let inputs = inputs::load(&args, with_vqa);
+    let backend = match backend {
+        Some(h) => Some(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("loading the VQA backend panicked"))?,
+        ),
+        None => None,
+    };
+    let inputs = Arc::new(inputs?);
+    let (vqa_factory, model_identity) = match backend {
+        Some(b) => {
+            let (f, id) = b?;
+            (Some(f), id)
+        }
+        None => (None, serde_json::Value::Null),
     };
     let load_s = started.elapsed().as_secs_f64();
 
@@ -241,12 +257,13 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     progress::phase(style, "writing outputs");
     let write_started = Instant::now();
     let out_cfg = output_config(&inputs, with_vqa, save_prompts);
-    let mut writer = OutputWriter::create(&out_cfg)?;
+    let mut writer = Outputs::create(&out_cfg)?;
     let mut summary = summary::Summary::default();
-    for item in spill.finish()? {
-        let (q, record) = item?;
+    let mut records = spill.finish()?;
+    while let Some(item) = records.next_with_bytes() {
+        let (q, record, bytes) = item?;
         summary.add(&record);
-        writer.write(q, &record)?;
+        writer.write(q, record, &bytes)?;
     }
     let skipped = std::mem::take(&mut *skipped.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
     summary.skipped = skipped.len() as u64;
@@ -268,9 +285,95 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         &timings,
         &model_identity,
     );
-    writer.finish(meta)?;
+    writer.finish(&meta)?;
     summary.print(&inputs, &timings, with_vqa);
     Ok(())
+}
+
+/// The outputs of a run: JSON written on this thread from the records'
+/// already serialised bytes, Parquet encoded (zstd) on a second thread fed
+/// through a bounded channel, so the two formats are written in parallel.
+/// Nothing appears at an output path unless [`Outputs::finish`] succeeds.
+struct Outputs {
+    json: Option<JsonSink>,
+    parquet: Option<(
+        std::sync::mpsc::SyncSender<(u64, RlRecord)>,
+        std::thread::JoinHandle<Result<ParquetSink, SinkError>>,
+    )>,
+}
+
+impl Outputs {
+    fn create(cfg: &OutputConfig) -> Result<Self> {
+        let json = match &cfg.json {
+            Some(p) => Some(JsonSink::create(p, cfg.json_options.clone())?),
+            None => None,
+        };
+        let parquet = match &cfg.parquet {
+            Some(p) => {
+                let mut sink = ParquetSink::create(p, cfg.parquet_options.clone())?;
+                let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, RlRecord)>(1024);
+                let handle = std::thread::spawn(move || {
+                    for (q, r) in rx {
+                        sink.write_record(q, &r)?;
+                    }
+                    Ok(sink)
+                });
+                Some((tx, handle))
+            }
+            None => None,
+        };
+        Ok(Self { json, parquet })
+    }
+
+    fn write(&mut self, q: u64, record: RlRecord, bytes: &[u8]) -> Result<()> {
+        if let Some(j) = self.json.as_mut() {
+            j.write_serialised(q, &record, bytes)?;
+        }
+        if let Some((tx, _)) = &self.parquet {
+            if tx.send((q, record)).is_err() {
+                // The writer thread stopped: its error is reported by finish.
+                return self.fail_parquet();
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_parquet(&mut self) -> Result<()> {
+        match self.parquet.take() {
+            Some((tx, handle)) => {
+                drop(tx);
+                match handle.join() {
+                    Ok(Err(e)) => Err(e.into()),
+                    Ok(Ok(_)) => Err(anyhow::anyhow!(
+                        "internal error: the Parquet writer stopped early"
+                    )),
+                    Err(_) => Err(anyhow::anyhow!("the Parquet writer thread panicked")),
+                }
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn finish(mut self, meta: &serde_json::Value) -> Result<()> {
+        let parquet = match self.parquet.take() {
+            Some((tx, handle)) => {
+                drop(tx);
+                Some(
+                    handle
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the Parquet writer thread panicked"))??,
+                )
+            }
+            None => None,
+        };
+        if let Some(j) = self.json.take() {
+            j.finish(meta)?;
+        }
+        if let Some(p) = parquet {
+            p.finish(meta)?;
+        }
+        Ok(())
+    }
 }
 
 /// Sums the numeric counters the workers' backends reported.

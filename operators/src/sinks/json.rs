@@ -108,6 +108,44 @@ impl JsonSink {
         Ok(())
     }
 
+    /// Writes the record of `query_index` from its compact serialised JSON
+    /// `bytes` (which must be `serde_json::to_vec(record)`), skipping a second
+    /// serialisation; with `pretty` output it re-serialises instead.
+    pub fn write_serialised(
+        &mut self,
+        query_index: u64,
+        record: &RlRecord,
+        bytes: &[u8],
+    ) -> Result<(), SinkError> {
+        if self.options.pretty {
+            return self.write_record(query_index, record);
+        }
+        if let Some(previous) = self.last {
+            if query_index <= previous {
+                return Err(SinkError::OutOfOrder {
+                    path: self.path.clone(),
+                    index: query_index,
+                    previous,
+                });
+            }
+        }
+        super::check_key(&self.path, query_index, record)?;
+        self.buf.clear();
+        if self.last.is_some() {
+            self.buf.push(b',');
+        }
+        self.buf.push(b'"');
+        self.buf
+            .extend_from_slice(query_index.to_string().as_bytes());
+        self.buf.extend_from_slice(b"\":");
+        self.buf.extend_from_slice(bytes);
+        self.out
+            .write_all(&self.buf)
+            .map_err(|e| SinkError::io(&self.path, "writing", e))?;
+        self.last = Some(query_index);
+        Ok(())
+    }
+
     /// Writes `"_meta": meta`, closes the object and moves the file into place.
     /// `meta` must be a JSON object.
     pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {

@@ -180,6 +180,23 @@ impl SpillIter {
     }
 }
 
+/// A spilled record with its serialised JSON bytes.
+pub type SpilledRecord = (u64, RlRecord, Vec<u8>);
+
+impl SpillIter {
+    /// Like [`Iterator::next`], also returning the record's serialised JSON
+    /// exactly as it was pushed (so a JSON sink can copy it instead of
+    /// serialising the record again).
+    pub fn next_with_bytes(&mut self) -> Option<Result<SpilledRecord, SinkError>> {
+        let (index, (offset, len)) = self.entries.next()?;
+        self.remaining -= 1;
+        Some(
+            self.read(index, offset, len)
+                .map(|r| (index, r, self.buf.clone())),
+        )
+    }
+}
+
 impl Iterator for SpillIter {
     type Item = Result<(u64, RlRecord), SinkError>;
 
