@@ -296,11 +296,14 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
 /// Nothing appears at an output path unless [`Outputs::finish`] succeeds.
 struct Outputs {
     json: Option<JsonSink>,
-    parquet: Option<(
-        std::sync::mpsc::SyncSender<(u64, RlRecord)>,
-        std::thread::JoinHandle<Result<ParquetSink, SinkError>>,
-    )>,
+    parquet: Option<ParquetThread>,
 }
+
+/// The channel into the Parquet writer thread and the thread's handle.
+type ParquetThread = (
+    std::sync::mpsc::SyncSender<(u64, RlRecord)>,
+    std::thread::JoinHandle<Result<ParquetSink, SinkError>>,
+);
 
 impl Outputs {
     fn create(cfg: &OutputConfig) -> Result<Self> {
