@@ -32,6 +32,9 @@ pub enum Command {
     /// Answer one VQA request (or a list, as one batch) with a Qwen2.5-VL checkpoint.
     #[command(after_long_help = VQA_EXAMPLE)]
     Vqa(VqaArgs),
+    /// The run summary of any leverflow output (JSON or Parquet).
+    #[command(after_long_help = STATS_EXAMPLE)]
+    Stats(StatsArgs),
     /// Micro-benchmarks whose figures go into BENCHMARKS.md.
     #[command(after_long_help = BENCH_EXAMPLE)]
     Bench(BenchArgs),
@@ -61,6 +64,10 @@ const VQA_EXAMPLE: &str = "Example:
 where req.json is
   {\"examples\": [{\"image\": \"a.jpg\", \"question\": \"what color?\", \"answer\": \"red\"}],
    \"query\": {\"image\": \"b.jpg\", \"question\": \"what shape?\"}}";
+
+const STATS_EXAMPLE: &str = "Example:
+  leverflow stats demo-output/rl_data.parquet
+  leverflow stats rl_data.json --json";
 
 const BENCH_EXAMPLE: &str = "Example:
   leverflow bench score
@@ -398,6 +405,16 @@ pub struct ScoreArgs {
     /// Results file `[{"question_id", "answer"}]`.
     #[arg(long)]
     pub predictions: PathBuf,
+}
+
+/// Arguments of `stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// A leverflow output: `.json` or `.parquet`.
+    pub output: PathBuf,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `vqa`.

@@ -15,6 +15,7 @@ mod demo;
 mod generate;
 mod progress;
 mod qwen;
+mod stats;
 
 use anyhow::Result;
 use clap::Parser;
@@ -35,6 +36,7 @@ fn real_main() -> Result<()> {
         cli::Command::Score(a) => score(&a),
         cli::Command::Vqa(a) => qwen::run_vqa_command(&a),
         cli::Command::Bench(a) => benches::run(&a),
+        cli::Command::Stats(a) => stats::run(&a.output, a.json),
     }
 }
 

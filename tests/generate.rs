@@ -568,3 +568,41 @@ fn write_npy(path: &Path, rows: usize, cols: usize, f: impl Fn(usize, usize) -> 
     }
     std::fs::write(path, bytes).unwrap();
 }
+
+#[test]
+fn stats_reads_json_and_parquet_alike() {
+    let r = replay_fixture();
+    let out = r.dir.join("rl.json");
+    ok(&generate_replay(&r, &out, &[]));
+    let stats = |p: &Path| -> Value {
+        let o = leverflow(&["stats".into(), p.display().to_string(), "--json".into()]);
+        ok(&o);
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let from_json = stats(&out);
+    let from_parquet = stats(&r.dir.join("rl.parquet"));
+    assert_eq!(from_json, from_parquet);
+    let v = read_json(&out);
+    let candidates: usize = v
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "_meta")
+        .map(|(_, r)| r["pointer_candidates"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(from_json["queries"].as_u64(), Some(48));
+    assert_eq!(from_json["candidates"].as_u64(), Some(candidates as u64));
+    assert!(from_json["queries_with_correct"].as_u64().unwrap() > 0);
+    assert!(
+        from_json["by_gen_method"]["beam"]["candidates"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // A non-leverflow file is an error naming it.
+    let bad = r.dir.join("bad.json");
+    std::fs::write(&bad, "[1, 2").unwrap();
+    let o = leverflow(&["stats".into(), bad.display().to_string()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.json"));
+}

@@ -112,6 +112,29 @@ impl Summary {
 
     /// Prints the human summary on stdout.
     pub fn print(&self, inputs: &Inputs, t: &Timings, with_vqa: bool) {
+        self.print_counts(with_vqa, Some(t));
+        println!(
+            "  time               {:.2}s (load {:.2}s, dataflow {:.2}s, write {:.2}s); {:.0} candidates/s",
+            t.total_s,
+            t.load_s,
+            t.dataflow_s,
+            t.write_s,
+            self.candidates as f64 / t.dataflow_s.max(1e-9)
+        );
+        for f in &inputs.formats {
+            match f {
+                leverflow_operators::sinks::OutputFormat::Json => {
+                    println!("  JSON               {}", inputs.output_path.display())
+                }
+                leverflow_operators::sinks::OutputFormat::Parquet => {
+                    println!("  Parquet            {}", inputs.parquet_path.display())
+                }
+            }
+        }
+    }
+
+    /// Prints the counts part of the summary (also used by `leverflow stats`).
+    pub fn print_counts(&self, with_vqa: bool, t: Option<&Timings>) {
         println!("leverflow summary");
         println!("  queries            {}", self.queries);
         if self.skipped > 0 {
@@ -149,11 +172,14 @@ impl Summary {
                     "  reward             mean {mean:.3}  p10 {p10:.3}  p50 {p50:.3}  p90 {p90:.3}"
                 );
             }
-            println!(
-                "  VQA calls          {} ({:.1}/s)",
-                self.vqa_calls,
-                self.vqa_calls as f64 / t.dataflow_s.max(1e-9)
-            );
+            match t {
+                Some(t) => println!(
+                    "  VQA calls          {} ({:.1}/s)",
+                    self.vqa_calls,
+                    self.vqa_calls as f64 / t.dataflow_s.max(1e-9)
+                ),
+                None => println!("  VQA calls          {}", self.vqa_calls),
+            }
             let get = |k: &str| self.backend.get(k).and_then(|v| v.as_f64());
             if let (Some(enc), Some(hit)) = (get("images_encoded"), get("images_cached")) {
                 let total = (enc + hit).max(1.0);
@@ -162,24 +188,6 @@ impl Summary {
                     100.0 * hit / total,
                     get("tokens_prefilled").unwrap_or(0.0)
                 );
-            }
-        }
-        println!(
-            "  time               {:.2}s (load {:.2}s, dataflow {:.2}s, write {:.2}s); {:.0} candidates/s",
-            t.total_s,
-            t.load_s,
-            t.dataflow_s,
-            t.write_s,
-            self.candidates as f64 / t.dataflow_s.max(1e-9)
-        );
-        for f in &inputs.formats {
-            match f {
-                leverflow_operators::sinks::OutputFormat::Json => {
-                    println!("  JSON               {}", inputs.output_path.display())
-                }
-                leverflow_operators::sinks::OutputFormat::Parquet => {
-                    println!("  Parquet            {}", inputs.parquet_path.display())
-                }
             }
         }
     }
