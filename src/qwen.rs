@@ -241,6 +241,9 @@ fn run_vqa_on<B: Backend>(args: &VqaArgs, device: B::Device) -> Result<()> {
 
 /// `leverflow vqa`.
 pub fn run_vqa_command(args: &VqaArgs) -> Result<()> {
+    if !args.vqa_model.is_dir() {
+        bail!("--vqa_model {}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...). leverflow never downloads models at run time.", args.vqa_model.display());
+    }
     match parse_device(&args.device)? {
         Device::Cpu => run_vqa_on::<Cpu>(args, Default::default()),
         #[cfg(feature = "cuda")]

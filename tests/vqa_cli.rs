@@ -1,0 +1,108 @@
+//! `leverflow vqa` reproduces the HF transformers reference end to end:
+//! the request file is built from the fixture's messages, and the printed
+//! prompt and beam-search generation must equal the reference.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl_tiny")
+}
+
+/// Splits "Question:<q> Short answer:<a>" into (q, a).
+fn split(text: &str) -> (String, String) {
+    let rest = text.strip_prefix("Question:").expect("question prefix");
+    let (q, a) = rest.split_once(" Short answer:").expect("answer marker");
+    (q.to_string(), a.to_string())
+}
+
+#[test]
+fn vqa_command_matches_the_reference_beam_search() {
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("cases.json")).unwrap())
+            .unwrap();
+    let mut requests = Vec::new();
+    let mut expected = Vec::new();
+    for name in ["two_shot", "zero_shot", "large_image"] {
+        let case = cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
+        let messages = &case["messages"][0];
+        let items = messages[1]["content"].as_array().unwrap();
+        let mut pairs = Vec::new();
+        for pair in items.chunks(2) {
+            let image = fixture().join(pair[0]["image"].as_str().unwrap());
+            let (q, a) = split(pair[1]["text"].as_str().unwrap());
+            pairs.push((image, q, a));
+        }
+        let (query_image, query_q, _) = pairs.pop().unwrap();
+        requests.push(json!({
+            "system_prompt": messages[0]["content"],
+            "examples": pairs.iter().map(|(i, q, a)| json!({"image": i, "question": q, "answer": a})).collect::<Vec<_>>(),
+            "query": {"image": query_image, "question": query_q},
+            "gen": {"num_beams": 3, "max_new_tokens": 5, "min_new_tokens": 0, "length_penalty": 0.0, "repetition_penalty": 1.0},
+        }));
+        let ids: Vec<u64> = case["beam_search"][0]["new_token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .filter(|&t| t != 151643)
+            .collect();
+        expected.push((case["rendered_prompts"][0].clone(), ids));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("req.json");
+    std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leverflow"))
+        .args(["vqa", "--vqa_model"])
+        .arg(fixture())
+        .arg("--request")
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), expected.len());
+    for (got, (prompt, ids)) in lines.iter().zip(&expected) {
+        assert_eq!(&got["prompt_text"], prompt);
+        let got_ids: Vec<u64> = got["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(&got_ids, ids);
+    }
+}
+
+#[test]
+fn vqa_command_explains_a_missing_model_directory() {
+    let out = Command::new(env!("CARGO_BIN_EXE_leverflow"))
+        .args([
+            "vqa",
+            "--vqa_model",
+            "Qwen/Qwen2.5-VL-3B-Instruct",
+            "--request",
+            "req.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("req.json") || err.contains("not a local directory"),
+        "{err}"
+    );
+}
