@@ -293,7 +293,8 @@ fn mask_eos(row: &mut [f32], eos: &[u32]) {
 /// reference's float32 log_softmax; the sum is accumulated in f64).
 fn log_softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    // exp in f32 (as torch's float32 log_softmax does), summed in f64.
+    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
     let log_sum = sum.ln() as f32;
     for x in row.iter_mut() {
         *x = *x - max - log_sum;
@@ -459,18 +460,27 @@ fn beam_search<B: Backend>(
                 continue;
             }
             let mut top = TopK::new(k);
-            let mut row_buf = vec![0f32; v];
+            let mut row_buf = Vec::new();
+            let adjust = penalty != 1.0 || step < config.min_new_tokens;
             for (j, beam) in st.running.iter().enumerate() {
-                row_buf.copy_from_slice(&host[beam.row * v..(beam.row + 1) * v]);
-                if penalty != 1.0 {
-                    let mut seen = prompt_seen[p].clone();
-                    seen.extend(beam.tokens.iter().copied());
-                    penalize(&mut row_buf, &seen, penalty);
-                }
-                if step < config.min_new_tokens {
-                    mask_eos(&mut row_buf, &config.eos_token_ids);
-                }
-                for (t, &lp) in row_buf.iter().enumerate() {
+                let host_row = &host[beam.row * v..(beam.row + 1) * v];
+                // Copy the row only when it must be modified.
+                let row: &[f32] = if adjust {
+                    row_buf.clear();
+                    row_buf.extend_from_slice(host_row);
+                    if penalty != 1.0 {
+                        let mut seen = prompt_seen[p].clone();
+                        seen.extend(beam.tokens.iter().copied());
+                        penalize(&mut row_buf, &seen, penalty);
+                    }
+                    if step < config.min_new_tokens {
+                        mask_eos(&mut row_buf, &config.eos_token_ids);
+                    }
+                    &row_buf
+                } else {
+                    host_row
+                };
+                for (t, &lp) in row.iter().enumerate() {
                     top.push(lp + beam.score, j * v + t);
                 }
             }
