@@ -93,16 +93,7 @@ impl JsonSink {
     /// one, and equal to `record.query.query_id`: the original reader uses the
     /// key as the query's dataset index).
     pub fn write_record(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
-        if let Some(previous) = self.last {
-            if query_index <= previous {
-                return Err(SinkError::OutOfOrder {
-                    path: self.path.clone(),
-                    index: query_index,
-                    previous,
-                });
-            }
-        }
-        super::check_key(&self.path, query_index, record)?;
+        super::check_next(&self.path, self.last, query_index, record)?;
         self.entry(&query_index.to_string(), record)?;
         self.last = Some(query_index);
         Ok(())
@@ -120,16 +111,7 @@ impl JsonSink {
         if self.options.pretty {
             return self.write_record(query_index, record);
         }
-        if let Some(previous) = self.last {
-            if query_index <= previous {
-                return Err(SinkError::OutOfOrder {
-                    path: self.path.clone(),
-                    index: query_index,
-                    previous,
-                });
-            }
-        }
-        super::check_key(&self.path, query_index, record)?;
+        super::check_next(&self.path, self.last, query_index, record)?;
         self.buf.clear();
         if self.last.is_some() {
             self.buf.push(b',');

@@ -133,6 +133,26 @@ impl SinkError {
 /// The record key must be the query's dataset index (`query.query_id`): the
 /// original reader indexes the query embeddings with `int(key)`, and the
 /// Parquet output keeps only `query_id`.
+/// Checks that `query_index` follows `last` (strictly ascending) and names
+/// the record's query (the key readers use as the query's dataset index).
+fn check_next(
+    path: &Path,
+    last: Option<u64>,
+    query_index: u64,
+    record: &RlRecord,
+) -> Result<(), SinkError> {
+    if let Some(previous) = last {
+        if query_index <= previous {
+            return Err(SinkError::OutOfOrder {
+                path: path.to_path_buf(),
+                index: query_index,
+                previous,
+            });
+        }
+    }
+    check_key(path, query_index, record)
+}
+
 fn check_key(path: &Path, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
     if record.query.query_id != query_index {
         return Err(SinkError::invalid(

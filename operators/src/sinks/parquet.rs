@@ -344,16 +344,7 @@ impl ParquetSink {
     /// greater than the previous one and equal to `record.query.query_id`,
     /// which is what the `query_id` column stores).
     pub fn write_record(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
-        if let Some(previous) = self.last {
-            if query_index <= previous {
-                return Err(SinkError::OutOfOrder {
-                    path: self.path.clone(),
-                    index: query_index,
-                    previous,
-                });
-            }
-        }
-        super::check_key(&self.path, query_index, record)?;
+        super::check_next(&self.path, self.last, query_index, record)?;
         let pool = record.candidate_pool_ids.as_deref();
         if pool.is_some() != self.options.per_query_pool {
             return Err(SinkError::invalid(
