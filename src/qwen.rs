@@ -174,22 +174,13 @@ fn read_requests(path: &Path) -> Result<Vec<Request>> {
 }
 
 fn to_prompt_request(r: &Request) -> PromptRequest {
-    PromptRequest {
-        system_prompt: r.system_prompt.clone(),
-        examples: r
-            .examples
+    PromptRequest::from_paths(
+        r.system_prompt.clone(),
+        r.examples
             .iter()
-            .map(|e| VqaExample {
-                image: ImageSource::Path(e.image.clone()),
-                question: e.question.clone(),
-                answer: e.answer.clone(),
-            })
-            .collect(),
-        query: VqaQuery {
-            image: ImageSource::Path(r.query.image.clone()),
-            question: r.query.question.clone(),
-        },
-    }
+            .map(|e| (e.image.clone(), e.question.clone(), e.answer.clone())),
+        (r.query.image.clone(), r.query.question.clone()),
+    )
 }
 
 fn run_vqa_on<B: Backend>(args: &VqaArgs, device: B::Device) -> Result<()> {

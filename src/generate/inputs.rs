@@ -234,8 +234,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
     // Settings that only depend on the pool size fail before any work.
     match &pools {
         Pools::Shared { indices, .. } => cand_args
-            .validate(indices.len(), 1)
-            .or_else(|_| cand_args.validate(indices.len(), 0))
+            .validate(indices.len(), 0)
             .map_err(|e| anyhow::anyhow!("{e} (--cand_emb {})", cand_emb_path.display()))?,
         Pools::PerQuery { pools } => {
             if let Some((q, pool)) = pools

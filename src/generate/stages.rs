@@ -303,6 +303,9 @@ pub fn vqa(
         let mut prompts: Vec<VqaPrompt> = Vec::new();
         let mut slot_of: HashMap<(u64, Vec<u64>), usize> = HashMap::new();
         let mut plan: Vec<(Vec<usize>, Option<String>)> = Vec::with_capacity(batch.len());
+        // A query's image is shared by all its candidates and examples
+        // recur: look each file up once per batch.
+        let mut exists: HashMap<std::path::PathBuf, bool> = HashMap::new();
         for q in &batch {
             let item = ds.get(q.query_index).map_err(|e| e.to_string())?;
             let mut missing = None;
@@ -328,7 +331,8 @@ pub fn vqa(
                     .map(|e| &e.image)
                     .chain(std::iter::once(&item.image_path))
                 {
-                    if !p.exists() {
+                    let found = *exists.entry(p.clone()).or_insert_with(|| p.exists());
+                    if !found {
                         let msg = format!(
                             "missing image {} (query {}); pass --on_missing_image skip to skip such queries",
                             p.display(),

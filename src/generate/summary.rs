@@ -63,15 +63,16 @@ impl Summary {
         }
     }
 
-    /// Quantile `q` in [0, 1] of the rewards (nearest rank), if any.
-    pub fn reward_quantile(&self, q: f64) -> Option<f64> {
+    /// The 10th, 50th and 90th percentiles of the rewards (nearest rank),
+    /// sorting them once; `None` without rewards.
+    pub fn reward_quantiles(&self) -> Option<[f64; 3]> {
         if self.rewards.is_empty() {
             return None;
         }
         let mut v = self.rewards.clone();
         v.sort_by(|a, b| a.total_cmp(b));
-        let i = ((v.len() - 1) as f64 * q).round() as usize;
-        Some(v[i])
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Some([at(0.1), at(0.5), at(0.9)])
     }
 
     /// The summary as JSON (also stored in `_meta.counts`).
@@ -90,6 +91,7 @@ impl Summary {
                 )
             })
             .collect();
+        let q = self.reward_quantiles();
         let mean = if self.rewards.is_empty() {
             None
         } else {
@@ -102,9 +104,9 @@ impl Summary {
             "by_gen_method": methods,
             "queries_with_correct": self.queries_with_correct,
             "reward_mean": mean,
-            "reward_p10": self.reward_quantile(0.1),
-            "reward_p50": self.reward_quantile(0.5),
-            "reward_p90": self.reward_quantile(0.9),
+            "reward_p10": q.map(|q| q[0]),
+            "reward_p50": q.map(|q| q[1]),
+            "reward_p90": q.map(|q| q[2]),
             "vqa_calls": self.vqa_calls,
             "vqa_backend": self.backend,
         })
@@ -162,11 +164,7 @@ impl Summary {
                 "  queries with a correct candidate  {:.1}%",
                 100.0 * self.queries_with_correct as f64 / self.queries as f64
             );
-            if let (Some(p10), Some(p50), Some(p90)) = (
-                self.reward_quantile(0.1),
-                self.reward_quantile(0.5),
-                self.reward_quantile(0.9),
-            ) {
+            if let Some([p10, p50, p90]) = self.reward_quantiles() {
                 let mean = self.rewards.iter().sum::<f64>() / self.rewards.len() as f64;
                 println!(
                     "  reward             mean {mean:.3}  p10 {p10:.3}  p50 {p50:.3}  p90 {p90:.3}"

@@ -16,9 +16,7 @@ use super::generate::{
     GenerationConfig, PromptBatch,
 };
 use super::image::ProcessedImage;
-use super::processor::{
-    ImageSource, Processor, ProcessorError, PromptRequest, VqaExample, VqaQuery,
-};
+use super::processor::{ImageSource, Processor, ProcessorError, PromptRequest};
 use super::text::{TextError, TextModel};
 use super::vision::{VisionError, VisionTower, VisionTowerConfig};
 use super::weights::{WeightStore, WeightsError};
@@ -395,22 +393,14 @@ pub struct RequestAnswer {
 
 /// Builds the processor request of a pipeline prompt.
 pub fn request_of(prompt: &VqaPrompt) -> PromptRequest {
-    PromptRequest {
-        system_prompt: Some(prompt.system_prompt.clone()),
-        examples: prompt
+    PromptRequest::from_paths(
+        Some(prompt.system_prompt.clone()),
+        prompt
             .examples
             .iter()
-            .map(|e| VqaExample {
-                image: ImageSource::Path(e.image.clone()),
-                question: e.question.clone(),
-                answer: e.answer.clone(),
-            })
-            .collect(),
-        query: VqaQuery {
-            image: ImageSource::Path(prompt.query_image.clone()),
-            question: prompt.query_question.clone(),
-        },
-    }
+            .map(|e| (e.image.clone(), e.question.clone(), e.answer.clone())),
+        (prompt.query_image.clone(), prompt.query_question.clone()),
+    )
 }
 
 impl<B: Backend> VqaModel for QwenVqa<B> {

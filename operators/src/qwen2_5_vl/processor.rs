@@ -124,6 +124,30 @@ pub struct PromptRequest {
 }
 
 impl PromptRequest {
+    /// A request whose images are files: examples as (image, question,
+    /// answer), then the query's (image, question).
+    pub fn from_paths(
+        system_prompt: Option<String>,
+        examples: impl IntoIterator<Item = (PathBuf, String, String)>,
+        query: (PathBuf, String),
+    ) -> Self {
+        Self {
+            system_prompt,
+            examples: examples
+                .into_iter()
+                .map(|(image, question, answer)| VqaExample {
+                    image: ImageSource::Path(image),
+                    question,
+                    answer,
+                })
+                .collect(),
+            query: VqaQuery {
+                image: ImageSource::Path(query.0),
+                question: query.1,
+            },
+        }
+    }
+
     /// The images of the prompt in prompt order (examples, then query).
     pub fn images(&self) -> impl Iterator<Item = &ImageSource> {
         self.examples
