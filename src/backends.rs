@@ -21,7 +21,14 @@ pub fn vqa_factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value
                 .as_deref()
                 .context("--vqa_backend replay needs --replay_from FILE (an earlier leverflow JSON or Parquet output)")?;
             let index = Arc::new(load_replay(path)?);
-            let identity = ReplayModel::new(Arc::clone(&index)).identity();
+            let mut identity = ReplayModel::new(Arc::clone(&index)).identity();
+            // The recorded answers are the model: identify them by content.
+            if let serde_json::Value::Object(m) = &mut identity {
+                m.insert(
+                    "sha256".into(),
+                    leverflow_operators::tensor_io::file_sha256(path)?.into(),
+                );
+            }
             let f: VqaFactory = Arc::new(move || {
                 Ok(Box::new(ReplayModel::new(Arc::clone(&index))) as Box<dyn VqaModel>)
             });

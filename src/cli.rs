@@ -385,6 +385,20 @@ pub struct GenerateArgs {
         value_name = "FILE"
     )]
     pub parquet_path: Option<PathBuf>,
+    /// Persistent store of finished work (default: `<output_path>.state/`).
+    /// A rerun reuses every result whose inputs are unchanged, and a killed
+    /// run resumes where it stopped.
+    #[arg(long = "state_dir", visible_alias = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// `full` rewrites the JSON and Parquet outputs; `delta` also writes
+    /// `<parquet stem>.delta.parquet` (rows of added and changed queries) and
+    /// `<output stem>.retracted.json` (removed query ids).
+    #[arg(
+        long = "output_mode",
+        visible_alias = "output-mode",
+        default_value = "full"
+    )]
+    pub output_mode: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,

@@ -19,6 +19,12 @@ pub struct Counters {
     pub vqa_calls: AtomicU64,
     /// Queries expected (0 if unknown).
     pub queries_total: AtomicU64,
+    /// Queries whose stored record was reused.
+    pub queries_reused: AtomicU64,
+    /// Answers served from the store.
+    pub vqa_cached: AtomicU64,
+    /// Candidate sets served from the store.
+    pub candidate_sets_cached: AtomicU64,
 }
 
 impl Counters {

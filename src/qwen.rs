@@ -91,18 +91,52 @@ pub fn factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value)> {
         bail!("--vqa_model {}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...). leverflow never downloads models at run time.", args.vqa_model);
     }
     let over = overrides(args);
+    let files = checkpoint_hashes(&dir)?;
+    let with_files = |(f, mut id): (VqaFactory, serde_json::Value)| {
+        if let serde_json::Value::Object(m) = &mut id {
+            m.insert("files_sha256".into(), files.clone());
+        }
+        (f, id)
+    };
     match parse_device(&args.device)? {
-        Device::Cpu => factory_on::<Cpu>(&dir, Default::default(), over, args.vision_cache_mb),
+        Device::Cpu => {
+            factory_on::<Cpu>(&dir, Default::default(), over, args.vision_cache_mb).map(with_files)
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(i) => factory_on::<Gpu>(
             &dir,
             burn::backend::cuda::CudaDevice::new(i),
             over,
             args.vision_cache_mb,
-        ),
+        )
+        .map(with_files),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => unreachable!("parse_device rejects cuda without the feature"),
     }
+}
+
+/// SHA-256 of every file of a checkpoint directory that defines the model's
+/// behaviour (configs, tokenizer, chat template, weights): part of the
+/// model's identity, so stored answers are reused only for the same model.
+fn checkpoint_hashes(dir: &std::path::Path) -> Result<serde_json::Value> {
+    let mut names: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the checkpoint directory {}", dir.display()))?
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(n, p)| {
+            p.is_file()
+                && [".json", ".safetensors", ".jinja", ".txt", ".model"]
+                    .iter()
+                    .any(|ext| n.ends_with(ext))
+        })
+        .collect();
+    names.sort();
+    let mut out = serde_json::Map::new();
+    for (name, path) in names {
+        let h = leverflow_operators::tensor_io::file_sha256(&path)?;
+        out.insert(name, serde_json::Value::String(h));
+    }
+    Ok(serde_json::Value::Object(out))
 }
 
 /// One request of `leverflow vqa`.

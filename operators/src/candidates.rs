@@ -68,7 +68,7 @@ pub enum CandidateError {
 }
 
 /// How a candidate was generated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum GenMethod {
     /// beam search on the model
     Beam,
@@ -96,7 +96,7 @@ impl GenMethod {
 }
 
 /// One candidate pointer sequence of a query.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Candidate {
     /// positions in the query's pool
     pub positions: Vec<usize>,
@@ -115,7 +115,7 @@ pub struct Candidate {
 }
 
 /// Settings of candidate generation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CandidateArgs {
     /// beams kept at every step
     pub num_beams: usize,

@@ -26,5 +26,6 @@ pub mod qwen2_5_vl;
 pub mod reward;
 pub mod sinks;
 pub mod source;
+pub mod state;
 pub mod tensor_io;
 pub mod vqa;

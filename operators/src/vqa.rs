@@ -86,7 +86,7 @@ impl VqaPrompt {
 }
 
 /// A backend's answer to one prompt.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct VqaAnswer {
     /// The decoded generation (special tokens skipped).
     pub raw_generation: String,

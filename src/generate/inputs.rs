@@ -93,6 +93,9 @@ pub fn validate_args(args: &GenerateArgs) -> Result<()> {
     if args.shot_num == Some(0) {
         bail!("--shot_num must be at least 1");
     }
+    if !matches!(args.output_mode.as_str(), "full" | "delta") {
+        bail!("--output_mode {}: expected full or delta", args.output_mode);
+    }
     if !matches!(args.on_missing_image.as_str(), "error" | "skip") {
         bail!(
             "--on_missing_image {}: expected error or skip",

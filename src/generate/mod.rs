@@ -1,27 +1,39 @@
 //! `leverflow generate` and `leverflow candidates`: run orchestration.
 //!
 //! 1. load and validate every input ([`inputs`]);
-//! 2. run the timely dataflow on `--workers` threads: the beam reader feeds
-//!    worker 0, records are exchanged by query index to the stages
-//!    ([`stages`]) and the finished records to worker 0's sorted spill;
-//! 3. write the outputs from the spill in ascending query order (atomic
-//!    temp-file + rename, so a failed run leaves nothing at the output path)
-//!    and print the summary ([`summary`]).
+//! 2. open the state store (`--state_dir`) and run the timely dataflow on
+//!    `--workers` threads: worker 0 reads the previous run's input keys and
+//!    the beam data; records are exchanged by query index; a planning stage
+//!    keys each query's inputs ([`keys`]), the differential comparison
+//!    classifies it (added / changed / removed / unchanged), and only
+//!    queries without a stored record for their key go through the stages
+//!    ([`stages`]), which take candidate sets and answers from the store
+//!    when they can. Worker 0 commits finished queries to the store in
+//!    batches (a killed run resumes from there);
+//! 3. write the outputs from the store in ascending query order (atomic
+//!    temp-file + rename, so a failed run leaves nothing at the output
+//!    path), then mark the run complete in the store and print the summary
+//!    ([`summary`]).
 
 pub mod inputs;
+pub mod keys;
 pub mod meta;
 pub mod stages;
 pub mod summary;
 
 use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use leverflow_operators::dataflow::{
-    batched, execute_threads, run_worker, DriverConfig, ErrorSlot, SinkFn,
+    batched, execute_threads, incremental_front, run_worker, DriverConfig, ErrorSlot, InputChange,
+    SinkFn, SourceItem,
 };
-use leverflow_operators::sinks::{JsonSink, OutputConfig, ParquetSink, SinkError, SortedSpill};
+use leverflow_operators::sinks::{AtomicFile, JsonSink, OutputConfig, ParquetSink, SinkError};
 use leverflow_operators::source::{count_records, BeamReader};
+use leverflow_operators::state::{Key, QueryUpdate, StateStore, StoredOutcome};
 use leverflow_operators::vqa::VqaModel;
 use leverflow_schemas::RlRecord;
 
@@ -84,20 +96,25 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         .queries_total
         .store(hi.saturating_sub(lo), std::sync::atomic::Ordering::Relaxed);
 
-    let spill_dir = inputs
-        .output_path
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                std::path::Path::new(".")
-            } else {
-                p
-            }
-        })
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
-    std::fs::create_dir_all(&spill_dir)
-        .with_context(|| format!("cannot create the output directory {}", spill_dir.display()))?;
+    // The state store: finished work of earlier runs, and the lock that
+    // keeps two runs off the same outputs.
+    if let Some(dir) = inputs.output_path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
+        }
+    }
+    let state_dir = state_dir(&args, &inputs.output_path);
+    let store = Arc::new(StateStore::open(&state_dir)?);
+    let delta = DeltaPaths::new(&inputs, &args.output_mode);
+    for target in [&inputs.output_path, &inputs.parquet_path]
+        .into_iter()
+        .chain(delta.iter().flat_map(|d| [&d.parquet, &d.retracted]))
+    {
+        AtomicFile::remove_stale_temps(target);
+    }
+    let previous = Arc::new(store.previous_inputs()?);
+    let run_keys = Arc::new(keys::RunKeys::new(&args, &inputs, &model_identity, job)?);
 
     let reporter = Reporter::start(
         style,
@@ -105,8 +122,9 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         if with_vqa { "generate" } else { "candidates" },
     );
     let dataflow_started = Instant::now();
-    let spill_slot: Arc<Mutex<Option<SortedSpill>>> = Arc::default();
-    let skipped: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let pending: Arc<Mutex<PendingUpdates>> = Arc::default();
+    let current: Arc<Mutex<Vec<(u64, Key)>>> = Arc::default();
+    let changes: Arc<Mutex<HashMap<(u64, InputChange), isize>>> = Arc::default();
     let backend_stats: stages::BackendStats = Arc::default();
     let workers = args.workers;
     let vqa_cfg = VqaStageConfig {
@@ -129,47 +147,49 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let results = {
         let inputs = Arc::clone(&inputs);
         let counters = Arc::clone(&counters);
-        let spill_slot = Arc::clone(&spill_slot);
-        let skipped = Arc::clone(&skipped);
+        let pending = Arc::clone(&pending);
+        let current = Arc::clone(&current);
+        let changes = Arc::clone(&changes);
         let backend_stats = Arc::clone(&backend_stats);
-        let spill_dir = spill_dir.clone();
+        let store = Arc::clone(&store);
+        let run_keys = Arc::clone(&run_keys);
+        let previous = Arc::clone(&previous);
         execute_threads(workers, move |worker| -> Result<(), String> {
             let errors = ErrorSlot::default();
             let index = worker.index();
+            let previous = Arc::clone(&previous);
             let source = if index == 0 {
                 let reader = BeamReader::open(&beam_path)
                     .and_then(|r| r.with_range(start_idx, end_idx))
                     .map_err(|e| e.to_string())?;
-                Some(reader.map(|r| {
-                    r.map(|b| QueryWork {
-                        query_index: b.query_index,
-                        source_beams: b
-                            .id_list
-                            .iter()
-                            .map(|seq| seq[..seq.len().saturating_sub(1)].to_vec())
-                            .collect(),
+                let before = previous
+                    .iter()
+                    .map(|(q, k)| Ok(SourceItem::Previous(*q, *k)));
+                Some(before.chain(reader.map(|r| {
+                    r.map(|b| {
+                        SourceItem::Current(QueryWork {
+                            query_index: b.query_index,
+                            source_beams: b
+                                .id_list
+                                .iter()
+                                .map(|seq| seq[..seq.len().saturating_sub(1)].to_vec())
+                                .collect(),
+                            input_key: [0; 32],
+                        })
                     })
                     .map_err(|e| e.to_string())
-                }))
+                })))
             } else {
                 None
             };
             let sink: Option<SinkFn> = if index == 0 {
-                let spill = SortedSpill::create(&spill_dir).map_err(|e| e.to_string())?;
-                let slot = Arc::clone(&spill_slot);
-                *slot.lock().map_err(|e| e.to_string())? = Some(spill);
-                let skipped = Arc::clone(&skipped);
-                Some(Box::new(move |q: u64, bytes: Vec<u8>| {
-                    if bytes.is_empty() {
-                        skipped
-                            .lock()
-                            .map_err(|e| e.to_string())?
-                            .push((q, "skipped".into()));
-                        return Ok(());
-                    }
-                    let mut guard = slot.lock().map_err(|e| e.to_string())?;
-                    let spill = guard.as_mut().ok_or("internal error: spill missing")?;
-                    spill.push_bytes(q, &bytes).map_err(|e| e.to_string())
+                let pending = Arc::clone(&pending);
+                let store = Arc::clone(&store);
+                Some(Box::new(move |_q: u64, bytes: Vec<u8>| {
+                    let update = QueryUpdate::decode(&bytes)?;
+                    let mut p = pending.lock().map_err(|e| e.to_string())?;
+                    p.push(update);
+                    p.commit_if_due(&store)
                 }))
             } else {
                 None
@@ -184,17 +204,46 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
             let cand_batch = 64;
             let stats = (index, Arc::clone(&backend_stats));
             let e2 = errors.clone();
+            let store = Arc::clone(&store);
+            let run_keys = Arc::clone(&run_keys);
+            let current = Arc::clone(&current);
+            let changes = Arc::clone(&changes);
             run_worker(
                 worker,
                 &driver,
                 source,
-                |w: &QueryWork| w.query_index,
-                move |stream| {
-                    let cands = batched(
+                |s: &SourceItem<QueryWork>| s.query_index(|w| w.query_index),
+                move |stream, probe| {
+                    let todo = incremental_front(
                         stream,
+                        stages::plan(
+                            Arc::clone(&inputs),
+                            Arc::clone(&run_keys),
+                            Arc::clone(&store),
+                            with_vqa,
+                            current,
+                            Arc::clone(&counters),
+                        ),
+                        cand_batch,
+                        move |q, change, diff| {
+                            if let Ok(mut m) = changes.lock() {
+                                *m.entry((q, change)).or_insert(0) += diff;
+                            }
+                        },
+                        probe,
+                        e2.clone(),
+                    );
+                    let cands = batched(
+                        todo,
                         "candidates",
                         cand_batch,
-                        stages::candidates(Arc::clone(&inputs), include_source),
+                        stages::candidates(
+                            Arc::clone(&inputs),
+                            Arc::clone(&run_keys),
+                            Arc::clone(&store),
+                            include_source,
+                            Arc::clone(&counters),
+                        ),
                         e2.clone(),
                     );
                     match vqa_model {
@@ -205,6 +254,8 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                                 vqa_cfg.batch_size.div_ceil(8).max(1),
                                 stages::vqa(
                                     Arc::clone(&inputs),
+                                    run_keys,
+                                    store,
                                     model,
                                     vqa_cfg,
                                     Arc::clone(&counters),
@@ -244,33 +295,78 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         .map_err(anyhow::Error::msg)?
     };
     reporter.finish();
+    // Work finished before an error is kept: a rerun does not redo it.
+    let committed = pending
+        .lock()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .commit(&store);
     for r in results {
         r.map_err(anyhow::Error::msg)?;
     }
+    committed?;
     let dataflow_s = dataflow_started.elapsed().as_secs_f64();
 
-    let spill = spill_slot
-        .lock()
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .take()
-        .context("internal error: the sink's spill is missing")?;
+    // This run's queries in ascending order, and how they differ from the
+    // previous completed run.
+    let mut current = std::mem::take(&mut *current.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
+    current.sort_unstable_by_key(|(q, _)| *q);
+    if let Some(w) = current.windows(2).find(|w| w[0].0 == w[1].0) {
+        anyhow::bail!(
+            "{}: query {} appears more than once in the beam data",
+            inputs.beam_path.display(),
+            w[0].0
+        );
+    }
+    let changes = std::mem::take(&mut *changes.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
+    let mut removed = Vec::new();
+    let mut delta_rows: Vec<(u64, Key)> = Vec::new();
+    let mut incremental = summary::Incremental::default();
+    let key_of: HashMap<u64, Key> = current.iter().copied().collect();
+    for ((q, change), n) in changes {
+        if n <= 0 {
+            continue;
+        }
+        match change {
+            InputChange::Added => incremental.queries_added += 1,
+            InputChange::Changed => incremental.queries_changed += 1,
+            InputChange::Removed => {
+                incremental.queries_removed += 1;
+                removed.push(q);
+                continue;
+            }
+        }
+        if let Some(k) = key_of.get(&q) {
+            delta_rows.push((q, *k));
+        }
+    }
+    removed.sort_unstable();
+    delta_rows.sort_unstable_by_key(|(q, _)| *q);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    incremental.queries_reused = load(&counters.queries_reused);
+    incremental.vqa_cached = load(&counters.vqa_cached);
+    incremental.candidate_sets_cached = load(&counters.candidate_sets_cached);
+
     progress::phase(style, "writing outputs");
     let write_started = Instant::now();
     let out_cfg = output_config(&inputs, with_vqa, save_prompts);
     let mut writer = Outputs::create(&out_cfg)?;
     let mut summary = summary::Summary::default();
-    let mut records = spill.finish()?;
-    while let Some(item) = records.next_with_bytes() {
-        let (q, record, bytes) = item?;
-        summary.add(&record);
-        writer.write(q, record, &bytes)?;
-    }
-    let skipped = std::mem::take(&mut *skipped.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
+    let mut skipped: Vec<(u64, String)> = Vec::new();
+    store.visit_records(&current, |q, outcome| -> Result<()> {
+        match outcome {
+            StoredOutcome::Record(bytes) => {
+                let record = parse_stored(store.path(), q, bytes)?;
+                summary.add(&record);
+                writer.write(q, record, bytes)?;
+            }
+            StoredOutcome::Skipped(reason) => skipped.push((q, reason.clone())),
+        }
+        Ok(())
+    })?;
     summary.skipped = skipped.len() as u64;
-    summary.vqa_calls = counters
-        .vqa_calls
-        .load(std::sync::atomic::Ordering::Relaxed);
+    summary.vqa_calls = load(&counters.vqa_calls);
     summary.backend = sum_stats(&backend_stats);
+    summary.incremental = incremental;
     let timings = meta::Timings {
         load_s,
         dataflow_s,
@@ -286,7 +382,127 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         &model_identity,
     );
     writer.finish(&meta)?;
+    if let Some(d) = &delta {
+        write_delta(d, &store, &out_cfg, &delta_rows, &removed, &meta)?;
+    }
+    // Last: this run's input becomes the previous input of the next run.
+    store.complete_run(&removed, &current)?;
     summary.print(&inputs, &timings, with_vqa);
+    if let Some(d) = &delta {
+        println!("  delta Parquet      {}", d.parquet.display());
+        println!("  retracted ids      {}", d.retracted.display());
+    }
+    Ok(())
+}
+
+/// Default `--state_dir`: `<output_path>.state/`.
+fn state_dir(args: &GenerateArgs, output_path: &std::path::Path) -> PathBuf {
+    args.state_dir.clone().unwrap_or_else(|| {
+        let mut s = output_path.as_os_str().to_owned();
+        s.push(".state");
+        PathBuf::from(s)
+    })
+}
+
+fn parse_stored(state: &std::path::Path, q: u64, bytes: &[u8]) -> Result<RlRecord> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "state store {}: the record of query {q} does not parse ({e}); the store is corrupt: delete its directory (the next run recomputes everything)",
+            state.display()
+        )
+    })
+}
+
+/// Finished queries waiting for the next durable commit to the store.
+#[derive(Default)]
+struct PendingUpdates {
+    updates: Vec<QueryUpdate>,
+    last_commit: Option<Instant>,
+}
+
+impl PendingUpdates {
+    /// Queries per commit, at most.
+    const MAX_BATCH: usize = 512;
+    /// Seconds between commits, at most.
+    const MAX_AGE_S: f64 = 1.0;
+
+    fn push(&mut self, u: QueryUpdate) {
+        if self.last_commit.is_none() {
+            self.last_commit = Some(Instant::now());
+        }
+        self.updates.push(u);
+    }
+
+    fn commit_if_due(&mut self, store: &StateStore) -> Result<(), String> {
+        let old = self
+            .last_commit
+            .is_some_and(|t| t.elapsed().as_secs_f64() >= Self::MAX_AGE_S);
+        if self.updates.len() >= Self::MAX_BATCH || old {
+            self.commit(store).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, store: &StateStore) -> Result<()> {
+        store.commit_updates(&self.updates)?;
+        self.updates.clear();
+        self.last_commit = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// Where `--output_mode delta` writes.
+struct DeltaPaths {
+    parquet: PathBuf,
+    retracted: PathBuf,
+}
+
+impl DeltaPaths {
+    fn new(inputs: &Inputs, mode: &str) -> Option<Self> {
+        (mode == "delta").then(|| {
+            let stem = |p: &std::path::Path| {
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "output".into())
+            };
+            let parquet = inputs
+                .parquet_path
+                .with_file_name(format!("{}.delta.parquet", stem(&inputs.parquet_path)));
+            let retracted = inputs
+                .output_path
+                .with_file_name(format!("{}.retracted.json", stem(&inputs.output_path)));
+            Self { parquet, retracted }
+        })
+    }
+}
+
+/// Writes the delta Parquet (records of added and changed queries) and the
+/// list of retracted query ids.
+fn write_delta(
+    d: &DeltaPaths,
+    store: &StateStore,
+    cfg: &OutputConfig,
+    rows: &[(u64, Key)],
+    removed: &[u64],
+    meta: &serde_json::Value,
+) -> Result<()> {
+    let mut sink = ParquetSink::create(&d.parquet, cfg.parquet_options.clone())?;
+    store.visit_records(rows, |q, outcome| -> Result<()> {
+        if let StoredOutcome::Record(bytes) = outcome {
+            sink.write_record(q, &parse_stored(store.path(), q, bytes)?)?;
+        }
+        Ok(())
+    })?;
+    let mut retracted = AtomicFile::create(&d.retracted)?;
+    let body = serde_json::json!({
+        "retracted_query_ids": removed,
+        "changed_query_ids": rows.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        "created_at": meta.get("created_at"),
+    });
+    serde_json::to_writer(&mut retracted, &body)?;
+    std::io::Write::write_all(&mut retracted, b"\n")?;
+    retracted.finish()?;
+    sink.finish(meta)?;
     Ok(())
 }
 

@@ -11,13 +11,15 @@ use leverflow_operators::candidates::{
     dedup_candidates, generate_candidates_batch, generate_candidates_per_query_pools,
     score_sequences, Candidate, GenMethod, QueryInput,
 };
-use leverflow_operators::dataflow::BatchFn;
+use leverflow_operators::dataflow::{BatchFn, Planned};
 use leverflow_operators::reward::{advantages, compute_reward, RewardInputs};
+use leverflow_operators::state::{encode_value, Key, QueryUpdate, StateStore, StoredOutcome};
 use leverflow_operators::tensor_io::Matrix;
 use leverflow_operators::vqa::{PromptExample, VqaAnswer, VqaModel, VqaPrompt};
 use leverflow_schemas::{CandidateRecord, QueryRecord, RlRecord};
 
 use super::inputs::{Inputs, Pools};
+use super::keys::{ImageStamp, RunKeys};
 use crate::progress::Counters;
 
 /// A query routed to a worker: its index and the beam data's own beams.
@@ -27,10 +29,12 @@ pub struct QueryWork {
     pub query_index: u64,
     /// The beam data's ICD sequences (dataset indices, query removed).
     pub source_beams: Vec<Vec<u64>>,
+    /// Key of everything the query's record depends on (set by `plan`).
+    pub input_key: Key,
 }
 
 /// A candidate with its pool positions and dataset indices.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CandRow {
     /// The generator's output.
     pub cand: Candidate,
@@ -47,6 +51,11 @@ pub struct QueryCands {
     pub pool_ids: Option<Vec<u64>>,
     /// Candidates in generation order.
     pub cands: Vec<CandRow>,
+    /// The query's input key.
+    pub input_key: Key,
+    /// A newly generated candidate set for the store (None: it came from
+    /// the store).
+    pub new_cands: Option<(Key, Vec<u8>)>,
 }
 
 /// A query with one answer per candidate (or the reason it was skipped).
@@ -58,6 +67,8 @@ pub struct QueryAnswered {
     pub answers: Vec<VqaAnswer>,
     /// Why the query was skipped (`--on_missing_image skip`).
     pub skipped: Option<String>,
+    /// Newly computed answers for the store.
+    pub new_vqa: Vec<(Key, Vec<u8>)>,
 }
 
 /// One candidate's scores.
@@ -81,8 +92,46 @@ pub struct QueryScored {
     pub scores: Vec<Scores>,
 }
 
-/// A finished record: query index and its serialised JSON (empty = skipped).
+/// A finished query: its index and its encoded [`QueryUpdate`].
 pub type Finished = (u64, Vec<u8>);
+
+/// The `plan` stage: computes each query's input key, notes it in
+/// `current`, and marks queries whose stored record has the same key as
+/// reusable.
+pub fn plan(
+    inputs: Arc<Inputs>,
+    keys: Arc<RunKeys>,
+    store: Arc<StateStore>,
+    with_images: bool,
+    current: Arc<std::sync::Mutex<Vec<(u64, Key)>>>,
+    counters: Arc<Counters>,
+) -> BatchFn<QueryWork, Planned<QueryWork>> {
+    Box::new(move |batch: Vec<QueryWork>| {
+        let reader = store.reader().map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut seen = Vec::with_capacity(batch.len());
+        for mut w in batch {
+            let key = keys.input_key(&inputs, &w, with_images)?;
+            w.input_key = key;
+            let reuse = reader
+                .has_record(w.query_index, &key)
+                .map_err(|e| e.to_string())?;
+            if reuse {
+                Counters::add(&counters.queries_reused, 1);
+                Counters::add(&counters.queries_done, 1);
+            }
+            seen.push((w.query_index, key));
+            out.push(Planned {
+                query_index: w.query_index,
+                input_key: key,
+                reuse,
+                work: w,
+            });
+        }
+        current.lock().map_err(|e| e.to_string())?.extend(seen);
+        Ok(out)
+    })
+}
 
 fn query_row(inputs: &Inputs, query_index: u64) -> Result<&[f32], String> {
     let m = &inputs.query_emb;
@@ -98,12 +147,81 @@ fn query_row(inputs: &Inputs, query_index: u64) -> Result<&[f32], String> {
     }
 }
 
-/// The `candidates` stage.
+/// The `candidates` stage: candidate sets from the store when their key is
+/// there, generated (in one batch) otherwise.
 pub fn candidates(
     inputs: Arc<Inputs>,
+    keys: Arc<RunKeys>,
+    store: Arc<StateStore>,
     include_source_beams: bool,
+    counters: Arc<Counters>,
 ) -> BatchFn<QueryWork, QueryCands> {
     Box::new(move |batch: Vec<QueryWork>| {
+        let reader = store.reader().map_err(|e| e.to_string())?;
+        let mut slots: Vec<Option<QueryCands>> = Vec::with_capacity(batch.len());
+        let mut misses: Vec<QueryWork> = Vec::new();
+        let mut miss_keys: Vec<Key> = Vec::new();
+        for w in &batch {
+            let key = keys.candidates_key(&inputs, w, include_source_beams)?;
+            match reader
+                .candidates::<Vec<CandRow>>(&key)
+                .map_err(|e| e.to_string())?
+            {
+                Some(cands) => {
+                    Counters::add(&counters.candidate_sets_cached, 1);
+                    slots.push(Some(QueryCands {
+                        query_index: w.query_index,
+                        pool_ids: pool_ids_of(&inputs, w.query_index),
+                        cands,
+                        input_key: w.input_key,
+                        new_cands: None,
+                    }));
+                }
+                None => {
+                    slots.push(None);
+                    misses.push(w.clone());
+                    miss_keys.push(key);
+                }
+            }
+        }
+        let mut generated = if misses.is_empty() {
+            Vec::new()
+        } else {
+            generate_rows(&inputs, include_source_beams, misses)?
+        }
+        .into_iter()
+        .zip(miss_keys);
+        let mut out = Vec::with_capacity(batch.len());
+        for slot in slots {
+            match slot {
+                Some(q) => out.push(q),
+                None => {
+                    let (mut q, key) = generated
+                        .next()
+                        .ok_or("internal error: candidate generation lost a query")?;
+                    q.new_cands = Some((key, encode_value(&q.cands)));
+                    out.push(q);
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+fn pool_ids_of(inputs: &Inputs, query_index: u64) -> Option<Vec<u64>> {
+    match &inputs.pools {
+        Pools::Shared { .. } => None,
+        Pools::PerQuery { pools } => pools.get(&query_index).cloned(),
+    }
+}
+
+/// Generates the candidate sets of a batch of queries.
+fn generate_rows(
+    inputs: &Inputs,
+    include_source_beams: bool,
+    batch: Vec<QueryWork>,
+) -> Result<Vec<QueryCands>, String> {
+    {
         let model = &*inputs.model;
         let args = &inputs.cand_args;
         let mut out = Vec::with_capacity(batch.len());
@@ -149,6 +267,8 @@ pub fn candidates(
                         query_index: w.query_index,
                         pool_ids: None,
                         cands: rows,
+                        input_key: w.input_key,
+                        new_cands: None,
                     });
                 }
             }
@@ -210,12 +330,14 @@ pub fn candidates(
                         query_index: w.query_index,
                         pool_ids: Some(ids.clone()),
                         cands: rows,
+                        input_key: w.input_key,
+                        new_cands: None,
                     });
                 }
             }
         }
         Ok(out)
-    })
+    }
 }
 
 fn source_positions(
@@ -291,8 +413,11 @@ pub fn weighted_gt_answers(raw: &[String]) -> Vec<(String, f64)> {
 }
 
 /// The `vqa` stage.
+#[allow(clippy::too_many_arguments)]
 pub fn vqa(
     inputs: Arc<Inputs>,
+    keys: Arc<RunKeys>,
+    store: Arc<StateStore>,
     mut model: Box<dyn VqaModel>,
     cfg: VqaStageConfig,
     counters: Arc<Counters>,
@@ -305,7 +430,7 @@ pub fn vqa(
         let mut plan: Vec<(Vec<usize>, Option<String>)> = Vec::with_capacity(batch.len());
         // A query's image is shared by all its candidates and examples
         // recur: look each file up once per batch.
-        let mut exists: HashMap<std::path::PathBuf, bool> = HashMap::new();
+        let mut stamps: HashMap<std::path::PathBuf, ImageStamp> = HashMap::new();
         for q in &batch {
             let item = ds.get(q.query_index).map_err(|e| e.to_string())?;
             let mut missing = None;
@@ -331,7 +456,10 @@ pub fn vqa(
                     .map(|e| &e.image)
                     .chain(std::iter::once(&item.image_path))
                 {
-                    let found = *exists.entry(p.clone()).or_insert_with(|| p.exists());
+                    let found = stamps
+                        .entry(p.clone())
+                        .or_insert_with(|| super::keys::image_stamp(p))
+                        .is_some();
                     if !found {
                         let msg = format!(
                             "missing image {} (query {}); pass --on_missing_image skip to skip such queries",
@@ -367,9 +495,28 @@ pub fn vqa(
             }
             plan.push((slots, missing));
         }
-        let mut answers: Vec<VqaAnswer> = Vec::with_capacity(prompts.len());
-        for chunk in prompts.chunks(cfg.batch_size.max(1)) {
-            let got = model.answer(chunk).map_err(|e| e.to_string())?;
+        // Answers already in the store are served from it; only the others
+        // reach the model.
+        let reader = store.reader().map_err(|e| e.to_string())?;
+        let prompt_keys: Vec<Key> = prompts
+            .iter()
+            .map(|p| keys.vqa_key(p, &mut stamps))
+            .collect();
+        let mut answers: Vec<Option<VqaAnswer>> = Vec::with_capacity(prompts.len());
+        let mut misses: Vec<usize> = Vec::new();
+        for (i, k) in prompt_keys.iter().enumerate() {
+            let hit = reader.vqa::<VqaAnswer>(k).map_err(|e| e.to_string())?;
+            if hit.is_none() {
+                misses.push(i);
+            }
+            answers.push(hit);
+        }
+        drop(reader);
+        Counters::add(&counters.vqa_cached, (prompts.len() - misses.len()) as u64);
+        let mut is_new = vec![false; prompts.len()];
+        for chunk in misses.chunks(cfg.batch_size.max(1)) {
+            let asked: Vec<VqaPrompt> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+            let got = model.answer(&asked).map_err(|e| e.to_string())?;
             if got.len() != chunk.len() {
                 return Err(format!(
                     "VQA backend returned {} answers for {} prompts",
@@ -378,18 +525,36 @@ pub fn vqa(
                 ));
             }
             Counters::add(&counters.vqa_calls, chunk.len() as u64);
-            answers.extend(got);
+            for (&i, a) in chunk.iter().zip(got) {
+                answers[i] = Some(a);
+                is_new[i] = true;
+            }
         }
-        if let Ok(mut slot) = stats.1.lock() {
-            slot.insert(stats.0, model.stats());
+        if !misses.is_empty() {
+            if let Ok(mut slot) = stats.1.lock() {
+                slot.insert(stats.0, model.stats());
+            }
         }
+        let answers: Vec<VqaAnswer> = answers
+            .into_iter()
+            .map(|a| a.ok_or("internal error: a prompt has no answer"))
+            .collect::<Result<_, _>>()?;
         Ok(batch
             .into_iter()
             .zip(plan)
-            .map(|(base, (slots, skipped))| QueryAnswered {
-                answers: slots.iter().map(|&s| answers[s].clone()).collect(),
-                base,
-                skipped,
+            .map(|(base, (slots, skipped))| {
+                let mut new_vqa = Vec::new();
+                for &s in &slots {
+                    if std::mem::take(&mut is_new[s]) {
+                        new_vqa.push((prompt_keys[s], encode_value(&answers[s])));
+                    }
+                }
+                QueryAnswered {
+                    answers: slots.iter().map(|&s| answers[s].clone()).collect(),
+                    base,
+                    skipped,
+                    new_vqa,
+                }
             })
             .collect())
     })
@@ -485,10 +650,29 @@ fn candidate_record(inputs: &Inputs, row: &CandRow) -> Result<CandidateRecord, S
     Ok(rec)
 }
 
-fn serialise(query_index: u64, record: &RlRecord) -> Result<Finished, String> {
-    serde_json::to_vec(record)
-        .map(|b| (query_index, b))
-        .map_err(|e| format!("query {query_index}: cannot serialise the record: {e}"))
+/// The finished query for the sink: its record (serialised as the JSON
+/// output holds it) and the new results it depends on.
+fn finished(
+    base: &QueryCands,
+    outcome: Result<&RlRecord, String>,
+    new_vqa: Vec<(Key, Vec<u8>)>,
+) -> Result<Finished, String> {
+    let q = base.query_index;
+    let outcome = match outcome {
+        Ok(record) => StoredOutcome::Record(
+            serde_json::to_vec(record)
+                .map_err(|e| format!("query {q}: cannot serialise the record: {e}"))?,
+        ),
+        Err(reason) => StoredOutcome::Skipped(reason),
+    };
+    let update = QueryUpdate {
+        query_index: q,
+        input_key: base.input_key,
+        outcome,
+        candidates: base.new_cands.clone(),
+        vqa: new_vqa,
+    };
+    Ok((q, update.encode()))
 }
 
 /// The `reward` stage: rewards and within-query advantages, then the record.
@@ -499,11 +683,15 @@ pub fn reward_stage(
 ) -> BatchFn<QueryScored, Finished> {
     Box::new(move |batch: Vec<QueryScored>| {
         let mut out = Vec::with_capacity(batch.len());
-        for q in batch {
+        for mut q in batch {
             let qi = q.answered.base.query_index;
-            if q.answered.skipped.is_some() {
+            if let Some(reason) = q.answered.skipped.clone() {
                 Counters::add(&counters.queries_done, 1);
-                out.push((qi, Vec::new()));
+                out.push(finished(
+                    &q.answered.base,
+                    Err(reason),
+                    std::mem::take(&mut q.answered.new_vqa),
+                )?);
                 continue;
             }
             let mut cands = Vec::with_capacity(q.scores.len());
@@ -559,7 +747,8 @@ pub fn reward_stage(
                 &counters.candidates_done,
                 record.pointer_candidates.len() as u64,
             );
-            out.push(serialise(qi, &record)?);
+            let new_vqa = std::mem::take(&mut q.answered.new_vqa);
+            out.push(finished(&q.answered.base, Ok(&record), new_vqa)?);
         }
         Ok(out)
     })
@@ -588,7 +777,7 @@ pub fn candidates_record_stage(
                 &counters.candidates_done,
                 record.pointer_candidates.len() as u64,
             );
-            out.push(serialise(q.query_index, &record)?);
+            out.push(finished(&q, Ok(&record), Vec::new())?);
         }
         Ok(out)
     })

@@ -38,6 +38,26 @@ pub struct Summary {
     /// The backend's own counters summed over workers (prompts, tokens
     /// prefilled, images encoded / served from the vision cache, seconds).
     pub backend: serde_json::Value,
+    /// What the run reused from, and changed in, the state store.
+    pub incremental: Incremental,
+}
+
+/// The incremental counts of a run (`_meta.counts` keys of the same names).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Incremental {
+    /// Queries not in the previous completed run's input.
+    pub queries_added: u64,
+    /// Queries of the previous completed run no longer in the input
+    /// (retracted from the outputs).
+    pub queries_removed: u64,
+    /// Queries whose inputs changed since the previous completed run.
+    pub queries_changed: u64,
+    /// Queries whose stored record was reused as is.
+    pub queries_reused: u64,
+    /// Answers served from the store instead of the model.
+    pub vqa_cached: u64,
+    /// Candidate sets served from the store instead of the selector.
+    pub candidate_sets_cached: u64,
 }
 
 impl Summary {
@@ -108,6 +128,12 @@ impl Summary {
             "reward_p50": q.map(|q| q[1]),
             "reward_p90": q.map(|q| q[2]),
             "vqa_calls": self.vqa_calls,
+            "vqa_cached": self.incremental.vqa_cached,
+            "queries_added": self.incremental.queries_added,
+            "queries_removed": self.incremental.queries_removed,
+            "queries_changed": self.incremental.queries_changed,
+            "queries_reused": self.incremental.queries_reused,
+            "candidate_sets_cached": self.incremental.candidate_sets_cached,
             "vqa_backend": self.backend,
         })
     }
@@ -115,6 +141,16 @@ impl Summary {
     /// Prints the human summary on stdout.
     pub fn print(&self, inputs: &Inputs, t: &Timings, with_vqa: bool) {
         self.print_counts(with_vqa, Some(t));
+        let i = &self.incremental;
+        println!(
+            "  incremental        {} added, {} removed, {} changed, {} reused; from the store: {} answers, {} candidate sets",
+            i.queries_added,
+            i.queries_removed,
+            i.queries_changed,
+            i.queries_reused,
+            i.vqa_cached,
+            i.candidate_sets_cached
+        );
         println!(
             "  time               {:.2}s (load {:.2}s, dataflow {:.2}s, write {:.2}s); {:.0} candidates/s",
             t.total_s,

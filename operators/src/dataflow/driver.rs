@@ -46,7 +46,9 @@ pub struct WorkerOutcome {
 /// * `source`: the records to feed (only on the worker that reads the input;
 ///   `None` on the others). Each is routed to the worker `key(record) % peers`.
 /// * `build`: the middle of the graph, from routed source records to
-///   `(query_index, serialised record)` pairs.
+///   `(query_index, serialised record)` pairs. It gets the worker's probe,
+///   to attach side branches (e.g. the incremental comparison) that must
+///   also complete before the worker finishes.
 /// * `sink`: called, on worker 0 only, with every finished record.
 ///
 /// Stops feeding as soon as any stage reports an error in `errors`, and
@@ -63,7 +65,10 @@ pub fn run_worker<W, S, F>(
 where
     W: ExchangeData + Clone,
     S: Iterator<Item = Result<W, String>>,
-    F: for<'s> FnOnce(StreamVec<'s, u64, W>) -> StreamVec<'s, u64, (u64, Vec<u8>)>,
+    F: for<'s> FnOnce(
+        StreamVec<'s, u64, W>,
+        &ProbeHandle<u64>,
+    ) -> StreamVec<'s, u64, (u64, Vec<u8>)>,
 {
     let mut input: InputHandleVec<u64, W> = InputHandleVec::new();
     let probe = ProbeHandle::new();
@@ -73,7 +78,7 @@ where
             .input_from(&mut input)
             .container::<Vec<W>>()
             .exchange(move |w: &W| key(w));
-        let finished = build(routed);
+        let finished = build(routed, &probe);
         let mut sink = sink;
         finished
             .exchange(|_: &(u64, Vec<u8>)| 0)

@@ -15,10 +15,14 @@
 //! them, so the probe at the end tells the source how far the graph got.
 
 mod batch;
+pub mod diff;
 mod driver;
+pub mod incremental;
 
 pub use batch::{batched, BatchFn};
+pub use diff::InputChange;
 pub use driver::{run_worker, DriverConfig, SinkFn, WorkerOutcome};
+pub use incremental::{incremental_front, Planned, SourceItem};
 
 use std::sync::{Arc, Mutex};
 

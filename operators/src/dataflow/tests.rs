@@ -30,7 +30,7 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
             &config,
             source,
             |x: &u64| *x,
-            |stream| {
+            |stream, _probe| {
                 let squared = batched(
                     stream,
                     "square",

@@ -41,6 +41,29 @@ impl AtomicFile {
         })
     }
 
+    /// Removes temporary files that a killed earlier run left for `target`
+    /// (`.<name>.tmp-<pid>` beside it). Call only while holding the run's
+    /// lock (the state store), so no live run's file is removed. Returns how
+    /// many were removed.
+    pub fn remove_stale_temps(target: &Path) -> usize {
+        let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return 0;
+        };
+        let prefix = format!(".{name}.tmp-");
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter(|e| fs::remove_file(e.path()).is_ok())
+            .count()
+    }
+
     /// The final output path.
     pub fn target(&self) -> &Path {
         &self.target

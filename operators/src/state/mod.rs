@@ -1,0 +1,528 @@
+//! The persistent result store of incremental and resumable runs
+//! (`--state_dir`).
+//!
+//! # Why redb
+//! The store is written by one thread (the sink worker) in batches of a few
+//! hundred records and read concurrently by every worker (cache lookups).
+//! redb is a pure-Rust embedded B-tree with ACID transactions, MVCC readers
+//! that never block the writer, and a copy-on-write commit that survives
+//! `kill -9` at any instant (a crash loses at most the uncommitted batch).
+//! It is one file, needs no background compaction threads (unlike fjall or
+//! RocksDB, whose LSM compaction also costs a C++ toolchain for RocksDB),
+//! and is actively maintained (sled is not). Append-only Parquet segments
+//! would make point lookups by content key (the VQA cache) a scan.
+//!
+//! # Layout (format version [`STATE_FORMAT_VERSION`])
+//! One file, `state.redb`, with these tables:
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | name | `format_version` (u32 LE), ... |
+//! | `records` | query index | [`Key`] of the inputs it was computed from, then the finished record ([`StoredOutcome`]) |
+//! | `inputs` | query index | [`Key`] of that query's inputs in the last *completed* run |
+//! | `candidates` | candidate-set key | postcard of the candidate list |
+//! | `vqa` | prompt key | postcard of the answer |
+//!
+//! `records` is filled while a run goes (committed every batch, so a killed
+//! run resumes where it stopped); `inputs` changes only when a run completes,
+//! which makes it "the previous run's input" that the next run's
+//! differential comparison starts from.
+
+pub mod keys;
+
+#[cfg(test)]
+mod tests;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub use keys::{key_hex, Key, KeyHasher};
+
+/// Version of the on-disk layout; bumped on any incompatible change.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
+/// The store's file inside the state directory.
+pub const STATE_FILE: &str = "state.redb";
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+const INPUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("inputs");
+const CANDIDATES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("candidates");
+const VQA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vqa");
+
+/// Errors of the state store. Every message names the file and says how to
+/// recover.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The state file cannot be opened or read (truncated, corrupt, I/O).
+    #[error("state store {path}: {detail}. The store cannot be trusted: delete the state directory {dir} (the next run recomputes everything) or restore it from a backup")]
+    Unreadable {
+        /// The state file.
+        path: PathBuf,
+        /// Its directory.
+        dir: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A value in the store does not decode.
+    #[error("state store {path}: table `{table}`, key {key}: {detail}. The store is corrupt: delete the state directory {dir} (the next run recomputes everything) or restore it from a backup")]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// Its directory.
+        dir: PathBuf,
+        /// Table.
+        table: &'static str,
+        /// Key (decimal query index or hex content key).
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Another run holds the store.
+    #[error("state store {path} is in use by another leverflow run; wait for it to finish or pass a different --state_dir")]
+    InUse {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// The store was written by a newer leverflow.
+    #[error("state store {path} has format version {found}, but this leverflow ({tool}) reads version {supported}: use a leverflow at least as new as the one that wrote it, or delete the state directory {dir} to start over (everything is recomputed)")]
+    TooNew {
+        /// The state file.
+        path: PathBuf,
+        /// Its directory.
+        dir: PathBuf,
+        /// Version found.
+        found: u32,
+        /// Version this build writes.
+        supported: u32,
+        /// This build's version.
+        tool: &'static str,
+    },
+    /// The state directory cannot be created.
+    #[error("cannot create the state directory {dir}: {source}")]
+    CreateDir {
+        /// Directory.
+        dir: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// What a query's finished record is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StoredOutcome {
+    /// The record's JSON bytes (as written to the JSON output).
+    Record(Vec<u8>),
+    /// The query was skipped, with the reason.
+    Skipped(String),
+}
+
+/// Everything the sink persists for one finished query: its record and the
+/// newly computed results it depends on (cache entries), so that one
+/// transaction stores a query's work atomically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryUpdate {
+    /// Query index.
+    pub query_index: u64,
+    /// Key of the query's inputs ([`Key`] over everything the record
+    /// depends on).
+    pub input_key: Key,
+    /// The finished record.
+    pub outcome: StoredOutcome,
+    /// A newly generated candidate set: (key, postcard bytes).
+    pub candidates: Option<(Key, Vec<u8>)>,
+    /// Newly computed VQA answers: (prompt key, postcard bytes).
+    pub vqa: Vec<(Key, Vec<u8>)>,
+}
+
+impl QueryUpdate {
+    /// Encodes for the dataflow exchange.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes what [`QueryUpdate::encode`] wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        postcard::from_bytes(bytes).map_err(|e| format!("internal error: bad update ({e})"))
+    }
+}
+
+/// The persistent store (see the module docs).
+pub struct StateStore {
+    db: Database,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+fn enc_record(input_key: &Key, outcome: &StoredOutcome) -> Vec<u8> {
+    let mut v = Vec::with_capacity(33 + 64);
+    v.extend_from_slice(input_key);
+    match outcome {
+        StoredOutcome::Record(b) => {
+            v.push(0);
+            v.extend_from_slice(b);
+        }
+        StoredOutcome::Skipped(reason) => {
+            v.push(1);
+            v.extend_from_slice(reason.as_bytes());
+        }
+    }
+    v
+}
+
+impl StateStore {
+    /// Opens (or creates) the store in `dir`, checking its format version.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(STATE_FILE);
+        let unreadable = |detail: String| StateError::Unreadable {
+            path: path.clone(),
+            dir: dir.to_path_buf(),
+            detail,
+        };
+        // redb asserts (panics) instead of returning an error on some damaged
+        // files (e.g. one truncated below its header's recorded length):
+        // turn that into the same clear error, without the panic message.
+        quiet_redb_panics();
+        let opened = std::panic::catch_unwind(|| Database::create(&path));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(StateError::InUse { path });
+            }
+            Ok(Err(e)) => return Err(unreadable(e.to_string())),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown failure".into());
+                return Err(unreadable(format!("damaged file ({why})")));
+            }
+        };
+        let store = Self {
+            db,
+            path: path.clone(),
+            dir: dir.to_path_buf(),
+        };
+        store.check_version()?;
+        Ok(store)
+    }
+
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn unreadable(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::Unreadable {
+            path: self.path.clone(),
+            dir: self.dir.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn corrupt(&self, table: &'static str, key: String, detail: impl Into<String>) -> StateError {
+        StateError::Corrupt {
+            path: self.path.clone(),
+            dir: self.dir.clone(),
+            table,
+            key,
+            detail: detail.into(),
+        }
+    }
+
+    fn check_version(&self) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.unreadable(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.unreadable(e))?;
+            let found = match meta.get("format_version").map_err(|e| self.unreadable(e))? {
+                Some(v) => {
+                    let b = v.value();
+                    let arr: [u8; 4] = b.try_into().map_err(|_| {
+                        self.corrupt(
+                            "meta",
+                            "format_version".into(),
+                            format!("{} bytes, expected 4", b.len()),
+                        )
+                    })?;
+                    Some(u32::from_le_bytes(arr))
+                }
+                None => None,
+            };
+            match found {
+                None => {
+                    meta.insert(
+                        "format_version",
+                        STATE_FORMAT_VERSION.to_le_bytes().as_slice(),
+                    )
+                    .map_err(|e| self.unreadable(e))?;
+                    meta.insert("created_by", env!("CARGO_PKG_VERSION").as_bytes())
+                        .map_err(|e| self.unreadable(e))?;
+                }
+                Some(v) if v == STATE_FORMAT_VERSION => {}
+                Some(v) if v > STATE_FORMAT_VERSION => {
+                    return Err(StateError::TooNew {
+                        path: self.path.clone(),
+                        dir: self.dir.clone(),
+                        found: v,
+                        supported: STATE_FORMAT_VERSION,
+                        tool: env!("CARGO_PKG_VERSION"),
+                    })
+                }
+                // Version 1 is the first format: an older one cannot exist.
+                // Future versions migrate here, inside this transaction.
+                Some(v) => {
+                    return Err(self.corrupt(
+                        "meta",
+                        "format_version".into(),
+                        format!("unknown format version {v}"),
+                    ))
+                }
+            }
+            txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+            txn.open_table(INPUTS).map_err(|e| self.unreadable(e))?;
+            txn.open_table(CANDIDATES).map_err(|e| self.unreadable(e))?;
+            txn.open_table(VQA).map_err(|e| self.unreadable(e))?;
+        }
+        txn.commit().map_err(|e| self.unreadable(e))
+    }
+
+    /// The inputs of the last completed run: (query index, input key), in
+    /// ascending query order.
+    pub fn previous_inputs(&self) -> Result<Vec<(u64, Key)>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let table = txn.open_table(INPUTS).map_err(|e| self.unreadable(e))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| self.unreadable(e))? {
+            let (k, v) = item.map_err(|e| self.unreadable(e))?;
+            let q = k.value();
+            let key: Key = v
+                .value()
+                .try_into()
+                .map_err(|_| self.corrupt("inputs", q.to_string(), "not a 32-byte key"))?;
+            out.push((q, key));
+        }
+        Ok(out)
+    }
+
+    /// A consistent read view for cache lookups (cheap; one per batch).
+    pub fn reader(&self) -> Result<StateReader<'_>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let open = |name| self.unreadable(format!("cannot open table {name}"));
+        Ok(StateReader {
+            records: txn.open_table(RECORDS).map_err(|_| open("records"))?,
+            candidates: txn.open_table(CANDIDATES).map_err(|_| open("candidates"))?,
+            vqa: txn.open_table(VQA).map_err(|_| open("vqa"))?,
+            store: self,
+        })
+    }
+
+    /// Stores finished queries and their new cache entries in one durable
+    /// transaction.
+    pub fn commit_updates(&self, updates: &[QueryUpdate]) -> Result<(), StateError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.unreadable(e))?;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+            let mut cands = txn.open_table(CANDIDATES).map_err(|e| self.unreadable(e))?;
+            let mut vqa = txn.open_table(VQA).map_err(|e| self.unreadable(e))?;
+            for u in updates {
+                if let Some((k, v)) = &u.candidates {
+                    cands
+                        .insert(k.as_slice(), v.as_slice())
+                        .map_err(|e| self.unreadable(e))?;
+                }
+                for (k, v) in &u.vqa {
+                    vqa.insert(k.as_slice(), v.as_slice())
+                        .map_err(|e| self.unreadable(e))?;
+                }
+                records
+                    .insert(
+                        u.query_index,
+                        enc_record(&u.input_key, &u.outcome).as_slice(),
+                    )
+                    .map_err(|e| self.unreadable(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.unreadable(e))
+    }
+
+    /// Completes a run: retracts the records of `removed` queries and makes
+    /// `current` (every query of this run with its input key) the previous
+    /// input of the next run. One durable transaction.
+    pub fn complete_run(&self, removed: &[u64], current: &[(u64, Key)]) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.unreadable(e))?;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+            let mut inputs = txn.open_table(INPUTS).map_err(|e| self.unreadable(e))?;
+            for q in removed {
+                records.remove(*q).map_err(|e| self.unreadable(e))?;
+                inputs.remove(*q).map_err(|e| self.unreadable(e))?;
+            }
+            for (q, k) in current {
+                let same = inputs
+                    .get(*q)
+                    .map_err(|e| self.unreadable(e))?
+                    .is_some_and(|v| v.value() == k.as_slice());
+                if !same {
+                    inputs
+                        .insert(*q, k.as_slice())
+                        .map_err(|e| self.unreadable(e))?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.unreadable(e))
+    }
+
+    /// Visits the stored records of `queries` (ascending) in ascending query
+    /// order. A query without a record, or whose record was computed from
+    /// other inputs than `queries` says, is an error: the run that should
+    /// have produced it did not complete.
+    pub fn visit_records<F, E>(&self, queries: &[(u64, Key)], mut f: F) -> Result<(), E>
+    where
+        F: FnMut(u64, &StoredOutcome) -> Result<(), E>,
+        E: From<StateError>,
+    {
+        let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+        for (q, want) in queries {
+            let v = table
+                .get(*q)
+                .map_err(|e| self.unreadable(e))?
+                .ok_or_else(|| self.corrupt("records", q.to_string(), "missing after the run"))?;
+            let (key, outcome) = self.decode_record(*q, v.value())?;
+            if &key != want {
+                return Err(self
+                    .corrupt(
+                        "records",
+                        q.to_string(),
+                        "computed from different inputs than this run's",
+                    )
+                    .into());
+            }
+            f(*q, &outcome)?;
+        }
+        Ok(())
+    }
+
+    fn decode_record(&self, q: u64, b: &[u8]) -> Result<(Key, StoredOutcome), StateError> {
+        if b.len() < 33 {
+            return Err(self.corrupt("records", q.to_string(), "value too short"));
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&b[..32]);
+        let body = &b[33..];
+        let outcome = match b[32] {
+            0 => StoredOutcome::Record(body.to_vec()),
+            1 => StoredOutcome::Skipped(String::from_utf8_lossy(body).into_owned()),
+            t => {
+                return Err(self.corrupt(
+                    "records",
+                    q.to_string(),
+                    format!("unknown record tag {t}"),
+                ))
+            }
+        };
+        Ok((key, outcome))
+    }
+
+    /// Counts of the tables (for `stats` and the benchmarks).
+    pub fn table_sizes(&self) -> Result<serde_json::Value, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let n = |r: Result<u64, redb::StorageError>| r.map_err(|e| self.unreadable(e));
+        let records = n(txn
+            .open_table(RECORDS)
+            .map_err(|e| self.unreadable(e))?
+            .len())?;
+        let inputs = n(txn
+            .open_table(INPUTS)
+            .map_err(|e| self.unreadable(e))?
+            .len())?;
+        let cands = n(txn
+            .open_table(CANDIDATES)
+            .map_err(|e| self.unreadable(e))?
+            .len())?;
+        let vqa = n(txn.open_table(VQA).map_err(|e| self.unreadable(e))?.len())?;
+        Ok(serde_json::json!({
+            "records": records, "inputs": inputs, "candidate_sets": cands, "vqa_answers": vqa,
+        }))
+    }
+}
+
+/// A read view of the store (one per batch on each worker).
+pub struct StateReader<'a> {
+    records: redb::ReadOnlyTable<u64, &'static [u8]>,
+    candidates: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    vqa: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    store: &'a StateStore,
+}
+
+impl StateReader<'_> {
+    /// Whether the stored record of `query_index` was computed from inputs
+    /// with key `input_key` (then it can be reused as is).
+    pub fn has_record(&self, query_index: u64, input_key: &Key) -> Result<bool, StateError> {
+        let v = self
+            .records
+            .get(query_index)
+            .map_err(|e| self.store.unreadable(e))?;
+        Ok(v.is_some_and(|v| v.value().get(..32) == Some(input_key.as_slice())))
+    }
+
+    /// A stored candidate set.
+    pub fn candidates<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &Key,
+    ) -> Result<Option<T>, StateError> {
+        self.get(&self.candidates, "candidates", key)
+    }
+
+    /// A stored VQA answer.
+    pub fn vqa<T: serde::de::DeserializeOwned>(&self, key: &Key) -> Result<Option<T>, StateError> {
+        self.get(&self.vqa, "vqa", key)
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+        name: &'static str,
+        key: &Key,
+    ) -> Result<Option<T>, StateError> {
+        match table
+            .get(key.as_slice())
+            .map_err(|e| self.store.unreadable(e))?
+        {
+            Some(v) => postcard::from_bytes(v.value())
+                .map(Some)
+                .map_err(|e| self.store.corrupt(name, key_hex(key), e.to_string())),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Installs (once) a panic hook that silences panics raised inside redb,
+/// which [`StateStore::open`] catches and reports as errors; every other
+/// panic goes to the previous hook unchanged.
+fn quiet_redb_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_redb = info.location().is_some_and(|l| l.file().contains("/redb-"));
+            if !in_redb {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Encodes a cache value (postcard) for [`QueryUpdate`].
+pub fn encode_value<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).unwrap_or_default()
+}

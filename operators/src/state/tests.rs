@@ -1,0 +1,170 @@
+//! Tests of the state store: round trips, resume semantics, version and
+//! corruption handling.
+
+use super::*;
+
+fn key(n: u8) -> Key {
+    [n; 32]
+}
+
+fn update(q: u64, k: u8, body: &str) -> QueryUpdate {
+    QueryUpdate {
+        query_index: q,
+        input_key: key(k),
+        outcome: StoredOutcome::Record(body.as_bytes().to_vec()),
+        candidates: Some((key(100 + k), encode_value(&vec![q, 1, 2]))),
+        vqa: vec![(key(200 + k), encode_value(&format!("answer {q}")))],
+    }
+}
+
+#[test]
+fn updates_round_trip_and_records_come_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store
+        .commit_updates(&[update(7, 1, "{\"q\":7}"), update(3, 2, "{\"q\":3}")])
+        .unwrap();
+    let r = store.reader().unwrap();
+    assert!(r.has_record(7, &key(1)).unwrap());
+    assert!(!r.has_record(7, &key(2)).unwrap());
+    assert!(!r.has_record(8, &key(1)).unwrap());
+    assert_eq!(
+        r.candidates::<Vec<u64>>(&key(101)).unwrap(),
+        Some(vec![7, 1, 2])
+    );
+    assert_eq!(
+        r.vqa::<String>(&key(202)).unwrap().as_deref(),
+        Some("answer 3")
+    );
+    assert_eq!(r.vqa::<String>(&key(9)).unwrap(), None);
+    drop(r);
+    let mut seen = Vec::new();
+    store
+        .visit_records(
+            &[(3, key(2)), (7, key(1))],
+            |q, o| -> Result<(), StateError> {
+                seen.push((q, o.clone()));
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(seen[0].0, 3);
+    assert_eq!(seen[1].1, StoredOutcome::Record(b"{\"q\":7}".to_vec()));
+    // A record computed from other inputs is not served as this run's.
+    let err = store
+        .visit_records(&[(3, key(9))], |_, _| Ok::<(), StateError>(()))
+        .unwrap_err();
+    assert!(err.to_string().contains("different inputs"), "{err}");
+}
+
+#[test]
+fn completing_a_run_retracts_removed_queries_and_records_the_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = StateStore::open(dir.path()).unwrap();
+        store
+            .commit_updates(&[update(1, 1, "a"), update(2, 2, "b"), update(3, 3, "c")])
+            .unwrap();
+        store
+            .complete_run(&[], &[(1, key(1)), (2, key(2)), (3, key(3))])
+            .unwrap();
+        store
+            .complete_run(&[2], &[(1, key(1)), (3, key(4))])
+            .unwrap();
+    }
+    // Reopened: the previous inputs persist.
+    let store = StateStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.previous_inputs().unwrap(),
+        vec![(1, key(1)), (3, key(4))]
+    );
+    let r = store.reader().unwrap();
+    assert!(!r.has_record(2, &key(2)).unwrap());
+    let sizes = store.table_sizes().unwrap();
+    assert_eq!(sizes["records"], 2);
+    assert_eq!(sizes["vqa_answers"], 3, "cache entries are kept");
+}
+
+#[test]
+fn a_second_opener_is_told_the_store_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = StateStore::open(dir.path()).unwrap();
+    let err = StateStore::open(dir.path()).err().unwrap();
+    assert!(
+        err.to_string().contains("in use by another leverflow run"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_newer_format_version_is_refused_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = StateStore::open(dir.path()).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("format_version", 99u32.to_le_bytes().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = StateStore::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("format version 99"), "{err}");
+    assert!(err.contains("delete the state directory"), "{err}");
+    assert!(err.contains(STATE_FILE), "{err}");
+}
+
+#[test]
+fn truncated_or_garbage_files_are_reported_with_the_file_and_the_fix() {
+    for damage in ["truncate", "garbage"] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            let many: Vec<QueryUpdate> = (0..2000).map(|q| update(q, 1, "x")).collect();
+            store.commit_updates(&many).unwrap();
+        }
+        let path = dir.path().join(STATE_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        match damage {
+            "truncate" => {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.set_len(len / 3).unwrap();
+            }
+            _ => std::fs::write(&path, vec![0x5a; len as usize]).unwrap(),
+        }
+        let res = StateStore::open(dir.path()).and_then(|s| {
+            s.previous_inputs()?;
+            s.visit_records(&[(5, key(1))], |_, _| Ok::<(), StateError>(()))
+        });
+        let err = res
+            .err()
+            .unwrap_or_else(|| panic!("{damage}: no error"))
+            .to_string();
+        assert!(err.contains(STATE_FILE), "{damage}: {err}");
+        assert!(
+            err.contains("delete the state directory"),
+            "{damage}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_cache_value_names_table_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let mut u = update(1, 1, "a");
+    u.vqa = vec![(key(5), vec![0xff, 0xff, 0xff])];
+    store.commit_updates(&[u]).unwrap();
+    let r = store.reader().unwrap();
+    let err = r.vqa::<String>(&key(5)).unwrap_err().to_string();
+    assert!(err.contains("table `vqa`"), "{err}");
+    assert!(err.contains(&key_hex(&key(5))), "{err}");
+}
+
+#[test]
+fn updates_survive_the_exchange_encoding() {
+    let u = update(42, 3, "{}");
+    assert_eq!(QueryUpdate::decode(&u.encode()).unwrap(), u);
+    assert!(QueryUpdate::decode(&[1, 2]).is_err());
+}

@@ -1,0 +1,532 @@
+//! Incremental reruns and crash safety (`--state_dir`): new, removed and
+//! changed queries, changed generation settings, `kill -9` at random
+//! moments, a damaged state file, and `--output_mode delta`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use leverflow_operators::sinks::{read_rl_parquet, rows_to_records};
+use leverflow_operators::tensor_io::load_matrix;
+
+/// The demo beam data restricted to the queries `keep` accepts.
+fn beam_subset(dir: &Path, name: &str, keep: impl Fn(u64) -> bool) -> PathBuf {
+    let all = read_json(Path::new(&demo("beam_data.json")));
+    let mut out = serde_json::Map::new();
+    for (k, v) in all.as_object().unwrap() {
+        if keep(k.parse().unwrap()) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string(&Value::Object(out)).unwrap()).unwrap();
+    p
+}
+
+fn with_flag(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let i = args.iter().position(|a| a == flag).unwrap();
+    args[i + 1] = value.to_string();
+    args
+}
+
+/// `generate` with the replay backend on beam file `beam`, state in `state`.
+fn run_replay(r: &Replayed, beam: &Path, out: &Path, state: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["generate".to_string()];
+    args.extend(with_flag(
+        demo_args(out),
+        "--beam_data",
+        &beam.display().to_string(),
+    ));
+    args.extend(
+        [
+            "--vqa_backend",
+            "replay",
+            "--replay_from",
+            &r.replay.display().to_string(),
+            "--state_dir",
+            &state.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ok(&leverflow(&args));
+    counts(out)
+}
+
+fn counts(out: &Path) -> Value {
+    read_json(out)["_meta"]["counts"].clone()
+}
+
+fn n(c: &Value, key: &str) -> u64 {
+    c[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counts has no `{key}`: {c}"))
+}
+
+/// The Parquet output's records (its `_meta` left out).
+fn parquet_records(p: &Path) -> Vec<(u64, String)> {
+    let (_meta, rows) = read_rl_parquet(p).unwrap();
+    rows_to_records(rows)
+        .into_iter()
+        .map(|(q, r)| (q, serde_json::to_string(&r).unwrap()))
+        .collect()
+}
+
+/// Asserts that two runs' JSON and Parquet outputs hold the same records.
+fn same_outputs(a: &Path, b: &Path) {
+    assert_eq!(
+        without_meta(a),
+        without_meta(b),
+        "{} vs {}",
+        a.display(),
+        b.display()
+    );
+    assert_eq!(
+        parquet_records(&a.with_extension("parquet")),
+        parquet_records(&b.with_extension("parquet"))
+    );
+}
+
+/// Candidates per query in an output.
+fn cands_of(out: &Path) -> std::collections::BTreeMap<u64, usize> {
+    let v = read_json(out);
+    v.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "_meta")
+        .map(|(k, r)| {
+            (
+                k.parse().unwrap(),
+                r["pointer_candidates"].as_array().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn new_queries_cost_only_their_own_vqa_calls() {
+    // (a) 45 queries, then all 48: only the 3 new queries reach the model.
+    let r = replay_fixture();
+    let d = &r.dir;
+    let first = beam_subset(d, "first.json", |q| q < 45);
+    let all = PathBuf::from(demo("beam_data.json"));
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    let c1 = run_replay(&r, &first, &out, &state, &[]);
+    assert_eq!(n(&c1, "queries_added"), 45);
+    assert_eq!(n(&c1, "vqa_cached"), 0);
+    let c2 = run_replay(&r, &all, &out, &state, &["--workers", "2"]);
+    let per_query = cands_of(&out);
+    let new_cands: usize = (45..48).map(|q| per_query[&q]).sum();
+    assert_eq!(n(&c2, "queries_added"), 3, "{c2}");
+    assert_eq!(n(&c2, "queries_reused"), 45, "{c2}");
+    assert_eq!(n(&c2, "queries_removed"), 0);
+    assert_eq!(n(&c2, "queries_changed"), 0);
+    assert_eq!(n(&c2, "vqa_calls"), new_cands as u64, "{c2}");
+    // The same outputs as one run from scratch on the union.
+    let fresh = d.join("fresh.json");
+    let c3 = run_replay(&r, &all, &fresh, &d.join("fresh-state"), &[]);
+    assert_eq!(
+        n(&c3, "vqa_calls"),
+        per_query.values().sum::<usize>() as u64
+    );
+    same_outputs(&out, &fresh);
+    // Nothing changed: nothing is computed.
+    let c4 = run_replay(&r, &all, &out, &state, &[]);
+    assert_eq!(n(&c4, "vqa_calls"), 0);
+    assert_eq!(n(&c4, "queries_reused"), 48);
+    assert_eq!(n(&c4, "queries_added") + n(&c4, "queries_changed"), 0);
+    same_outputs(&out, &fresh);
+}
+
+#[test]
+fn removed_queries_vanish_and_nothing_is_recomputed_with_a_delta() {
+    // (b) remove 10 queries, with --output_mode delta.
+    let r = replay_fixture();
+    let d = &r.dir;
+    let all = PathBuf::from(demo("beam_data.json"));
+    let gone = |q: u64| (5..15).contains(&q);
+    let fewer = beam_subset(d, "fewer.json", |q| !gone(q));
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    run_replay(&r, &all, &out, &state, &[]);
+    let c = run_replay(&r, &fewer, &out, &state, &["--output_mode", "delta"]);
+    assert_eq!(n(&c, "queries_removed"), 10, "{c}");
+    assert_eq!(n(&c, "queries_reused"), 38);
+    assert_eq!(n(&c, "vqa_calls"), 0);
+    assert_eq!(n(&c, "vqa_cached"), 0, "reused records need no answers");
+    assert_eq!(n(&c, "candidate_sets_cached"), 0);
+    let keys: Vec<u64> = cands_of(&out).keys().copied().collect();
+    assert_eq!(keys.len(), 38);
+    assert!(keys.iter().all(|&q| !gone(q)));
+    let pq: Vec<u64> = parquet_records(&d.join("rl.parquet"))
+        .iter()
+        .map(|(q, _)| *q)
+        .collect();
+    assert_eq!(pq, keys);
+    let fresh = d.join("fresh.json");
+    run_replay(&r, &fewer, &fresh, &d.join("fresh-state"), &[]);
+    same_outputs(&out, &fresh);
+    // The delta: the retracted ids, and no changed rows.
+    let retracted = read_json(&d.join("rl.retracted.json"));
+    let ids: Vec<u64> = retracted["retracted_query_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, (5..15).collect::<Vec<u64>>());
+    assert!(parquet_records(&d.join("rl.delta.parquet")).is_empty());
+    // Adding them back: the delta holds exactly their rows.
+    let c = run_replay(&r, &all, &out, &state, &["--output_mode", "delta"]);
+    assert_eq!(n(&c, "queries_added"), 10);
+    let delta: Vec<u64> = parquet_records(&d.join("rl.delta.parquet"))
+        .iter()
+        .map(|(q, _)| *q)
+        .collect();
+    assert_eq!(delta, (5..15).collect::<Vec<u64>>());
+}
+
+/// Writes the demo query embeddings as `.npy`, with row `changed` replaced
+/// by row `from` when given.
+fn query_npy(path: &Path, change: Option<(usize, usize)>) {
+    let m = load_matrix(Path::new(&demo("query_embeddings.pt"))).unwrap();
+    write_npy(path, m.rows, m.cols, |r, c| {
+        let r = match change {
+            Some((changed, from)) if r == changed => from,
+            _ => r,
+        };
+        m.data[r * m.cols + c]
+    });
+}
+
+#[test]
+fn a_changed_query_alone_is_recomputed() {
+    // (c) one query's embedding row changes: only it gets new candidates
+    // and only its new prompts reach the model.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let x = 7usize;
+    let before = d.join("q.npy");
+    let after = d.join("q2.npy");
+    query_npy(&before, None);
+    query_npy(&after, Some((x, 30)));
+    // A replay file answering both variants of query x.
+    let mut cand_runs = Vec::new();
+    for (name, emb) in [("c1.json", &before), ("c2.json", &after)] {
+        let out = d.join(name);
+        let mut args = vec!["candidates".to_string()];
+        args.extend(with_flag(
+            demo_args(&out),
+            "--query_emb",
+            &emb.display().to_string(),
+        ));
+        ok(&leverflow(&args));
+        cand_runs.push(read_json(&out));
+    }
+    let mut merged = cand_runs[0].clone();
+    let extra = cand_runs[1][x.to_string()]["pointer_candidates"]
+        .as_array()
+        .unwrap()
+        .clone();
+    merged[x.to_string()]["pointer_candidates"]
+        .as_array_mut()
+        .unwrap()
+        .extend(extra);
+    let merged_path = d.join("merged.json");
+    std::fs::write(&merged_path, serde_json::to_string(&merged).unwrap()).unwrap();
+    let replay = d.join("replay.json");
+    make_replay(
+        &merged_path,
+        &read_json(Path::new(&demo("data/annotations.json"))),
+        &replay,
+    );
+    let r = Replayed {
+        _dir: tempfile::tempdir().unwrap(),
+        replay,
+        dir: d.to_path_buf(),
+    };
+    let run = |out: &Path, state: &Path, emb: &Path| {
+        let mut args = vec!["generate".to_string()];
+        args.extend(with_flag(
+            demo_args(out),
+            "--query_emb",
+            &emb.display().to_string(),
+        ));
+        args.extend(
+            [
+                "--vqa_backend",
+                "replay",
+                "--replay_from",
+                &r.replay.display().to_string(),
+                "--state_dir",
+                &state.display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        ok(&leverflow(&args));
+        counts(out)
+    };
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    run(&out, &state, &before);
+    let old_x: Vec<Value> = read_json(&out)[x.to_string()]["pointer_candidates"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let c = run(&out, &state, &after);
+    assert_eq!(n(&c, "queries_changed"), 1, "{c}");
+    assert_eq!(n(&c, "queries_reused"), 47);
+    assert_eq!(
+        n(&c, "candidate_sets_cached"),
+        0,
+        "query {x} gets new candidates"
+    );
+    let new_x: Vec<Value> = read_json(&out)[x.to_string()]["pointer_candidates"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let key = |c: &Value| c["pointer"].to_string();
+    let old_keys: std::collections::HashSet<String> = old_x.iter().map(key).collect();
+    let unseen = new_x.iter().filter(|c| !old_keys.contains(&key(c))).count();
+    assert!(unseen > 0, "the changed row must change the candidates");
+    assert_eq!(n(&c, "vqa_calls"), unseen as u64, "{c}");
+    assert_eq!(n(&c, "vqa_cached"), (new_x.len() - unseen) as u64);
+    let fresh = d.join("fresh.json");
+    run(&fresh, &d.join("fresh-state"), &after);
+    same_outputs(&out, &fresh);
+}
+
+fn tiny_model() -> String {
+    root()
+        .join("tests/fixtures/qwen2_5_vl_tiny")
+        .display()
+        .to_string()
+}
+
+/// `generate` with the tiny Qwen2.5-VL fixture on the first `queries`
+/// queries of the demo.
+fn tiny_args(out: &Path, state: &Path, queries: usize, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["generate".to_string()];
+    args.extend(demo_args(out));
+    args.extend(
+        [
+            "--vqa_model",
+            &tiny_model(),
+            "--end_idx",
+            &queries.to_string(),
+            "--batch_size",
+            "8",
+            "--state_dir",
+            &state.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn a_changed_generation_setting_recomputes_answers_but_not_candidates() {
+    // (d) with the real model code: --max_new_tokens changes every answer's
+    // key; the candidate sets come from the store.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    ok(&leverflow(&tiny_args(&out, &state, 3, &[])));
+    let total: usize = cands_of(&out).values().sum();
+    let c = counts(&out);
+    assert_eq!(n(&c, "vqa_calls"), total as u64);
+    ok(&leverflow(&tiny_args(
+        &out,
+        &state,
+        3,
+        &["--max_new_tokens", "3"],
+    )));
+    let c = counts(&out);
+    assert_eq!(n(&c, "queries_changed"), 3, "{c}");
+    assert_eq!(
+        n(&c, "vqa_calls"),
+        total as u64,
+        "every answer is recomputed"
+    );
+    assert_eq!(n(&c, "vqa_cached"), 0);
+    assert_eq!(n(&c, "candidate_sets_cached"), 3, "candidates are reused");
+    // Back to the first setting: everything comes from the store.
+    ok(&leverflow(&tiny_args(&out, &state, 3, &[])));
+    let c = counts(&out);
+    assert_eq!(n(&c, "vqa_calls"), 0, "{c}");
+    assert_eq!(n(&c, "vqa_cached"), total as u64);
+    let fresh = d.join("fresh.json");
+    ok(&leverflow(&tiny_args(
+        &fresh,
+        &d.join("fresh-state"),
+        3,
+        &[],
+    )));
+    same_outputs(&out, &fresh);
+}
+
+/// A small deterministic generator for the kill times.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[test]
+fn killed_runs_resume_to_identical_outputs() {
+    // (e) kill -9 at random moments (at least 10 times), then let the same
+    // command finish; compare with a clean run.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let queries = 6;
+    let clean = d.join("clean.json");
+    let t0 = Instant::now();
+    ok(&leverflow(&tiny_args(
+        &clean,
+        &d.join("clean-state"),
+        queries,
+        &[],
+    )));
+    let clean_s = t0.elapsed().as_secs_f64();
+    let out = d.join("rl.json");
+    let state = d.join("state");
+    let args = tiny_args(&out, &state, queries, &[]);
+    let mut rng = XorShift(0x5eed_1e7e_4f10);
+    let mut kills = 0;
+    let mut finished_early = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while kills < 10 && Instant::now() < deadline {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_leverflow"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let at = Duration::from_secs_f64(rng.next_f64() * clean_s * 1.1);
+        std::thread::sleep(at);
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(status.success(), "a run failed on its own");
+                finished_early += 1;
+                // Finished: start over from an empty store now and then, so
+                // that later kills land in real work again.
+                if finished_early % 2 == 0 {
+                    std::fs::remove_dir_all(&state).unwrap();
+                }
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+                // Whatever the moment, the output path holds either nothing
+                // or a complete file.
+                if out.exists() {
+                    read_json(&out);
+                }
+            }
+        }
+    }
+    assert!(kills >= 10, "only {kills} kills before the deadline");
+    ok(&leverflow(&args));
+    same_outputs(&out, &clean);
+    let stale: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(stale.is_empty(), "temporary files left: {stale:?}");
+}
+
+#[test]
+fn a_damaged_state_file_is_reported_with_the_way_out() {
+    // (f) a truncated state file: a clear error naming it, nothing written.
+    let r = replay_fixture();
+    let d = &r.dir;
+    let all = PathBuf::from(demo("beam_data.json"));
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    run_replay(&r, &all, &out, &state, &[]);
+    std::fs::remove_file(&out).unwrap();
+    std::fs::remove_file(out.with_extension("parquet")).unwrap();
+    let file = state.join("state.redb");
+    let len = std::fs::metadata(&file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let mut args = vec!["generate".to_string()];
+    args.extend(demo_args(&out));
+    args.extend(
+        [
+            "--vqa_backend",
+            "replay",
+            "--replay_from",
+            &r.replay.display().to_string(),
+            "--state_dir",
+            &state.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let o = leverflow(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a damaged store must fail the run");
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(stderr.contains("delete the state directory"), "{stderr}");
+    assert!(!out.exists() && !out.with_extension("parquet").exists());
+    // Following the advice works.
+    std::fs::remove_dir_all(&state).unwrap();
+    run_replay(&r, &all, &out, &state, &[]);
+}
+
+#[test]
+fn two_runs_cannot_share_a_state_dir_and_bad_modes_are_refused() {
+    let r = replay_fixture();
+    let d = &r.dir;
+    let out = d.join("rl.json");
+    let mut args = vec!["generate".to_string()];
+    args.extend(demo_args(&out));
+    args.extend(["--output_mode".to_string(), "partial".to_string()]);
+    let o = leverflow(&args);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("--output_mode partial: expected full or delta"));
+    // A held store is refused with a clear message.
+    let state = d.join("state");
+    let _held = leverflow_operators::state::StateStore::open(&state).unwrap();
+    let mut args = vec!["generate".to_string()];
+    args.extend(demo_args(&out));
+    args.extend(
+        [
+            "--vqa_backend",
+            "replay",
+            "--replay_from",
+            &r.replay.display().to_string(),
+            "--state_dir",
+            &state.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let o = leverflow(&args);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by another leverflow run"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
