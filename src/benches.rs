@@ -16,7 +16,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "candidates" => bench_cands(args),
         "vqa" => crate::qwen::bench_vqa(args),
         "pipeline" => bench_pipeline(args),
-        other => bail!("unknown benchmark `{other}`: expected score, candidates, vqa or pipeline"),
+        "rerun" => bench_rerun(args),
+        other => {
+            bail!("unknown benchmark `{other}`: expected score, candidates, vqa, pipeline or rerun")
+        }
     }
 }
 
@@ -125,53 +128,94 @@ fn noise(a: usize, b: usize) -> f32 {
     (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
 }
 
-/// The whole dataflow with the replay backend on synthetic data: `--queries`
-/// queries over a shared pool of 64 candidates (d_model 64, the demo's
-/// selector), 5 beams + 2x2 samples + 1 random, both sinks, `--workers`
-/// workers. Inputs are prepared once (not timed); each repetition runs
-/// `leverflow generate` as a child process. Peak memory: run this under
-/// `/usr/bin/time -v` or see BENCHMARKS.md.
-fn bench_pipeline(args: &BenchArgs) -> Result<()> {
-    use std::io::Write;
-    let n = args.queries.max(64);
-    let dir = tempfile::tempdir()?;
-    let d = dir.path();
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
-    // Dataset: n questions, 10 answers each, one shared image.
-    {
-        let mut q = std::io::BufWriter::new(std::fs::File::create(d.join("q.json"))?);
-        let mut a = std::io::BufWriter::new(std::fs::File::create(d.join("a.json"))?);
-        write!(q, "{{\"questions\": [")?;
-        write!(a, "{{\"annotations\": [")?;
-        let colors = [
-            "red", "blue", "green", "teal", "brown", "gray", "black", "yellow",
-        ];
-        for i in 0..n {
-            let sep = if i == 0 { "" } else { "," };
-            let ans = colors[i % colors.len()];
-            write!(q, "{sep}{{\"image_id\": {}, \"question\": \"what color is shape {i}?\", \"question_id\": {i}}}", i % 97)?;
-            let answers: Vec<String> = (1..=10)
-                .map(|k| format!("{{\"answer\": \"{}\", \"answer_confidence\": \"yes\", \"answer_id\": {k}}}", if k <= 7 { ans } else { "white" }))
-                .collect();
-            write!(a, "{sep}{{\"question_id\": {i}, \"image_id\": {}, \"answer_type\": \"other\", \"question_type\": \"what color\", \"multiple_choice_answer\": \"{ans}\", \"answers\": [{}]}}", i % 97, answers.join(","))?;
+/// Synthetic inputs of the pipeline benchmarks, prepared once (not timed):
+/// `n` questions with 10 answers each, 64-d embeddings, a shared pool of 64
+/// candidates, the demo's selector, beam data for every query, and a replay
+/// file with an answer for every candidate.
+struct PipelineInputs {
+    dir: tempfile::TempDir,
+    n: usize,
+    replay: PathBuf,
+}
+
+impl PipelineInputs {
+    fn prepare(n: usize) -> Result<Self> {
+        use std::io::Write;
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
+        // Dataset: n questions, 10 answers each, one shared image.
+        {
+            let mut q = std::io::BufWriter::new(std::fs::File::create(d.join("q.json"))?);
+            let mut a = std::io::BufWriter::new(std::fs::File::create(d.join("a.json"))?);
+            write!(q, "{{\"questions\": [")?;
+            write!(a, "{{\"annotations\": [")?;
+            let colors = [
+                "red", "blue", "green", "teal", "brown", "gray", "black", "yellow",
+            ];
+            for i in 0..n {
+                let sep = if i == 0 { "" } else { "," };
+                let ans = colors[i % colors.len()];
+                write!(q, "{sep}{{\"image_id\": {}, \"question\": \"what color is shape {i}?\", \"question_id\": {i}}}", i % 97)?;
+                let answers: Vec<String> = (1..=10)
+                    .map(|k| format!("{{\"answer\": \"{}\", \"answer_confidence\": \"yes\", \"answer_id\": {k}}}", if k <= 7 { ans } else { "white" }))
+                    .collect();
+                write!(a, "{sep}{{\"question_id\": {i}, \"image_id\": {}, \"answer_type\": \"other\", \"question_type\": \"what color\", \"multiple_choice_answer\": \"{ans}\", \"answers\": [{}]}}", i % 97, answers.join(","))?;
+            }
+            write!(q, "]}}")?;
+            write!(a, "]}}")?;
+            q.flush()?;
+            a.flush()?;
         }
-        write!(q, "]}}")?;
-        write!(a, "]}}")?;
-        q.flush()?;
-        a.flush()?;
+        std::fs::copy(
+            demo.join("data/images/COCO_train2014_000000000000.png"),
+            d.join("img.png"),
+        )?;
+        write_npy(&d.join("query.npy"), n, 64, noise)?;
+        let pool: Vec<usize> = (0..64).map(|p| (p * 7919) % n).collect();
+        write_npy(&d.join("cand.npy"), 64, 64, |r, c| noise(pool[r], c))?;
+        std::fs::write(d.join("pool.json"), serde_json::to_string(&pool)?)?;
+        let inputs = Self {
+            replay: d.join("replay.json"),
+            dir,
+            n,
+        };
+        inputs.write_beams("beam.json", n)?;
+        // Candidates, then a replay file with an answer for every candidate.
+        let cands = inputs.dir.path().join("cands.json");
+        inputs.run(
+            "candidates",
+            &["--format".into(), "json".into()],
+            &cands,
+            "beam.json",
+        )?;
+        {
+            use leverflow_operators::sinks::{visit_rl_json, JsonOptions, JsonSink};
+            let mut sink = JsonSink::create(&inputs.replay, JsonOptions::default())?;
+            let mut i = 0usize;
+            visit_rl_json(&cands, |q, mut rec| {
+                for c in &mut rec.pointer_candidates {
+                    i += 1;
+                    c.vqa_raw_generation = Some(if i.is_multiple_of(3) {
+                        "red".into()
+                    } else {
+                        "blue Question:".into()
+                    });
+                }
+                sink.write_record(q, &rec)
+            })?;
+            sink.finish(&serde_json::json!({"bench": "replay source"}))?;
+        }
+        Ok(inputs)
     }
-    std::fs::copy(
-        demo.join("data/images/COCO_train2014_000000000000.png"),
-        d.join("img.png"),
-    )?;
-    write_npy(&d.join("query.npy"), n, 64, noise)?;
-    let pool: Vec<usize> = (0..64).map(|p| (p * 7919) % n).collect();
-    write_npy(&d.join("cand.npy"), 64, 64, |r, c| noise(pool[r], c))?;
-    std::fs::write(d.join("pool.json"), serde_json::to_string(&pool)?)?;
-    {
-        let mut b = std::io::BufWriter::new(std::fs::File::create(d.join("beam.json"))?);
+
+    /// Beam data for the first `queries` queries.
+    fn write_beams(&self, name: &str, queries: usize) -> Result<()> {
+        use std::io::Write;
+        let pool: Vec<usize> = (0..64).map(|p| (p * 7919) % self.n).collect();
+        let mut b = std::io::BufWriter::new(std::fs::File::create(self.dir.path().join(name))?);
         write!(b, "{{")?;
-        for i in 0..n {
+        for i in 0..queries {
             let sep = if i == 0 { "" } else { "," };
             let (x, y) = (pool[(i + 1) % 64], pool[(i + 2) % 64]);
             let (x, y) = if x == i || y == i {
@@ -186,14 +230,19 @@ fn bench_pipeline(args: &BenchArgs) -> Result<()> {
         }
         write!(b, "}}")?;
         b.flush()?;
+        Ok(())
     }
-    let common = |out: &Path| -> Vec<String> {
+
+    /// Runs `leverflow <sub>` as a child process on these inputs.
+    fn run(&self, sub: &str, extra: &[String], out: &Path, beams: &str) -> Result<()> {
+        let d = self.dir.path();
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
         let p = |s: &str| d.join(s).display().to_string();
-        vec![
+        let args: Vec<String> = vec![
             "--sft_ckpt".into(),
             demo.join("sft.ckpt").display().to_string(),
             "--beam_data".into(),
-            p("beam.json"),
+            p(beams),
             "--query_emb".into(),
             p("query.npy"),
             "--cand_emb".into(),
@@ -211,60 +260,133 @@ fn bench_pipeline(args: &BenchArgs) -> Result<()> {
             "--output_path".into(),
             out.display().to_string(),
             "--quiet".into(),
-        ]
-    };
-    let exe = std::env::current_exe()?;
-    let run = |sub: &str, extra: &[String], out: &Path| -> Result<()> {
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.arg(sub).args(common(out)).args(extra);
-        let o = cmd.output()?;
+        ];
+        let o = std::process::Command::new(std::env::current_exe()?)
+            .arg(sub)
+            .args(args)
+            .args(extra)
+            .output()?;
         if !o.status.success() {
             bail!("{sub} failed: {}", String::from_utf8_lossy(&o.stderr));
         }
         Ok(())
-    };
-    // Candidates, then a replay file with an answer for every candidate.
-    let cands = d.join("cands.json");
-    run("candidates", &["--format".into(), "json".into()], &cands)?;
-    let replay = d.join("replay.json");
-    {
-        use leverflow_operators::sinks::{visit_rl_json, JsonOptions, JsonSink};
-        let mut sink = JsonSink::create(&replay, JsonOptions::default())?;
-        let mut i = 0usize;
-        visit_rl_json(&cands, |q, mut rec| {
-            for c in &mut rec.pointer_candidates {
-                i += 1;
-                c.vqa_raw_generation = Some(if i.is_multiple_of(3) {
-                    "red".into()
-                } else {
-                    "blue Question:".into()
-                });
-            }
-            sink.write_record(q, &rec)
-        })?;
-        sink.finish(&serde_json::json!({"bench": "replay source"}))?;
     }
+
+    /// The replay-backend flags of `generate` with `workers` workers and the
+    /// state in `state`.
+    fn replay_flags(&self, workers: usize, state: &Path) -> Vec<String> {
+        vec![
+            "--vqa_backend".to_string(),
+            "replay".into(),
+            "--replay_from".into(),
+            self.replay.display().to_string(),
+            "--workers".into(),
+            workers.to_string(),
+            "--state_dir".into(),
+            state.display().to_string(),
+        ]
+    }
+}
+
+/// `_meta` of a JSON output.
+fn output_meta(out: &Path) -> Result<serde_json::Value> {
+    Ok(leverflow_operators::sinks::visit_rl_json(out, |_, _| Ok(()))?.unwrap_or_default())
+}
+
+/// The whole dataflow with the replay backend on synthetic data
+/// ([`PipelineInputs`]): `--queries` queries, 5 beams + 2x2 samples + 1
+/// random, both sinks, `--workers` workers. Each repetition runs
+/// `leverflow generate` as a child process from an empty state store. Peak
+/// memory: run this under `/usr/bin/time -v` or see BENCHMARKS.md.
+fn bench_pipeline(args: &BenchArgs) -> Result<()> {
+    let inputs = PipelineInputs::prepare(args.queries.max(64))?;
+    let d = inputs.dir.path().to_path_buf();
     let out = d.join("rl.json");
-    let extra = vec![
-        "--vqa_backend".to_string(),
-        "replay".into(),
-        "--replay_from".into(),
-        replay.display().to_string(),
-        "--workers".into(),
-        args.workers.to_string(),
-    ];
-    let secs = time_runs(args.reps, || run("generate", &extra, &out))?;
-    let written =
-        leverflow_operators::sinks::visit_rl_json(&out, |_, _| Ok(()))?.unwrap_or_default();
+    let mut rep = 0;
+    let secs = time_runs(args.reps, || {
+        rep += 1;
+        let state = d.join(format!("state-{rep}"));
+        inputs.run(
+            "generate",
+            &inputs.replay_flags(args.workers, &state),
+            &out,
+            "beam.json",
+        )
+    })?;
+    let written = output_meta(&out)?;
     let candidates = written["counts"]["candidates"].as_f64().unwrap_or(0.0);
     report(
         "pipeline",
         "candidates",
         candidates,
         &secs,
-        serde_json::json!({"queries": n, "workers": args.workers, "candidates": candidates,
+        serde_json::json!({"queries": inputs.n, "workers": args.workers, "candidates": candidates,
             "last_run_timings": written["timings"],
-            "note": "wall time of `leverflow generate --vqa_backend replay` (process start, loading, dataflow, JSON + Parquet)"}),
+            "note": "wall time of `leverflow generate --vqa_backend replay` from an empty state store (process start, loading, dataflow, store commits, JSON + Parquet)"}),
+    );
+    Ok(())
+}
+
+/// An incremental rerun: a full run on 99% of `--queries` queries from an
+/// empty store, then a rerun on all of them with that store. Reports both
+/// wall times, their ratio, and the VQA calls of each.
+fn bench_rerun(args: &BenchArgs) -> Result<()> {
+    let n = args.queries.max(100);
+    let inputs = PipelineInputs::prepare(n)?;
+    let base = n - n / 100;
+    inputs.write_beams("base.json", base)?;
+    let d = inputs.dir.path().to_path_buf();
+    let (mut full, mut rerun, mut metas) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..=args.reps.max(1) {
+        let state = d.join(format!("state-{rep}"));
+        let out = d.join(format!("rl-{rep}.json"));
+        let flags = inputs.replay_flags(args.workers, &state);
+        let t = std::time::Instant::now();
+        inputs.run("generate", &flags, &out, "base.json")?;
+        let full_s = t.elapsed().as_secs_f64();
+        let full_meta = output_meta(&out)?;
+        let t = std::time::Instant::now();
+        inputs.run("generate", &flags, &out, "beam.json")?;
+        let rerun_s = t.elapsed().as_secs_f64();
+        let state_bytes = std::fs::metadata(state.join("state.redb"))?.len();
+        std::fs::remove_dir_all(&state)?;
+        if rep == 0 {
+            continue; // warm-up
+        }
+        full.push(full_s);
+        rerun.push(rerun_s);
+        metas.push((full_meta, output_meta(&out)?, state_bytes));
+    }
+    let (full_meta, rerun_meta, state_bytes) = metas.pop().context("no repetition ran")?;
+    let calls = |m: &serde_json::Value| m["counts"]["vqa_calls"].as_f64().unwrap_or(0.0);
+    let candidates = full_meta["counts"]["candidates"].as_f64().unwrap_or(0.0);
+    let (full_med, rerun_med) = (median(&full), median(&rerun));
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "rerun",
+            "queries_full_run": base,
+            "queries_rerun": n,
+            "workers": args.workers,
+            "reps": full.len(),
+            "full_median_s": full_med,
+            "rerun_median_s": rerun_med,
+            "rerun_over_full_time": rerun_med / full_med,
+            "full_vqa_calls": calls(&full_meta),
+            "rerun_vqa_calls": calls(&rerun_meta),
+            "rerun_over_full_vqa_calls": calls(&rerun_meta) / calls(&full_meta).max(1.0),
+            "rerun_counts": {
+                "queries_added": rerun_meta["counts"]["queries_added"],
+                "queries_reused": rerun_meta["counts"]["queries_reused"],
+                "vqa_cached": rerun_meta["counts"]["vqa_cached"],
+            },
+            "full_timings": full_meta["timings"],
+            "rerun_timings": rerun_meta["timings"],
+            "store_commit_s_per_candidate": full_meta["timings"]["store_s"].as_f64().unwrap_or(0.0) / candidates.max(1.0),
+            "state_bytes_per_candidate": state_bytes as f64 / candidates.max(1.0),
+            "full_runs_s": full,
+            "reruns_s": rerun,
+        })
     );
     Ok(())
 }

@@ -448,7 +448,7 @@ pub struct VqaArgs {
 /// Arguments of `bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure: score, candidates, pipeline, vqa.
+    /// What to measure: score, candidates, pipeline, rerun (incremental rerun after adding 1% queries), vqa.
     pub what: String,
     /// Candidate pool size (candidates bench).
     #[arg(long, default_value_t = 64)]

@@ -16,6 +16,8 @@ pub struct Timings {
     pub dataflow_s: f64,
     /// Writing outputs.
     pub write_s: f64,
+    /// Durable commits to the state store (part of the dataflow time).
+    pub store_s: f64,
     /// Everything.
     pub total_s: f64,
 }

@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use leverflow_operators::dataflow::{
     batched, execute_threads, incremental_front, run_worker, DriverConfig, ErrorSlot, InputChange,
@@ -33,7 +33,7 @@ use leverflow_operators::dataflow::{
 };
 use leverflow_operators::sinks::{AtomicFile, JsonSink, OutputConfig, ParquetSink, SinkError};
 use leverflow_operators::source::{count_records, BeamReader};
-use leverflow_operators::state::{Key, QueryUpdate, StateStore, StoredOutcome};
+use leverflow_operators::state::{Key, QueryUpdate, StateStore, StoreWriter, StoredOutcome};
 use leverflow_operators::vqa::VqaModel;
 use leverflow_schemas::RlRecord;
 
@@ -122,7 +122,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         if with_vqa { "generate" } else { "candidates" },
     );
     let dataflow_started = Instant::now();
-    let pending: Arc<Mutex<PendingUpdates>> = Arc::default();
+    let writer = StoreWriter::start(Arc::clone(&store), 2048, Duration::from_secs(1));
     let current: Arc<Mutex<Vec<(u64, Key)>>> = Arc::default();
     let changes: Arc<Mutex<HashMap<(u64, InputChange), isize>>> = Arc::default();
     let backend_stats: stages::BackendStats = Arc::default();
@@ -147,7 +147,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let results = {
         let inputs = Arc::clone(&inputs);
         let counters = Arc::clone(&counters);
-        let pending = Arc::clone(&pending);
+        let updates = writer.sender();
         let current = Arc::clone(&current);
         let changes = Arc::clone(&changes);
         let backend_stats = Arc::clone(&backend_stats);
@@ -183,13 +183,13 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                 None
             };
             let sink: Option<SinkFn> = if index == 0 {
-                let pending = Arc::clone(&pending);
-                let store = Arc::clone(&store);
+                let updates = updates.clone();
                 Some(Box::new(move |_q: u64, bytes: Vec<u8>| {
                     let update = QueryUpdate::decode(&bytes)?;
-                    let mut p = pending.lock().map_err(|e| e.to_string())?;
-                    p.push(update);
-                    p.commit_if_due(&store)
+                    updates
+                        .as_ref()
+                        .and_then(|tx| tx.send(update).ok())
+                        .ok_or_else(|| "the state store writer stopped".to_string())
                 }))
             } else {
                 None
@@ -296,14 +296,15 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     };
     reporter.finish();
     // Work finished before an error is kept: a rerun does not redo it.
-    let committed = pending
-        .lock()
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .commit(&store);
+    let committed = writer.finish();
+    if let Err(e) = &committed {
+        // The writer's error explains a sink that could not send.
+        anyhow::bail!("{e}");
+    }
     for r in results {
         r.map_err(anyhow::Error::msg)?;
     }
-    committed?;
+    let writer_stats = committed?;
     let dataflow_s = dataflow_started.elapsed().as_secs_f64();
 
     // This run's queries in ascending order, and how they differ from the
@@ -371,6 +372,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         load_s,
         dataflow_s,
         write_s: write_started.elapsed().as_secs_f64(),
+        store_s: writer_stats.commit_s,
         total_s: started.elapsed().as_secs_f64(),
     };
     let meta = meta::build(
@@ -411,44 +413,6 @@ fn parse_stored(state: &std::path::Path, q: u64, bytes: &[u8]) -> Result<RlRecor
             state.display()
         )
     })
-}
-
-/// Finished queries waiting for the next durable commit to the store.
-#[derive(Default)]
-struct PendingUpdates {
-    updates: Vec<QueryUpdate>,
-    last_commit: Option<Instant>,
-}
-
-impl PendingUpdates {
-    /// Queries per commit, at most.
-    const MAX_BATCH: usize = 512;
-    /// Seconds between commits, at most.
-    const MAX_AGE_S: f64 = 1.0;
-
-    fn push(&mut self, u: QueryUpdate) {
-        if self.last_commit.is_none() {
-            self.last_commit = Some(Instant::now());
-        }
-        self.updates.push(u);
-    }
-
-    fn commit_if_due(&mut self, store: &StateStore) -> Result<(), String> {
-        let old = self
-            .last_commit
-            .is_some_and(|t| t.elapsed().as_secs_f64() >= Self::MAX_AGE_S);
-        if self.updates.len() >= Self::MAX_BATCH || old {
-            self.commit(store).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    fn commit(&mut self, store: &StateStore) -> Result<()> {
-        store.commit_updates(&self.updates)?;
-        self.updates.clear();
-        self.last_commit = Some(Instant::now());
-        Ok(())
-    }
 }
 
 /// Where `--output_mode delta` writes.

@@ -88,3 +88,116 @@ fn a_stage_error_stops_the_run() {
     let err = run(2, 1000, Some(17)).unwrap_err();
     assert!(err.contains("bad record 17"), "{err}");
 }
+
+/// Runs the incremental front on `previous` / `current` (query, key byte)
+/// with small source batches, and returns the final classification and the
+/// queries that went on to be computed.
+fn classify(
+    workers: usize,
+    previous: Vec<(u64, u8)>,
+    current: Vec<(u64, u8)>,
+    stored: Vec<(u64, u8)>,
+) -> (Vec<(u64, InputChange)>, Vec<u64>) {
+    use std::collections::HashMap;
+    let changes: Arc<Mutex<HashMap<(u64, InputChange), isize>>> = Arc::default();
+    let computed: Seen = Arc::default();
+    let (c2, s2) = (Arc::clone(&changes), Arc::clone(&computed));
+    let results = execute_threads(workers, move |worker| {
+        let errors = ErrorSlot::default();
+        let index = worker.index();
+        let items: Vec<SourceItem<u64>> = previous
+            .iter()
+            .map(|&(q, k)| SourceItem::Previous(q, [k; 32]))
+            .chain(current.iter().map(|&(q, _)| SourceItem::Current(q)))
+            .collect();
+        let source = (index == 0).then(|| items.into_iter().map(Ok));
+        let seen = Arc::clone(&s2);
+        let sink: Option<SinkFn> = (index == 0).then(|| {
+            Box::new(move |q: u64, bytes: Vec<u8>| {
+                seen.lock().map_err(|e| e.to_string())?.push((q, bytes));
+                Ok(())
+            }) as SinkFn
+        });
+        let changes = Arc::clone(&c2);
+        let keys: HashMap<u64, u8> = current.iter().copied().collect();
+        let stored: HashMap<u64, u8> = stored.iter().copied().collect();
+        let e2 = errors.clone();
+        run_worker(
+            worker,
+            &DriverConfig {
+                source_batch: 2,
+                max_inflight: 2,
+            },
+            source,
+            |s: &SourceItem<u64>| s.query_index(|q| *q),
+            move |stream, probe| {
+                let todo = incremental_front(
+                    stream,
+                    Box::new(move |qs: Vec<u64>| {
+                        Ok(qs
+                            .into_iter()
+                            .map(|q| Planned {
+                                work: q,
+                                query_index: q,
+                                input_key: [keys[&q]; 32],
+                                reuse: stored.get(&q) == keys.get(&q),
+                            })
+                            .collect())
+                    }),
+                    3,
+                    move |q, change, diff| {
+                        *changes.lock().unwrap().entry((q, change)).or_insert(0) += diff;
+                    },
+                    probe,
+                    e2.clone(),
+                );
+                batched(
+                    todo,
+                    "compute",
+                    2,
+                    Box::new(|qs: Vec<u64>| Ok(qs.into_iter().map(|q| (q, vec![])).collect())),
+                    e2,
+                )
+            },
+            sink,
+            errors.clone(),
+        )
+    })
+    .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+    let mut final_changes: Vec<(u64, InputChange)> = changes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, &d)| d > 0)
+        .map(|(k, _)| *k)
+        .collect();
+    final_changes.sort();
+    let mut done: Vec<u64> = computed.lock().unwrap().iter().map(|(q, _)| *q).collect();
+    done.sort();
+    (final_changes, done)
+}
+
+#[test]
+fn the_differential_comparison_classifies_every_query() {
+    for workers in [1, 3] {
+        let previous = vec![(1, 1), (2, 2), (3, 3), (5, 5)];
+        let current = vec![(1, 1), (2, 9), (4, 4), (5, 5)];
+        // Query 5's record is stored; query 1's is missing (a crash before
+        // it was committed), so it is computed again although unchanged.
+        let stored = vec![(2, 2), (5, 5)];
+        let (changes, computed) = classify(workers, previous, current, stored);
+        assert_eq!(
+            changes,
+            vec![
+                (2, InputChange::Changed),
+                (3, InputChange::Removed),
+                (4, InputChange::Added)
+            ],
+            "{workers} workers"
+        );
+        assert_eq!(computed, vec![1, 2, 4], "{workers} workers");
+    }
+}

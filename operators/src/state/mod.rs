@@ -29,6 +29,7 @@
 //! differential comparison starts from.
 
 pub mod keys;
+mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use keys::{key_hex, Key, KeyHasher};
+pub use writer::{StoreWriter, WriterStats};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
 pub const STATE_FORMAT_VERSION: u32 = 1;
@@ -99,6 +101,9 @@ pub enum StateError {
         /// This build's version.
         tool: &'static str,
     },
+    /// The writer thread failed outside a commit.
+    #[error("state store writer: {0}")]
+    Writer(String),
     /// The state directory cannot be created.
     #[error("cannot create the state directory {dir}: {source}")]
     CreateDir {

@@ -1,0 +1,111 @@
+//! The store's writer thread: finished queries arrive over a bounded
+//! channel and are committed in batches (at most `max_batch` queries or
+//! `max_age` old), off the dataflow's threads, so fsync waits overlap with
+//! computation.
+
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{QueryUpdate, StateError, StateStore};
+
+/// What the writer did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WriterStats {
+    /// Durable commits.
+    pub commits: u64,
+    /// Queries committed.
+    pub updates: u64,
+    /// Seconds spent inside commits.
+    pub commit_s: f64,
+}
+
+/// A running writer thread (see the module docs).
+pub struct StoreWriter {
+    tx: Option<SyncSender<QueryUpdate>>,
+    handle: Option<JoinHandle<Result<WriterStats, StateError>>>,
+}
+
+impl StoreWriter {
+    /// Starts the writer for `store`.
+    pub fn start(store: Arc<StateStore>, max_batch: usize, max_age: Duration) -> Self {
+        let (tx, rx) = sync_channel::<QueryUpdate>(max_batch.max(1) * 4);
+        let handle = std::thread::Builder::new()
+            .name("leverflow-store".into())
+            .spawn(move || write_loop(&store, rx, max_batch.max(1), max_age))
+            .ok();
+        Self {
+            tx: Some(tx),
+            handle,
+        }
+    }
+
+    /// A handle to send finished queries with; sending fails once the
+    /// writer has stopped on an error ([`StoreWriter::finish`] reports it).
+    pub fn sender(&self) -> Option<SyncSender<QueryUpdate>> {
+        self.tx.clone()
+    }
+
+    /// Waits until every sent query is committed (all senders must be
+    /// dropped first) and returns the writer's counts or its error.
+    pub fn finish(mut self) -> Result<WriterStats, StateError> {
+        self.tx.take();
+        match self.handle.take() {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(StateError::Writer(
+                    "the store writer thread panicked".into(),
+                ))
+            }),
+            None => Err(StateError::Writer(
+                "the store writer thread could not be started".into(),
+            )),
+        }
+    }
+}
+
+fn write_loop(
+    store: &StateStore,
+    rx: Receiver<QueryUpdate>,
+    max_batch: usize,
+    max_age: Duration,
+) -> Result<WriterStats, StateError> {
+    let mut stats = WriterStats::default();
+    let mut batch: Vec<QueryUpdate> = Vec::with_capacity(max_batch);
+    let mut oldest: Option<Instant> = None;
+    let commit = |batch: &mut Vec<QueryUpdate>, stats: &mut WriterStats| {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        store.commit_updates(batch)?;
+        stats.commit_s += t.elapsed().as_secs_f64();
+        stats.commits += 1;
+        stats.updates += batch.len() as u64;
+        batch.clear();
+        Ok::<(), StateError>(())
+    };
+    loop {
+        let wait = oldest.map_or(Duration::from_secs(3600), |t| {
+            max_age.saturating_sub(t.elapsed())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(u) => {
+                oldest.get_or_insert_with(Instant::now);
+                batch.push(u);
+                if batch.len() >= max_batch {
+                    commit(&mut batch, &mut stats)?;
+                    oldest = None;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                commit(&mut batch, &mut stats)?;
+                oldest = None;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                commit(&mut batch, &mut stats)?;
+                return Ok(stats);
+            }
+        }
+    }
+}
