@@ -15,9 +15,14 @@
 //! them, so the probe at the end tells the source how far the graph got.
 
 mod batch;
+pub mod cluster;
 mod driver;
 
 pub use batch::{batched, BatchFn};
+pub use cluster::{
+    devices_for_workers, execute_cluster, parse_devices, ClusterConfig, ClusterError,
+    ClusterTimeouts,
+};
 pub use driver::{run_worker, DriverConfig, SinkFn, WorkerOutcome};
 
 use std::sync::{Arc, Mutex};

@@ -286,6 +286,11 @@ impl ParquetRecordReader {
         self.meta.as_ref()
     }
 
+    /// Decoded rows buffered (at most one record batch).
+    pub fn buffered_rows(&self) -> usize {
+        self.rows.len()
+    }
+
     /// Rows read so far.
     pub fn rows_read(&self) -> u64 {
         self.rows_read

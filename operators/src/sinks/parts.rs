@@ -226,7 +226,12 @@ impl PartWriter {
             Some(p) => p,
             None => self.open_part()?,
         };
-        part.sink.write_record(query_index, record)?;
+        if let Err(e) = part.sink.write_record(query_index, record) {
+            // The sink checks a record before writing any of it: the part
+            // is intact, keep it.
+            self.current = Some(part);
+            return Err(e);
+        }
         let info = &mut part.info;
         info.rows += record.pointer_candidates.len() as u64;
         info.queries += 1;
