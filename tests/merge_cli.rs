@@ -247,10 +247,11 @@ fn candidates(out: &Path, extra: &[&str]) -> Output {
     leverflow(&refs)
 }
 
-/// The records of an RL JSON file without `_meta`, as text.
+/// The records of an RL JSON file without `_meta` (the first top-level
+/// `"_meta"`: a merged `_meta` holds more), as text.
 fn without_meta(p: &Path) -> String {
     let text = std::fs::read_to_string(p).unwrap();
-    let cut = text.rfind(",\"_meta\"").expect("_meta is written last");
+    let cut = text.find(",\"_meta\":").expect("_meta is written last");
     text[..cut].to_string()
 }
 

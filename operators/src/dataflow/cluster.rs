@@ -15,6 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::PanicHookInfo;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -384,6 +385,8 @@ pub fn connect_peers(
         .map_err(|e| ClusterError::Connect(format!("process {me}: listener: {e}")))?;
     let acc_config = config.clone();
     let connect = timeouts.connect;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let acc_cancel = Arc::clone(&cancel);
     let acceptor = std::thread::Builder::new()
         .name("leverflow:accept".into())
         .spawn(move || -> Result<Vec<Option<TcpStream>>, String> {
@@ -413,6 +416,9 @@ pub fn connect_peers(
                         missing -= 1;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if acc_cancel.load(Ordering::Relaxed) {
+                            return Ok(got);
+                        }
                         if Instant::now() >= deadline {
                             let absent: Vec<String> = (me + 1..n)
                                 .filter(|&j| got[j].is_none())
@@ -440,6 +446,8 @@ pub fn connect_peers(
             Ok(s) => *slot = Some(s),
             Err(e) => {
                 connect_error = Some(e);
+                // No need to wait for the others: the run cannot start.
+                cancel.store(true, Ordering::Relaxed);
                 break;
             }
         }
