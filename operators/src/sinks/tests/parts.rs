@@ -289,7 +289,7 @@ fn bad_datasets_are_explained() {
         err.contains(&parts[0].file) && err.contains("missing"),
         "{err}"
     );
-    let (_, r) = merge_to(tmp.path(), &[ds.clone()], false);
+    let (_, r) = merge_to(tmp.path(), std::slice::from_ref(&ds), false);
     assert!(r.unwrap_err().to_string().contains("missing"));
     // write_manifest checks too.
     let err = write_manifest(&ds, &parts, &json!({}))
