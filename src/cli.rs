@@ -3,6 +3,9 @@
 //! (`--sft-ckpt`), plus leverflow's own.
 
 use clap::{Args, Parser, Subcommand};
+use leverflow_operators::dataflow::{
+    devices_for_workers, parse_devices, ClusterConfig, ClusterTimeouts,
+};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -35,6 +38,9 @@ pub enum Command {
     /// The run summary of any leverflow output (JSON or Parquet).
     #[command(after_long_help = STATS_EXAMPLE)]
     Stats(StatsArgs),
+    /// Merge Parquet outputs (a multi-process dataset, or --start_idx/--end_idx shards) into one JSON.
+    #[command(after_long_help = MERGE_EXAMPLE)]
+    Merge(MergeArgs),
     /// Micro-benchmarks whose figures go into BENCHMARKS.md.
     #[command(after_long_help = BENCH_EXAMPLE)]
     Bench(BenchArgs),
@@ -68,6 +74,23 @@ where req.json is
 const STATS_EXAMPLE: &str = "Example:
   leverflow stats demo-output/rl_data.parquet
   leverflow stats rl_data.json --json";
+
+const MERGE_EXAMPLE: &str = "Examples:
+  # a multi-process run: the dataset directory written with --parquet_path
+  leverflow merge rl_parquet/ --output_path rl_data.json
+
+  # the original's manual sharding: one output per --start_idx/--end_idx range
+  leverflow merge shard_0.parquet shard_1.parquet shard_2.parquet \\
+    --output_path rl_data.json --parquet_path rl_data.parquet
+
+Inputs are dataset directories (read through their _manifest.json, which a
+run writes last: a directory with part files but no manifest is refused),
+directories of single-file Parquet outputs, or Parquet files.  Each file is
+sorted by query index; the merge streams them (k-way, one record batch per
+file in memory) into the JSON in ascending query order, byte for byte what
+`generate` writes.  A query index found in two inputs is an error.  _meta is
+the inputs' _meta when they agree, else the first input's with
+\"merged_from\" listing every input's.  Outputs appear only on success.";
 
 const BENCH_EXAMPLE: &str = "Example:
   leverflow bench score
@@ -375,6 +398,32 @@ pub struct GenerateArgs {
     /// Timely worker threads in this process.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Processes of a multi-process run (timely's -n); each is started with
+    /// the same flags and its own --process_index.
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// This process, 0..processes (timely's -p).
+    #[arg(
+        long = "process_index",
+        visible_alias = "process-index",
+        default_value_t = 0
+    )]
+    pub process_index: usize,
+    /// One host:port per line, in process order (timely's -h); blank lines
+    /// and # comments are ignored.  Required with --processes > 1.
+    #[arg(long, value_name = "FILE")]
+    pub hostfile: Option<PathBuf>,
+    /// Devices of this process's workers, round robin (cpu or cuda:N, comma
+    /// separated); default: every worker on --device.
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<String>,
+    /// Seconds to wait for the other processes of a multi-process run.
+    #[arg(
+        long = "connect_timeout",
+        visible_alias = "connect-timeout",
+        default_value_t = 60
+    )]
+    pub connect_timeout: u64,
     /// Output formats: json, parquet or both.
     #[arg(long, default_value = "json,parquet")]
     pub format: String,
@@ -399,6 +448,73 @@ pub struct GenerateArgs {
         default_value = "full"
     )]
     pub output_mode: String,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Progress style: bar, json (one JSON line per update) or none.
+    #[arg(long, default_value = "bar")]
+    pub progress: String,
+}
+
+impl GenerateArgs {
+    /// The cluster configuration of `--processes/--process_index/--hostfile/--workers`
+    /// and the device of each local worker (`--devices`, else `--device`), checked.
+    pub fn cluster(&self) -> anyhow::Result<(ClusterConfig, Vec<String>)> {
+        let config = ClusterConfig::from_flags(
+            self.processes,
+            self.process_index,
+            self.hostfile.as_deref(),
+            self.workers,
+        )?;
+        let list = match &self.devices {
+            Some(spec) => parse_devices(spec)?,
+            None => vec![self.device.clone()],
+        };
+        let devices = devices_for_workers(&list, config.workers, config.process_index);
+        Ok((config, devices))
+    }
+
+    /// The connection deadlines of a multi-process run.
+    #[allow(dead_code)] // used once `generate` runs multi-process (issue 5)
+    pub fn cluster_timeouts(&self) -> ClusterTimeouts {
+        ClusterTimeouts {
+            connect: std::time::Duration::from_secs(self.connect_timeout),
+            ..Default::default()
+        }
+    }
+}
+
+/// Arguments of `merge`.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// Dataset directories (with _manifest.json), directories of single-file
+    /// Parquet outputs, or Parquet files.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// The merged JSON (the original format).
+    #[arg(
+        long = "output_path",
+        visible_alias = "output-path",
+        value_name = "FILE"
+    )]
+    pub output_path: Option<PathBuf>,
+    /// Also (or only) a merged single Parquet file.
+    #[arg(
+        long = "parquet_path",
+        visible_alias = "parquet-path",
+        value_name = "FILE"
+    )]
+    pub parquet_path: Option<PathBuf>,
+    /// Indent the JSON (two spaces) instead of compact output.
+    #[arg(long)]
+    pub pretty: bool,
+    /// Rows decoded at a time per input file (bounds the memory).
+    #[arg(
+        long = "batch_rows",
+        visible_alias = "batch-rows",
+        default_value_t = 1024
+    )]
+    pub batch_rows: usize,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,

@@ -13,6 +13,7 @@ mod cli;
 mod config;
 mod demo;
 mod generate;
+mod merge;
 mod progress;
 mod qwen;
 mod stats;
@@ -37,6 +38,7 @@ fn real_main() -> Result<()> {
         cli::Command::Vqa(a) => qwen::run_vqa_command(&a),
         cli::Command::Bench(a) => benches::run(&a),
         cli::Command::Stats(a) => stats::run(&a.output, a.json),
+        cli::Command::Merge(a) => merge::run(&a),
     }
 }
 
@@ -47,6 +49,21 @@ fn run_job(mut args: cli::GenerateArgs, job: generate::Job) -> Result<()> {
     if args.print_config {
         print!("{}", serde_yaml::to_string(&args)?);
         return Ok(());
+    }
+    let (cluster, _devices) = args.cluster()?;
+    if cluster.is_multi_process() {
+        // Issue 5: the flags are parsed and checked; the run itself still
+        // executes in one process until `generate` is wired to
+        // `execute_cluster` and the part-file sink.
+        anyhow::bail!(
+            "--processes {} is not supported by `{}` yet",
+            cluster.processes,
+            if job == generate::Job::Generate {
+                "generate"
+            } else {
+                "candidates"
+            }
+        );
     }
     generate::run(args, job)
 }

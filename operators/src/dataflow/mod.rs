@@ -16,11 +16,16 @@
 
 mod batch;
 pub mod diff;
+pub mod cluster;
 mod driver;
 pub mod incremental;
 
 pub use batch::{batched, BatchFn};
 pub use diff::InputChange;
+pub use cluster::{
+    devices_for_workers, execute_cluster, parse_devices, ClusterConfig, ClusterError,
+    ClusterTimeouts,
+};
 pub use driver::{run_worker, DriverConfig, SinkFn, WorkerOutcome};
 pub use incremental::{incremental_front, Planned, SourceItem};
 

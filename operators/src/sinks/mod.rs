@@ -12,10 +12,14 @@
 //! | [`spill`] | out-of-order records → ascending order, on disk |
 //! | [`json`] | `{"<query_idx>": record, ..., "_meta": meta}` writer and reader |
 //! | [`parquet`] | one row per candidate, `_meta` in the key-value metadata |
+//! | [`parts`] | multi-process output: part files + `_manifest.json` (the commit point) |
+//! | [`merge`] | sorted Parquet files / datasets → the single JSON (k-way merge, bounded memory) |
 
 pub mod atomic;
 pub mod json;
+pub mod merge;
 pub mod parquet;
+pub mod parts;
 pub mod spill;
 
 use std::path::{Path, PathBuf};
@@ -24,9 +28,17 @@ use leverflow_schemas::RlRecord;
 
 pub use self::atomic::AtomicFile;
 pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink, RlJson, RlJsonReader};
+pub use self::merge::{
+    merge, merged_meta, resolve_inputs, InputMeta, MergeFile, MergeInputs, MergeOutputs,
+    MergeSummary, ParquetRecordReader, ReadRecord,
+};
 pub use self::parquet::{
     read_rl_parquet, rows_to_records, visit_rl_parquet, ParquetOptions, ParquetRow, ParquetSink,
     RlParquet,
+};
+pub use self::parts::{
+    part_file_name, prepare_dataset_dir, read_dataset, read_manifest, scan_parts, write_manifest,
+    Dataset, Manifest, PartInfo, PartOptions, PartWriter, MANIFEST_NAME,
 };
 pub use self::spill::{SortedSpill, SpillIter};
 

@@ -543,18 +543,7 @@ where
     let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq("reading footer", e))?;
-    let meta = match builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == PARQUET_META_KEY))
-        .and_then(|k| k.value.as_deref())
-    {
-        Some(text) => Some(serde_json::from_str(text).map_err(|e| {
-            SinkError::json(path, format!("key-value metadata {PARQUET_META_KEY}"), e)
-        })?),
-        None => None,
-    };
+    let meta = file_meta(path, builder.metadata())?;
     let reader = builder.build().map_err(|e| pq("opening reader", e))?;
     for (b, batch) in reader.enumerate() {
         let batch = batch.map_err(|e| SinkError::Arrow {
@@ -565,6 +554,24 @@ where
         read_batch(path, b, &batch, &mut on_row)?;
     }
     Ok(meta)
+}
+
+/// The `_meta` stored in a Parquet file's key-value metadata (if any).
+pub(crate) fn file_meta(
+    path: &Path,
+    metadata: &parquet::file::metadata::ParquetMetaData,
+) -> Result<Option<Value>, SinkError> {
+    match metadata
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == PARQUET_META_KEY))
+        .and_then(|k| k.value.as_deref())
+    {
+        Some(text) => Ok(Some(serde_json::from_str(text).map_err(|e| {
+            SinkError::json(path, format!("key-value metadata {PARQUET_META_KEY}"), e)
+        })?)),
+        None => Ok(None),
+    }
 }
 
 /// A whole Parquet output: `_meta` (if present) and the rows in file order.
@@ -667,7 +674,7 @@ fn list_str(
         .collect())
 }
 
-fn read_batch<F>(
+pub(crate) fn read_batch<F>(
     path: &Path,
     b: usize,
     batch: &RecordBatch,

@@ -657,3 +657,5 @@ fn throughput_20k_queries() {
     let pq = fs::metadata(config.parquet.unwrap()).unwrap().len();
     eprintln!("spill {t1:?}, total {t2:?}, json {js} bytes, parquet {pq} bytes");
 }
+
+mod parts;

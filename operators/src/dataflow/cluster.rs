@@ -1,0 +1,939 @@
+//! Multi-process runs: `--processes N --process_index i --hostfile FILE`
+//! (timely's `-n/-p/-h`) with `--workers W` timely workers per process, and
+//! the `--devices` assignment of devices to workers.
+//!
+//! [`execute_cluster`] does not use timely's own connection set-up, which
+//! retries a connection forever (once a second, printing to stdout) and
+//! panics in its communication threads when a peer goes away: it connects
+//! the processes itself, with a deadline and a handshake that checks that
+//! every process runs the same `--processes` / `--workers`, hands the
+//! sockets to timely, and watches the run, so that when a process dies or a
+//! connection breaks the others stop within seconds with one clear error
+//! instead of hanging or printing panics.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::panic::PanicHookInfo;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
+use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
+use timely::communication::Hooks;
+use timely::{CommunicationConfig, WorkerConfig};
+
+/// Errors of the cluster configuration and of connecting the processes.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The hostfile could not be read.
+    #[error("{}: cannot read the hostfile: {source}", .path.display())]
+    ReadHostfile {
+        /// The hostfile.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A bad line in the hostfile.
+    #[error("{}:{line}: {what}", .path.display())]
+    Hostfile {
+        /// The hostfile.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// Inconsistent flags.
+    #[error("{0}")]
+    Invalid(String),
+    /// Connecting the processes failed.
+    #[error("{0}")]
+    Connect(String),
+}
+
+/// Where this process stands in a run: how many processes, which one this
+/// is, every process's `host:port`, and timely workers per process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Number of processes (`--processes`).
+    pub processes: usize,
+    /// This process (`--process_index`), `< processes`.
+    pub process_index: usize,
+    /// `host:port` of every process, in process order (empty for one process
+    /// without hostfile).
+    pub hosts: Vec<String>,
+    /// Timely workers per process (`--workers`); every process must use the
+    /// same number.
+    pub workers: usize,
+}
+
+/// Parses a hostfile: one `host:port` per line, in process order; blank
+/// lines and lines starting with `#` (after spaces) are ignored, as is
+/// anything after a `#`.  Errors name `path` and the line.
+pub fn parse_hostfile(text: &str, path: &Path) -> Result<Vec<String>, ClusterError> {
+    let mut hosts: Vec<(usize, String)> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let bad = |what: String| ClusterError::Hostfile {
+            path: path.to_path_buf(),
+            line,
+            what,
+        };
+        let content = raw.split('#').next().unwrap_or("").trim();
+        if content.is_empty() {
+            continue;
+        }
+        if content.split_whitespace().count() > 1 {
+            return Err(bad(format!("{content:?}: expected one host:port per line")));
+        }
+        let Some((host, port)) = content.rsplit_once(':') else {
+            return Err(bad(format!("{content:?}: expected host:port")));
+        };
+        if host.is_empty() || host == "[]" {
+            return Err(bad(format!("{content:?}: empty host")));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => {
+                return Err(bad(format!(
+                    "{content:?}: port {port:?} is not a number in 1..=65535"
+                )))
+            }
+        }
+        if let Some((first, _)) = hosts.iter().find(|(_, h)| h == content) {
+            return Err(bad(format!(
+                "{content} is also on line {first}: each process needs its own host:port"
+            )));
+        }
+        hosts.push((line, content.to_string()));
+    }
+    Ok(hosts.into_iter().map(|(_, h)| h).collect())
+}
+
+/// Reads and parses a hostfile ([`parse_hostfile`]).
+pub fn read_hostfile(path: &Path) -> Result<Vec<String>, ClusterError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ClusterError::ReadHostfile {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    parse_hostfile(&text, path)
+}
+
+impl ClusterConfig {
+    /// One process with `workers` threads.
+    pub fn single_process(workers: usize) -> Self {
+        ClusterConfig {
+            processes: 1,
+            process_index: 0,
+            hosts: Vec::new(),
+            workers: workers.max(1),
+        }
+    }
+
+    /// Checks and builds a configuration: `processes >= 1`, `workers >= 1`,
+    /// `process_index < processes`, and one host per process (no hosts is
+    /// allowed for a single process).
+    pub fn new(
+        processes: usize,
+        process_index: usize,
+        hosts: Vec<String>,
+        workers: usize,
+    ) -> Result<Self, ClusterError> {
+        if processes == 0 {
+            return Err(ClusterError::Invalid(
+                "--processes must be at least 1".into(),
+            ));
+        }
+        if workers == 0 {
+            return Err(ClusterError::Invalid("--workers must be at least 1".into()));
+        }
+        if process_index >= processes {
+            return Err(ClusterError::Invalid(format!(
+                "--process_index {process_index} is out of range: with --processes {processes} it must be 0..={}",
+                processes - 1
+            )));
+        }
+        if !(hosts.len() == processes || (processes == 1 && hosts.is_empty())) {
+            return Err(ClusterError::Invalid(format!(
+                "--processes {processes} but {} host(s) given: the hostfile needs one host:port per process",
+                hosts.len()
+            )));
+        }
+        Ok(ClusterConfig {
+            processes,
+            process_index,
+            hosts,
+            workers,
+        })
+    }
+
+    /// From the flags: `--processes`, `--process_index`, `--hostfile`
+    /// (required when `processes > 1`; its host count must equal
+    /// `processes`) and `--workers`.
+    pub fn from_flags(
+        processes: usize,
+        process_index: usize,
+        hostfile: Option<&Path>,
+        workers: usize,
+    ) -> Result<Self, ClusterError> {
+        let hosts = match hostfile {
+            Some(path) => {
+                let hosts = read_hostfile(path)?;
+                if hosts.len() != processes {
+                    return Err(ClusterError::Invalid(format!(
+                        "{} lists {} host(s) but --processes is {processes}: one host:port line per process",
+                        path.display(),
+                        hosts.len()
+                    )));
+                }
+                hosts
+            }
+            None if processes > 1 => {
+                return Err(ClusterError::Invalid(format!(
+                    "--processes {processes} needs --hostfile (one host:port line per process)"
+                )))
+            }
+            None => Vec::new(),
+        };
+        Self::new(processes, process_index, hosts, workers)
+    }
+
+    /// More than one process.
+    pub fn is_multi_process(&self) -> bool {
+        self.processes > 1
+    }
+
+    /// Workers over all processes (timely's `worker.peers()`).
+    pub fn total_workers(&self) -> usize {
+        self.processes * self.workers
+    }
+
+    /// Timely's index of local worker `local` (`worker.index()`): processes
+    /// number their workers consecutively.
+    pub fn global_worker(&self, local: usize) -> usize {
+        self.process_index * self.workers + local
+    }
+
+    /// The equivalent plain timely configuration (timely's own connection
+    /// set-up: no deadline; [`execute_cluster`] does better).
+    pub fn timely_config(&self) -> timely::Config {
+        if !self.is_multi_process() {
+            return timely::Config::process(self.workers);
+        }
+        timely::Config {
+            communication: CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: self.process_index,
+                addresses: self.hosts.clone(),
+                report: false,
+                zerocopy: false,
+            },
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+/// Parses `--devices`: comma-separated `cpu` or `cuda:N` entries (spaces
+/// ignored; repeats allowed, to put several workers on one device).
+pub fn parse_devices(spec: &str) -> Result<Vec<String>, ClusterError> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim) {
+        let ok = part == "cpu"
+            || part
+                .strip_prefix("cuda:")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !ok {
+            return Err(ClusterError::Invalid(format!(
+                "--devices {spec:?}: {part:?} is not a device (expected cpu or cuda:N, comma separated)"
+            )));
+        }
+        out.push(part.to_string());
+    }
+    Ok(out)
+}
+
+/// The device of each local worker of process `process_index`: round robin
+/// over `devices` by global worker index (`process_index *
+/// workers_per_process + w`), so processes sharing a host with the same
+/// list spread over its devices, and a list as long as the workers maps
+/// worker `w` to device `w`.  An empty list gives `cpu`.
+pub fn devices_for_workers(
+    devices: &[String],
+    workers_per_process: usize,
+    process_index: usize,
+) -> Vec<String> {
+    (0..workers_per_process)
+        .map(|w| {
+            if devices.is_empty() {
+                "cpu".to_string()
+            } else {
+                devices[(process_index * workers_per_process + w) % devices.len()].clone()
+            }
+        })
+        .collect()
+}
+
+/// Deadlines of [`execute_cluster`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterTimeouts {
+    /// How long to wait for every other process to be reachable.
+    pub connect: Duration,
+    /// After a failure, how long to wait for the local workers to stop
+    /// before returning anyway (their threads are then left behind: exit
+    /// the process).
+    pub stop: Duration,
+    /// TCP keepalive idle time on the connections (probes every quarter of
+    /// it; Linux gives up after 9 unanswered probes): a host that vanishes
+    /// without closing them is noticed after about `keepalive * 3.25`.
+    pub keepalive: Duration,
+}
+
+impl Default for ClusterTimeouts {
+    fn default() -> Self {
+        ClusterTimeouts {
+            connect: Duration::from_secs(60),
+            stop: Duration::from_secs(5),
+            keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+const MAGIC: u64 = u64::from_be_bytes(*b"LVRFLOW1");
+
+fn write_words(s: &mut TcpStream, words: &[u64]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        buf.extend_from_slice(&w.to_be_bytes());
+    }
+    s.write_all(&buf)?;
+    s.flush()
+}
+
+fn read_words<const N: usize>(s: &mut TcpStream) -> io::Result<[u64; N]> {
+    let mut out = [0u64; N];
+    for w in &mut out {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b)?;
+        *w = u64::from_be_bytes(b);
+    }
+    Ok(out)
+}
+
+/// Compares a peer's handshake `[magic, index, processes, workers]` with ours.
+fn check_peer(
+    config: &ClusterConfig,
+    words: [u64; 4],
+    expect: Option<usize>,
+) -> Result<usize, String> {
+    let [magic, index, processes, workers] = words;
+    if magic != MAGIC {
+        return Err("the peer is not a leverflow process of a cluster run".into());
+    }
+    let index = usize::try_from(index).unwrap_or(usize::MAX);
+    if let Some(e) = expect {
+        if index != e {
+            return Err(format!(
+                "expected process {e} at that address, found process {index}"
+            ));
+        }
+    }
+    if processes != config.processes as u64 || workers != config.workers as u64 {
+        return Err(format!(
+            "process {index} runs with --processes {processes} --workers {workers}, this one with --processes {} --workers {}: every process needs the same values",
+            config.processes, config.workers
+        ));
+    }
+    Ok(index)
+}
+
+fn keepalive(stream: &TcpStream, t: Duration) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(t)
+        .with_interval(t / 4);
+    // Best effort: a platform without these options keeps the defaults.
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// Connects this process to every other one before `timeouts.connect`:
+/// connects to the lower-indexed processes (retrying while they start),
+/// accepts the higher-indexed ones, and checks each peer's handshake.
+/// Returns one stream per process, `None` at this process's index.
+pub fn connect_peers(
+    config: &ClusterConfig,
+    timeouts: &ClusterTimeouts,
+) -> Result<Vec<Option<TcpStream>>, ClusterError> {
+    let me = config.process_index;
+    let n = config.processes;
+    let deadline = Instant::now() + timeouts.connect;
+    let hello = [
+        MAGIC,
+        me as u64,
+        config.processes as u64,
+        config.workers as u64,
+    ];
+    let listener = TcpListener::bind(config.hosts[me].as_str()).map_err(|e| {
+        ClusterError::Connect(format!(
+            "process {me}: cannot listen on {} (its line in the hostfile): {e}",
+            config.hosts[me]
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ClusterError::Connect(format!("process {me}: listener: {e}")))?;
+    let acc_config = config.clone();
+    let connect = timeouts.connect;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let acc_cancel = Arc::clone(&cancel);
+    let acceptor = std::thread::Builder::new()
+        .name("leverflow:accept".into())
+        .spawn(move || -> Result<Vec<Option<TcpStream>>, String> {
+            let config = acc_config;
+            let mut got: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+            let mut missing = n - me - 1;
+            while missing > 0 {
+                match listener.accept() {
+                    Ok((mut s, from)) => {
+                        let setup = (|| -> io::Result<[u64; 4]> {
+                            s.set_nonblocking(false)?;
+                            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                            let words = read_words::<4>(&mut s)?;
+                            write_words(&mut s, &hello)?;
+                            s.set_read_timeout(None)?;
+                            Ok(words)
+                        })();
+                        let Ok(words) = setup else { continue };
+                        let index = check_peer(&config, words, None)
+                            .map_err(|e| format!("process {me}: connection from {from}: {e}"))?;
+                        if index <= me || index >= n || got[index].is_some() {
+                            return Err(format!(
+                                "process {me}: unexpected connection from process {index} ({from}): are two processes running with the same --process_index?"
+                            ));
+                        }
+                        got[index] = Some(s);
+                        missing -= 1;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if acc_cancel.load(Ordering::Relaxed) {
+                            return Ok(got);
+                        }
+                        if Instant::now() >= deadline {
+                            let absent: Vec<String> = (me + 1..n)
+                                .filter(|&j| got[j].is_none())
+                                .map(|j| format!("{j} ({})", config.hosts[j]))
+                                .collect();
+                            return Err(format!(
+                                "process {me}: process(es) {} did not connect within {:?}: not started, or started with another --hostfile?",
+                                absent.join(", "),
+                                connect
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(format!("process {me}: accepting connections: {e}")),
+                }
+            }
+            Ok(got)
+        })
+        .map_err(|e| ClusterError::Connect(format!("spawning the acceptor: {e}")))?;
+
+    let mut out: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut connect_error = None;
+    for (j, slot) in out.iter_mut().enumerate().take(me) {
+        match connect_one(config, j, deadline, &hello) {
+            Ok(s) => *slot = Some(s),
+            Err(e) => {
+                connect_error = Some(e);
+                // No need to wait for the others: the run cannot start.
+                cancel.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    let accepted = match acceptor.join() {
+        Ok(r) => r,
+        Err(_) => Err(format!("process {me}: the acceptor thread panicked")),
+    };
+    if let Some(e) = connect_error {
+        return Err(ClusterError::Connect(e));
+    }
+    let accepted = accepted.map_err(ClusterError::Connect)?;
+    for (j, s) in accepted.into_iter().enumerate() {
+        if s.is_some() {
+            out[j] = s;
+        }
+    }
+    for s in out.iter().flatten() {
+        let _ = s.set_nodelay(true);
+        keepalive(s, timeouts.keepalive);
+    }
+    Ok(out)
+}
+
+/// Connects to process `j`, retrying until `deadline`.
+fn connect_one(
+    config: &ClusterConfig,
+    j: usize,
+    deadline: Instant,
+    hello: &[u64; 4],
+) -> Result<TcpStream, String> {
+    let me = config.process_index;
+    let host = &config.hosts[j];
+    let mut last = String::from("not tried");
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "process {me}: could not reach process {j} at {host} within the connect timeout ({last}): is it running, with the same --hostfile?"
+            ));
+        }
+        let attempt = (|| -> Result<TcpStream, String> {
+            let addrs: Vec<_> = host
+                .to_socket_addrs()
+                .map_err(|e| format!("resolving {host}: {e}"))?
+                .collect();
+            let mut err = format!("{host} resolves to no address");
+            for a in addrs {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let t = left.clamp(Duration::from_millis(10), Duration::from_secs(2));
+                match TcpStream::connect_timeout(&a, t) {
+                    Ok(mut s) => {
+                        let hs = (|| -> io::Result<[u64; 4]> {
+                            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                            write_words(&mut s, hello)?;
+                            let w = read_words::<4>(&mut s)?;
+                            s.set_read_timeout(None)?;
+                            Ok(w)
+                        })()
+                        .map_err(|e| format!("handshake with {a}: {e}"))?;
+                        check_peer(config, hs, Some(j)).map_err(|e| format!("FATAL{e}"))?;
+                        return Ok(s);
+                    }
+                    Err(e) => err = format!("{a}: {e}"),
+                }
+            }
+            Err(err)
+        })();
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) if e.starts_with("FATAL") => {
+                return Err(format!("process {me}: {}", &e["FATAL".len()..]))
+            }
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Panic messages of timely's threads during a run, oldest first.
+#[derive(Clone, Default)]
+struct Failures(Arc<Mutex<Vec<String>>>);
+
+impl Failures {
+    fn push(&self, m: String) {
+        let mut g = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if g.len() < 64 {
+            g.push(m);
+        }
+    }
+
+    fn all(&self) -> Vec<String> {
+        match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+fn panic_text(info: &PanicHookInfo<'_>) -> String {
+    let p = info.payload();
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    match info.location() {
+        Some(l) => format!("{msg} (at {}:{})", l.file(), l.line()),
+        None => msg,
+    }
+}
+
+/// Explains the first real failure (not the "MergeQueue poisoned" panics
+/// that follow it in the other threads).
+fn explain(config: &ClusterConfig, failures: &[String]) -> String {
+    let me = config.process_index;
+    let first = failures
+        .iter()
+        .find(|m| !m.contains("MergeQueue poisoned"))
+        .or(failures.first());
+    let Some(first) = first else {
+        return format!("process {me}: a timely worker failed");
+    };
+    // "<thread>\t<message>"
+    let (thread, msg) = first.split_once('\t').unwrap_or(("", first.as_str()));
+    let remote = thread
+        .strip_prefix("timely:recv-")
+        .or_else(|| thread.strip_prefix("timely:send-"))
+        .and_then(|r| r.parse::<usize>().ok());
+    match remote {
+        Some(r) => format!(
+            "process {me}: lost the connection to process {r} ({}): it died, or the network failed; stopping ({msg})",
+            config.hosts.get(r).map(String::as_str).unwrap_or("?")
+        ),
+        None => format!("process {me}: {thread} failed: {msg}"),
+    }
+}
+
+type PanicHook = Box<dyn Fn(&PanicHookInfo<'_>) + Sync + Send + 'static>;
+
+/// Installs a panic hook recording (and not printing) the panics of
+/// timely's threads; other threads' panics go to the previous hook.
+/// Dropping the guard restores the previous hook.
+struct HookGuard {
+    previous: Option<Arc<PanicHook>>,
+}
+
+impl HookGuard {
+    fn install(failures: Failures) -> Self {
+        let previous: Arc<PanicHook> = Arc::new(std::panic::take_hook());
+        let prev = Arc::clone(&previous);
+        std::panic::set_hook(Box::new(move |info| {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            if name.starts_with("timely:") {
+                failures.push(format!("{name}\t{}", panic_text(info)));
+            } else {
+                prev(info);
+            }
+        }));
+        HookGuard {
+            previous: Some(previous),
+        }
+    }
+}
+
+impl Drop for HookGuard {
+    fn drop(&mut self) {
+        if let Some(prev) = self.previous.take() {
+            let _ = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| prev(info)));
+        }
+    }
+}
+
+/// Runs `build` on `config.workers` timely workers in each of
+/// `config.processes` processes (one call per process, each with its own
+/// `process_index`) and returns this process's worker results in order.
+///
+/// A single process is [`execute_threads`](super::execute_threads).  With
+/// several: connects to the other processes ([`connect_peers`], deadline
+/// `timeouts.connect`), then runs timely over those connections.  When a
+/// process dies or a connection breaks, timely's communication threads and
+/// then the workers panic; this function notices the first such panic,
+/// shuts every connection down (so the other processes notice at once too)
+/// and returns `Err` with one explanation (which process, which host)
+/// within about `timeouts.stop`.  After an `Err` some timely threads may be
+/// left behind: the caller should report the error and exit the process.
+///
+/// While it runs, a panic hook records timely threads' panics instead of
+/// printing them; other threads' panics go to the previous hook, which is
+/// restored on return.
+pub fn execute_cluster<T, F>(
+    config: &ClusterConfig,
+    timeouts: &ClusterTimeouts,
+    build: F,
+) -> Result<Vec<T>, String>
+where
+    T: Send + 'static,
+    F: Fn(&mut timely::worker::Worker) -> T + Send + Sync + 'static,
+{
+    if !config.is_multi_process() {
+        return super::execute_threads(config.workers, build);
+    }
+    let sockets = connect_peers(config, timeouts).map_err(|e| e.to_string())?;
+    let mut handles = Vec::new();
+    for s in sockets.iter().flatten() {
+        handles.push(
+            s.try_clone()
+                .map_err(|e| format!("process {}: socket: {e}", config.process_index))?,
+        );
+    }
+    let shutdown_all = |handles: &[TcpStream]| {
+        for h in handles {
+            let _ = h.shutdown(std::net::Shutdown::Both);
+        }
+    };
+    let failures = Failures::default();
+    let hook = HookGuard::install(failures.clone());
+    let hooks = Hooks::default();
+    let process_allocators =
+        ProcessBuilder::new_typed_vector(config.workers, hooks.refill.clone(), hooks.spill.clone());
+    let (builders, comms) = initialize_networking_from_sockets(
+        process_allocators,
+        sockets,
+        config.process_index,
+        config.workers,
+        hooks,
+    )
+    .map_err(|e| {
+        format!(
+            "process {}: starting timely networking: {e}",
+            config.process_index
+        )
+    })?;
+    let builders = builders.into_iter().map(AllocatorBuilder::Tcp).collect();
+    let guards =
+        match timely::execute::execute_from(builders, Box::new(()), WorkerConfig::default(), build)
+        {
+            Ok(g) => g,
+            Err(e) => {
+                shutdown_all(&handles);
+                std::mem::forget(comms);
+                drop(hook);
+                return Err(format!(
+                    "process {}: starting timely workers: {e}",
+                    config.process_index
+                ));
+            }
+        };
+    let mut failed_at: Option<Instant> = None;
+    loop {
+        let all_done = guards.guards().iter().all(|g| g.is_finished());
+        if all_done {
+            break;
+        }
+        if failed_at.is_none() && !failures.all().is_empty() {
+            failed_at = Some(Instant::now());
+            shutdown_all(&handles);
+        }
+        if failed_at.is_some_and(|t| t.elapsed() >= timeouts.stop) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let all_done = guards.guards().iter().all(|g| g.is_finished());
+    if !failures.all().is_empty() || !all_done {
+        shutdown_all(&handles);
+        if all_done {
+            let _ = guards.join();
+        } else {
+            // Joining would wait for workers that may never return.
+            std::mem::forget(guards);
+        }
+        // Its drop joins the communication threads and panics on the ones
+        // that panicked.
+        std::mem::forget(comms);
+        let message = explain(config, &failures.all());
+        drop(hook);
+        return Err(message);
+    }
+    let results = guards.join();
+    // Clean shutdown: the communication threads end once every process has
+    // finished (a peer that dies now makes its receive thread panic).
+    let comms_closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(comms)));
+    let failed = failures.all();
+    drop(hook);
+    if comms_closed.is_err() || !failed.is_empty() {
+        return Err(explain(config, &failed));
+    }
+    results
+        .into_iter()
+        .map(|r| r.map_err(|e| format!("timely worker failed: {e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> PathBuf {
+        PathBuf::from("hosts.txt")
+    }
+
+    #[test]
+    fn hostfile_lines_comments_and_errors() {
+        let text = "# cluster\n\nnode0:2101\n  node1:2101   # second\n[::1]:2102\n";
+        assert_eq!(
+            parse_hostfile(text, &p()).unwrap(),
+            ["node0:2101", "node1:2101", "[::1]:2102"]
+        );
+        for (text, line, needle) in [
+            ("a:1\nb\n", 2, "expected host:port"),
+            ("a:1\n\nb:0\n", 3, "not a number"),
+            ("a:70000\n", 1, "not a number"),
+            ("a:x\n", 1, "not a number"),
+            (":80\n", 1, "empty host"),
+            ("a:1 b:2\n", 1, "one host:port per line"),
+            ("a:1\nb:2\na:1\n", 3, "also on line 1"),
+        ] {
+            let err = parse_hostfile(text, &p()).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, ClusterError::Hostfile { line: l, .. } if l == line),
+                "{text:?}: {msg}"
+            );
+            assert!(
+                msg.starts_with(&format!("hosts.txt:{line}: ")) && msg.contains(needle),
+                "{text:?}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts.txt");
+        std::fs::write(&hosts, "127.0.0.1:2101\n127.0.0.1:2102\n").unwrap();
+        let c = ClusterConfig::from_flags(2, 1, Some(&hosts), 3).unwrap();
+        assert_eq!(c.hosts.len(), 2);
+        assert!(c.is_multi_process());
+        assert_eq!(c.total_workers(), 6);
+        assert_eq!(c.global_worker(2), 5);
+        assert!(matches!(
+            c.timely_config().communication,
+            CommunicationConfig::Cluster {
+                threads: 3,
+                process: 1,
+                ..
+            }
+        ));
+        let err = |r: Result<ClusterConfig, ClusterError>| r.unwrap_err().to_string();
+        assert!(err(ClusterConfig::from_flags(3, 0, Some(&hosts), 1))
+            .contains("lists 2 host(s) but --processes is 3"));
+        assert!(err(ClusterConfig::from_flags(2, 2, Some(&hosts), 1))
+            .contains("--process_index 2 is out of range"));
+        assert!(err(ClusterConfig::from_flags(2, 0, None, 1)).contains("needs --hostfile"));
+        assert!(err(ClusterConfig::from_flags(0, 0, None, 1)).contains("at least 1"));
+        assert!(err(ClusterConfig::from_flags(2, 0, Some(&hosts), 0)).contains("--workers"));
+        let missing = dir.path().join("nope.txt");
+        assert!(err(ClusterConfig::from_flags(2, 0, Some(&missing), 1)).contains("nope.txt"));
+        let single = ClusterConfig::from_flags(1, 0, None, 4).unwrap();
+        assert_eq!(single, ClusterConfig::single_process(4));
+        assert!(!single.is_multi_process());
+    }
+
+    #[test]
+    fn devices_round_robin() {
+        let d = parse_devices("cuda:0, cuda:1,cuda:2").unwrap();
+        assert_eq!(d, ["cuda:0", "cuda:1", "cuda:2"]);
+        assert_eq!(
+            devices_for_workers(&d, 4, 0),
+            ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+        );
+        assert_eq!(devices_for_workers(&d, 2, 1), ["cuda:2", "cuda:0"]);
+        let two = parse_devices("cuda:0,cuda:1").unwrap();
+        assert_eq!(devices_for_workers(&two, 2, 0), ["cuda:0", "cuda:1"]);
+        assert_eq!(devices_for_workers(&two, 2, 5), ["cuda:0", "cuda:1"]);
+        assert_eq!(devices_for_workers(&two, 1, 1), ["cuda:1"]);
+        assert_eq!(
+            devices_for_workers(&parse_devices("cpu").unwrap(), 3, 2),
+            ["cpu"; 3]
+        );
+        assert_eq!(devices_for_workers(&[], 2, 0), ["cpu"; 2]);
+        for bad in [
+            "",
+            "gpu",
+            "cuda",
+            "cuda:",
+            "cuda:x",
+            "cpu,,cuda:0",
+            "cuda:-1",
+        ] {
+            assert!(parse_devices(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn free_ports(n: usize) -> Vec<String> {
+        let ls: Vec<TcpListener> = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        ls.iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_unreachable_peer_is_an_error_after_the_deadline() {
+        let hosts = free_ports(2);
+        let t = ClusterTimeouts {
+            connect: Duration::from_millis(800),
+            ..Default::default()
+        };
+        // Process 1 connects to process 0, which never starts.
+        let c1 = ClusterConfig::new(2, 1, hosts.clone(), 1).unwrap();
+        let start = Instant::now();
+        let err = connect_peers(&c1, &t).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(
+            err.contains("could not reach process 0") && err.contains(&hosts[0]),
+            "{err}"
+        );
+        // Process 0 waits for process 1, which never starts.
+        let c0 = ClusterConfig::new(2, 0, hosts.clone(), 1).unwrap();
+        let err = connect_peers(&c0, &t).unwrap_err().to_string();
+        assert!(
+            err.contains("did not connect") && err.contains(&hosts[1]),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mismatched_workers_are_refused_by_the_handshake() {
+        let hosts = free_ports(2);
+        let t = ClusterTimeouts {
+            connect: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let c0 = ClusterConfig::new(2, 0, hosts.clone(), 2).unwrap();
+        let c1 = ClusterConfig::new(2, 1, hosts, 3).unwrap();
+        let t0 = t.clone();
+        let h = std::thread::spawn(move || connect_peers(&c0, &t0).map(|_| ()));
+        let e1 = connect_peers(&c1, &t).unwrap_err().to_string();
+        let e0 = h.join().unwrap().unwrap_err().to_string();
+        for e in [e0, e1] {
+            assert!(e.contains("--workers") && e.contains("same values"), "{e}");
+        }
+    }
+
+    /// Two "processes" as threads of this test: a distributed count over
+    /// 2 × 2 workers.
+    #[test]
+    fn two_processes_run_a_dataflow() {
+        use timely::dataflow::operators::{Exchange, Inspect, ToStream};
+        let hosts = free_ports(2);
+        let t = ClusterTimeouts::default();
+        let run = |index: usize| {
+            let c = ClusterConfig::new(2, index, hosts.clone(), 2).unwrap();
+            let t = t.clone();
+            std::thread::spawn(move || {
+                execute_cluster(&c, &t, |worker| {
+                    let seen = Arc::new(Mutex::new(0u64));
+                    let s = Arc::clone(&seen);
+                    let me = worker.index() as u64;
+                    worker.dataflow::<u64, _, _>(|scope| {
+                        (0..100u64)
+                            .filter(move |x| x % 4 == me)
+                            .collect::<Vec<_>>()
+                            .to_stream(scope)
+                            .container::<Vec<_>>()
+                            .exchange(|x| *x)
+                            .inspect(move |_| *s.lock().unwrap() += 1);
+                    });
+                    while worker.step() {}
+                    let n = *seen.lock().unwrap();
+                    n
+                })
+            })
+        };
+        let a = run(0);
+        let b = run(1);
+        let ra = a.join().unwrap().unwrap();
+        let rb = b.join().unwrap().unwrap();
+        assert_eq!(ra.len(), 2);
+        assert_eq!(ra.iter().chain(&rb).sum::<u64>(), 100);
+    }
+}
