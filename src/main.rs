@@ -50,21 +50,6 @@ fn run_job(mut args: cli::GenerateArgs, job: generate::Job) -> Result<()> {
         print!("{}", serde_yaml::to_string(&args)?);
         return Ok(());
     }
-    let (cluster, _devices) = args.cluster()?;
-    if cluster.is_multi_process() {
-        // Issue 5: the flags are parsed and checked; the run itself still
-        // executes in one process until `generate` is wired to
-        // `execute_cluster` and the part-file sink.
-        anyhow::bail!(
-            "--processes {} is not supported by `{}` yet",
-            cluster.processes,
-            if job == generate::Job::Generate {
-                "generate"
-            } else {
-                "candidates"
-            }
-        );
-    }
     generate::run(args, job)
 }
 

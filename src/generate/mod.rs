@@ -15,6 +15,7 @@
 //!    path), then mark the run complete in the store and print the summary
 //!    ([`summary`]).
 
+mod cluster;
 pub mod inputs;
 pub mod keys;
 pub mod meta;
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use leverflow_operators::dataflow::{
-    batched, execute_threads, incremental_front, run_worker, DriverConfig, ErrorSlot, InputChange,
+    batched, execute_cluster, incremental_front, run_worker, DriverConfig, ErrorSlot, InputChange,
     SinkFn, SourceItem,
 };
 use leverflow_operators::sinks::{AtomicFile, JsonSink, OutputConfig, ParquetSink, SinkError};
@@ -39,6 +40,7 @@ use leverflow_schemas::RlRecord;
 
 use crate::cli::GenerateArgs;
 use crate::progress::{self, Counters, ProgressStyle, Reporter};
+use cluster::{finish_cluster, ProcessTail};
 use inputs::Inputs;
 use stages::{QueryWork, VqaStageConfig};
 
@@ -104,8 +106,22 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                 .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
         }
     }
-    let state_dir = state_dir(&args, &inputs.output_path);
+    let (cluster, _devices) = args.cluster()?;
+    let multi = cluster.is_multi_process();
+    if multi && args.output_mode == "delta" {
+        anyhow::bail!("--output_mode delta needs a single-process run (the part files of a multi-process run are the delta's granularity already)");
+    }
+    // Each process keeps its own store (its queries are routed to it).
+    let state_dir = match multi {
+        true => {
+            state_dir(&args, &inputs.output_path).join(format!("process-{}", cluster.process_index))
+        }
+        false => state_dir(&args, &inputs.output_path),
+    };
     let store = Arc::new(StateStore::open(&state_dir)?);
+    if multi && cluster.process_index == 0 {
+        leverflow_operators::sinks::prepare_dataset_dir(&inputs.parquet_path)?;
+    }
     let delta = DeltaPaths::new(&inputs, &args.output_mode);
     for target in [&inputs.output_path, &inputs.parquet_path]
         .into_iter()
@@ -140,31 +156,57 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let save_prompts = args.save_prompts;
     let start_idx = args.start_idx as i64;
     let end_idx = args.end_idx;
+    let root = (cluster.process_index * workers) as u64;
+    let peers = cluster.total_workers() as u64;
     let driver = DriverConfig {
         source_batch: (args.batch_size * 8).clamp(64, 1024),
         max_inflight: 2 * workers as u64 + 2,
+        sink_worker: root,
     };
+    let errors = ErrorSlot::default();
+    let reports: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let tail = multi.then(|| ProcessTail {
+        inputs: Arc::clone(&inputs),
+        store: Arc::clone(&store),
+        current: Arc::clone(&current),
+        changes: Arc::clone(&changes),
+        counters: Arc::clone(&counters),
+        backend_stats: Arc::clone(&backend_stats),
+        process: cluster.process_index,
+        with_vqa,
+        save_prompts,
+    });
     let results = {
         let inputs = Arc::clone(&inputs);
         let counters = Arc::clone(&counters);
-        let updates = writer.sender();
+        let updates = writer.handle();
         let current = Arc::clone(&current);
         let changes = Arc::clone(&changes);
         let backend_stats = Arc::clone(&backend_stats);
         let store = Arc::clone(&store);
         let run_keys = Arc::clone(&run_keys);
         let previous = Arc::clone(&previous);
-        execute_threads(workers, move |worker| -> Result<(), String> {
-            let errors = ErrorSlot::default();
-            let index = worker.index();
+        let errors = errors.clone();
+        let reports = Arc::clone(&reports);
+        let tail = tail.map(Arc::new);
+        let updates_for_tail = writer.handle();
+        let timeouts = args.cluster_timeouts();
+        execute_cluster(&cluster, &timeouts, move |worker| -> Result<(), String> {
+            let errors = errors.clone();
+            let index = worker.index() as u64;
             let previous = Arc::clone(&previous);
-            let source = if index == 0 {
+            // One reader per process feeds the queries routed to this
+            // process's workers (routing is query index modulo workers).
+            let mine = move |q: u64| (q % peers) / workers as u64 == root / workers as u64;
+            let source = if index == root {
                 let reader = BeamReader::open(&beam_path)
                     .and_then(|r| r.with_range(start_idx, end_idx))
                     .map_err(|e| e.to_string())?;
                 let before = previous
                     .iter()
                     .map(|(q, k)| Ok(SourceItem::Previous(*q, *k)));
+                let reader =
+                    reader.filter(move |r| r.as_ref().map_or(true, |b| mine(b.query_index)));
                 Some(before.chain(reader.map(|r| {
                     r.map(|b| {
                         SourceItem::Current(QueryWork {
@@ -182,14 +224,14 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
             } else {
                 None
             };
-            let sink: Option<SinkFn> = if index == 0 {
+            let sink: Option<SinkFn> = if index == root {
                 let updates = updates.clone();
                 Some(Box::new(move |_q: u64, bytes: Vec<u8>| {
                     let update = QueryUpdate::decode(&bytes)?;
                     updates
                         .as_ref()
-                        .and_then(|tx| tx.send(update).ok())
-                        .ok_or_else(|| "the state store writer stopped".to_string())
+                        .ok_or_else(|| "the state store writer stopped".to_string())?
+                        .send(update)
                 }))
             } else {
                 None
@@ -202,13 +244,13 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
             let counters = Arc::clone(&counters);
             let vqa_cfg = vqa_cfg.clone();
             let cand_batch = 64;
-            let stats = (index, Arc::clone(&backend_stats));
+            let stats = (index as usize, Arc::clone(&backend_stats));
             let e2 = errors.clone();
             let store = Arc::clone(&store);
             let run_keys = Arc::clone(&run_keys);
             let current = Arc::clone(&current);
             let changes = Arc::clone(&changes);
-            run_worker(
+            let outcome = run_worker(
                 worker,
                 &driver,
                 source,
@@ -288,15 +330,78 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                     }
                 },
                 sink,
-                errors,
+                errors.clone(),
             )
-            .map(|_| ())
+            .map(|_| ());
+            match &tail {
+                // A multi-process run: each process writes its part files,
+                // then every process's report goes to worker 0 (a second
+                // dataflow, so every process takes part even after an
+                // error and nobody waits forever).
+                Some(tail) => {
+                    let report = (index == root).then(|| {
+                        let r = match (outcome.as_ref().err().cloned(), errors.get()) {
+                            (Some(e), _) | (None, Some(e)) => Err(e),
+                            (None, None) => updates_for_tail
+                                .as_ref()
+                                .ok_or_else(|| "the state store writer stopped".to_string())
+                                .and_then(|w| w.sync())
+                                .and_then(|_| tail.write_parts().map_err(|e| format!("{e:#}"))),
+                        };
+                        serde_json::to_vec(&r).unwrap_or_default()
+                    });
+                    let reports = Arc::clone(&reports);
+                    let sink: Option<SinkFn> = (index == 0).then(|| {
+                        Box::new(move |_q: u64, bytes: Vec<u8>| {
+                            reports.lock().map_err(|e| e.to_string())?.push(bytes);
+                            Ok(())
+                        }) as SinkFn
+                    });
+                    run_worker(
+                        worker,
+                        &DriverConfig {
+                            source_batch: 1,
+                            max_inflight: 1,
+                            sink_worker: 0,
+                        },
+                        report.map(|r| std::iter::once(Ok((0u64, r)))),
+                        |x: &(u64, Vec<u8>)| x.0,
+                        |stream, _probe| stream,
+                        sink,
+                        ErrorSlot::default(),
+                    )?;
+                    outcome
+                }
+                None => outcome,
+            }
         })
         .map_err(anyhow::Error::msg)?
     };
     reporter.finish();
     // Work finished before an error is kept: a rerun does not redo it.
     let committed = writer.finish();
+    if multi {
+        for r in results {
+            r.map_err(anyhow::Error::msg)?;
+        }
+        committed?;
+        return finish_cluster(
+            &args,
+            &inputs,
+            &reports,
+            cluster.process_index,
+            &model_identity,
+            meta::Timings {
+                load_s,
+                dataflow_s: dataflow_started.elapsed().as_secs_f64(),
+                write_s: 0.0,
+                store_s: 0.0,
+                total_s: started.elapsed().as_secs_f64(),
+            },
+            with_vqa,
+            style,
+        );
+    }
     if let Err(e) = &committed {
         // The writer's error explains a sink that could not send.
         anyhow::bail!("{e}");
@@ -307,45 +412,13 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let writer_stats = committed?;
     let dataflow_s = dataflow_started.elapsed().as_secs_f64();
 
-    // This run's queries in ascending order, and how they differ from the
-    // previous completed run.
-    let mut current = std::mem::take(&mut *current.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
-    current.sort_unstable_by_key(|(q, _)| *q);
-    if let Some(w) = current.windows(2).find(|w| w[0].0 == w[1].0) {
-        anyhow::bail!(
-            "{}: query {} appears more than once in the beam data",
-            inputs.beam_path.display(),
-            w[0].0
-        );
-    }
-    let changes = std::mem::take(&mut *changes.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
-    let mut removed = Vec::new();
-    let mut delta_rows: Vec<(u64, Key)> = Vec::new();
-    let mut incremental = summary::Incremental::default();
-    let key_of: HashMap<u64, Key> = current.iter().copied().collect();
-    for ((q, change), n) in changes {
-        if n <= 0 {
-            continue;
-        }
-        match change {
-            InputChange::Added => incremental.queries_added += 1,
-            InputChange::Changed => incremental.queries_changed += 1,
-            InputChange::Removed => {
-                incremental.queries_removed += 1;
-                removed.push(q);
-                continue;
-            }
-        }
-        if let Some(k) = key_of.get(&q) {
-            delta_rows.push((q, *k));
-        }
-    }
-    removed.sort_unstable();
-    delta_rows.sort_unstable_by_key(|(q, _)| *q);
+    let Classified {
+        current,
+        removed,
+        delta_rows,
+        incremental,
+    } = classify(&inputs, &current, &changes, &counters)?;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    incremental.queries_reused = load(&counters.queries_reused);
-    incremental.vqa_cached = load(&counters.vqa_cached);
-    incremental.candidate_sets_cached = load(&counters.candidate_sets_cached);
 
     progress::phase(style, "writing outputs");
     let write_started = Instant::now();
@@ -397,6 +470,70 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     Ok(())
 }
 
+/// This run's queries and how they differ from the previous completed run.
+struct Classified {
+    /// (query, input key), ascending.
+    current: Vec<(u64, Key)>,
+    /// Queries of the previous run no longer in the input, ascending.
+    removed: Vec<u64>,
+    /// Added and changed queries with their keys, ascending.
+    delta_rows: Vec<(u64, Key)>,
+    /// The counts.
+    incremental: summary::Incremental,
+}
+
+/// Collects what the planning stage and the differential comparison saw.
+fn classify(
+    inputs: &Inputs,
+    current: &Mutex<Vec<(u64, Key)>>,
+    changes: &Mutex<HashMap<(u64, InputChange), isize>>,
+    counters: &Counters,
+) -> Result<Classified> {
+    let mut current = std::mem::take(&mut *current.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
+    current.sort_unstable_by_key(|(q, _)| *q);
+    if let Some(w) = current.windows(2).find(|w| w[0].0 == w[1].0) {
+        anyhow::bail!(
+            "{}: query {} appears more than once in the beam data",
+            inputs.beam_path.display(),
+            w[0].0
+        );
+    }
+    let changes = std::mem::take(&mut *changes.lock().map_err(|e| anyhow::anyhow!("{e}"))?);
+    let mut removed = Vec::new();
+    let mut delta_rows: Vec<(u64, Key)> = Vec::new();
+    let mut incremental = summary::Incremental::default();
+    let key_of: HashMap<u64, Key> = current.iter().copied().collect();
+    for ((q, change), n) in changes {
+        if n <= 0 {
+            continue;
+        }
+        match change {
+            InputChange::Added => incremental.queries_added += 1,
+            InputChange::Changed => incremental.queries_changed += 1,
+            InputChange::Removed => {
+                incremental.queries_removed += 1;
+                removed.push(q);
+                continue;
+            }
+        }
+        if let Some(k) = key_of.get(&q) {
+            delta_rows.push((q, *k));
+        }
+    }
+    removed.sort_unstable();
+    delta_rows.sort_unstable_by_key(|(q, _)| *q);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    incremental.queries_reused = load(&counters.queries_reused);
+    incremental.vqa_cached = load(&counters.vqa_cached);
+    incremental.candidate_sets_cached = load(&counters.candidate_sets_cached);
+    Ok(Classified {
+        current,
+        removed,
+        delta_rows,
+        incremental,
+    })
+}
+
 /// Default `--state_dir`: `<output_path>.state/`.
 fn state_dir(args: &GenerateArgs, output_path: &std::path::Path) -> PathBuf {
     args.state_dir.clone().unwrap_or_else(|| {
@@ -406,7 +543,7 @@ fn state_dir(args: &GenerateArgs, output_path: &std::path::Path) -> PathBuf {
     })
 }
 
-fn parse_stored(state: &std::path::Path, q: u64, bytes: &[u8]) -> Result<RlRecord> {
+pub(crate) fn parse_stored(state: &std::path::Path, q: u64, bytes: &[u8]) -> Result<RlRecord> {
     serde_json::from_slice(bytes).map_err(|e| {
         anyhow::anyhow!(
             "state store {}: the record of query {q} does not parse ({e}); the store is corrupt: delete its directory (the next run recomputes everything)",
@@ -560,7 +697,7 @@ impl Outputs {
 }
 
 /// Sums the numeric counters the workers' backends reported.
-fn sum_stats(stats: &stages::BackendStats) -> serde_json::Value {
+pub(crate) fn sum_stats(stats: &stages::BackendStats) -> serde_json::Value {
     let mut total = serde_json::Map::new();
     if let Ok(per_worker) = stats.lock() {
         let mut workers: Vec<_> = per_worker.iter().collect();
@@ -579,7 +716,7 @@ fn sum_stats(stats: &stages::BackendStats) -> serde_json::Value {
 }
 
 /// Output paths and Parquet options for a run.
-fn output_config(inputs: &Inputs, with_vqa: bool, save_prompts: bool) -> OutputConfig {
+pub(crate) fn output_config(inputs: &Inputs, with_vqa: bool, save_prompts: bool) -> OutputConfig {
     use leverflow_operators::sinks::{OutputFormat, ParquetOptions};
     let per_query_pool = matches!(inputs.pools, inputs::Pools::PerQuery { .. });
     let shared_pool = match &inputs.pools {

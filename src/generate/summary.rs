@@ -8,7 +8,7 @@ use super::inputs::Inputs;
 use super::meta::Timings;
 
 /// Per-`gen_method` counts.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MethodStats {
     /// Candidates.
     pub candidates: u64,
@@ -19,7 +19,7 @@ pub struct MethodStats {
 }
 
 /// Counts over every written record.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Queries written.
     pub queries: u64,
@@ -43,7 +43,7 @@ pub struct Summary {
 }
 
 /// The incremental counts of a run (`_meta.counts` keys of the same names).
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Incremental {
     /// Queries not in the previous completed run's input.
     pub queries_added: u64,
@@ -61,6 +61,40 @@ pub struct Incremental {
 }
 
 impl Summary {
+    /// Adds another process's summary (a multi-process run).
+    pub fn merge(&mut self, o: Summary) {
+        self.queries += o.queries;
+        self.candidates += o.candidates;
+        for (k, m) in o.by_method {
+            let e = self.by_method.entry(k).or_default();
+            e.candidates += m.candidates;
+            e.acc_sum += m.acc_sum;
+            e.correct += m.correct;
+        }
+        self.queries_with_correct += o.queries_with_correct;
+        self.rewards.extend(o.rewards);
+        self.skipped += o.skipped;
+        self.vqa_calls += o.vqa_calls;
+        if let (serde_json::Value::Object(into), serde_json::Value::Object(from)) =
+            (&mut self.backend, &o.backend)
+        {
+            for (k, x) in from {
+                let sum =
+                    into.get(k).and_then(|t| t.as_f64()).unwrap_or(0.0) + x.as_f64().unwrap_or(0.0);
+                into.insert(k.clone(), serde_json::json!(sum));
+            }
+        } else if self.backend.is_null() {
+            self.backend = o.backend;
+        }
+        let (i, j) = (&mut self.incremental, o.incremental);
+        i.queries_added += j.queries_added;
+        i.queries_removed += j.queries_removed;
+        i.queries_changed += j.queries_changed;
+        i.queries_reused += j.queries_reused;
+        i.vqa_cached += j.vqa_cached;
+        i.candidate_sets_cached += j.candidate_sets_cached;
+    }
+
     /// Adds one record.
     pub fn add(&mut self, r: &RlRecord) {
         self.queries += 1;

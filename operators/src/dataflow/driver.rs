@@ -19,6 +19,9 @@ pub struct DriverConfig {
     /// How many source batches may be in flight (not yet through the sink)
     /// before the source waits: bounds memory however large the input is.
     pub max_inflight: u64,
+    /// The worker whose sink receives this worker's finished records (in a
+    /// multi-process run, each process's first worker).
+    pub sink_worker: u64,
 }
 
 impl Default for DriverConfig {
@@ -26,12 +29,13 @@ impl Default for DriverConfig {
         Self {
             source_batch: 256,
             max_inflight: 4,
+            sink_worker: 0,
         }
     }
 }
 
 /// Receives each finished record (query index, serialised bytes) on the
-/// worker that owns the sink (worker 0).
+/// worker that owns the sink ([`DriverConfig::sink_worker`]).
 pub type SinkFn = Box<dyn FnMut(u64, Vec<u8>) -> Result<(), String>>;
 
 /// What a worker did.
@@ -49,7 +53,7 @@ pub struct WorkerOutcome {
 ///   `(query_index, serialised record)` pairs. It gets the worker's probe,
 ///   to attach side branches (e.g. the incremental comparison) that must
 ///   also complete before the worker finishes.
-/// * `sink`: called, on worker 0 only, with every finished record.
+/// * `sink`: called, on the sink worker only, with every finished record.
 ///
 /// Stops feeding as soon as any stage reports an error in `errors`, and
 /// returns that error once the graph has drained.
@@ -80,8 +84,9 @@ where
             .exchange(move |w: &W| key(w));
         let finished = build(routed, &probe);
         let mut sink = sink;
+        let sink_worker = config.sink_worker;
         finished
-            .exchange(|_: &(u64, Vec<u8>)| 0)
+            .exchange(move |_: &(u64, Vec<u8>)| sink_worker)
             .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "sink", move |_cap, _info| {
                 move |input, _output| {
                     input.for_each(|_cap, data| {

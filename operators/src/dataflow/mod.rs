@@ -15,17 +15,17 @@
 //! them, so the probe at the end tells the source how far the graph got.
 
 mod batch;
-pub mod diff;
 pub mod cluster;
+pub mod diff;
 mod driver;
 pub mod incremental;
 
 pub use batch::{batched, BatchFn};
-pub use diff::InputChange;
 pub use cluster::{
     devices_for_workers, execute_cluster, parse_devices, ClusterConfig, ClusterError,
     ClusterTimeouts,
 };
+pub use diff::InputChange;
 pub use driver::{run_worker, DriverConfig, SinkFn, WorkerOutcome};
 pub use incremental::{incremental_front, Planned, SourceItem};
 

@@ -24,6 +24,7 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
         let config = DriverConfig {
             source_batch: 7,
             max_inflight: 2,
+            sink_worker: 0,
         };
         run_worker(
             worker,
@@ -127,6 +128,7 @@ fn classify(
             &DriverConfig {
                 source_batch: 2,
                 max_inflight: 2,
+                sink_worker: 0,
             },
             source,
             |s: &SourceItem<u64>| s.query_index(|q| *q),

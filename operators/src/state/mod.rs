@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use keys::{key_hex, Key, KeyHasher};
-pub use writer::{StoreWriter, WriterStats};
+pub use writer::{StoreWriter, WriterHandle, WriterMsg, WriterStats};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
 pub const STATE_FORMAT_VERSION: u32 = 1;

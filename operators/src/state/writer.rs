@@ -21,16 +21,49 @@ pub struct WriterStats {
     pub commit_s: f64,
 }
 
+/// A message to the writer thread.
+pub enum WriterMsg {
+    /// A finished query to commit.
+    Update(Box<QueryUpdate>),
+    /// Commit everything received so far, then answer (with the error
+    /// message if the writer has failed).
+    Sync(SyncSender<Result<(), String>>),
+}
+
+/// A handle to send finished queries to the writer thread with.
+#[derive(Clone)]
+pub struct WriterHandle(SyncSender<WriterMsg>);
+
+impl WriterHandle {
+    /// Sends a finished query; fails once the writer has stopped on an
+    /// error ([`StoreWriter::finish`] reports it).
+    pub fn send(&self, u: QueryUpdate) -> Result<(), String> {
+        self.0
+            .send(WriterMsg::Update(Box::new(u)))
+            .map_err(|_| "the state store writer stopped".to_string())
+    }
+
+    /// Waits until everything sent before is durably committed.
+    pub fn sync(&self) -> Result<(), String> {
+        let (tx, rx) = sync_channel(1);
+        self.0
+            .send(WriterMsg::Sync(tx))
+            .map_err(|_| "the state store writer stopped".to_string())?;
+        rx.recv()
+            .map_err(|_| "the state store writer stopped".to_string())?
+    }
+}
+
 /// A running writer thread (see the module docs).
 pub struct StoreWriter {
-    tx: Option<SyncSender<QueryUpdate>>,
+    tx: Option<SyncSender<WriterMsg>>,
     handle: Option<JoinHandle<Result<WriterStats, StateError>>>,
 }
 
 impl StoreWriter {
     /// Starts the writer for `store`.
     pub fn start(store: Arc<StateStore>, max_batch: usize, max_age: Duration) -> Self {
-        let (tx, rx) = sync_channel::<QueryUpdate>(max_batch.max(1) * 4);
+        let (tx, rx) = sync_channel::<WriterMsg>(max_batch.max(1) * 4);
         let handle = std::thread::Builder::new()
             .name("leverflow-store".into())
             .spawn(move || write_loop(&store, rx, max_batch.max(1), max_age))
@@ -41,10 +74,9 @@ impl StoreWriter {
         }
     }
 
-    /// A handle to send finished queries with; sending fails once the
-    /// writer has stopped on an error ([`StoreWriter::finish`] reports it).
-    pub fn sender(&self) -> Option<SyncSender<QueryUpdate>> {
-        self.tx.clone()
+    /// A handle to send finished queries with.
+    pub fn handle(&self) -> Option<WriterHandle> {
+        self.tx.clone().map(WriterHandle)
     }
 
     /// Waits until every sent query is committed (all senders must be
@@ -66,7 +98,7 @@ impl StoreWriter {
 
 fn write_loop(
     store: &StateStore,
-    rx: Receiver<QueryUpdate>,
+    rx: Receiver<WriterMsg>,
     max_batch: usize,
     max_age: Duration,
 ) -> Result<WriterStats, StateError> {
@@ -90,13 +122,19 @@ fn write_loop(
             max_age.saturating_sub(t.elapsed())
         });
         match rx.recv_timeout(wait) {
-            Ok(u) => {
+            Ok(WriterMsg::Update(u)) => {
                 oldest.get_or_insert_with(Instant::now);
-                batch.push(u);
+                batch.push(*u);
                 if batch.len() >= max_batch {
                     commit(&mut batch, &mut stats)?;
                     oldest = None;
                 }
+            }
+            Ok(WriterMsg::Sync(reply)) => {
+                let done = commit(&mut batch, &mut stats);
+                oldest = None;
+                let _ = reply.send(done.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                done?;
             }
             Err(RecvTimeoutError::Timeout) => {
                 commit(&mut batch, &mut stats)?;
