@@ -29,7 +29,7 @@ pub fn vqa_factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value
                     leverflow_operators::tensor_io::file_sha256(path)?.into(),
                 );
             }
-            let f: VqaFactory = Arc::new(move || {
+            let f: VqaFactory = Arc::new(move |_worker: usize| {
                 Ok(Box::new(ReplayModel::new(Arc::clone(&index))) as Box<dyn VqaModel>)
             });
             Ok((f, identity))

@@ -17,8 +17,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "vqa" => crate::qwen::bench_vqa(args),
         "pipeline" => bench_pipeline(args),
         "rerun" => bench_rerun(args),
+        "cluster" => bench_cluster(args),
         other => {
-            bail!("unknown benchmark `{other}`: expected score, candidates, vqa, pipeline or rerun")
+            bail!("unknown benchmark `{other}`: expected score, candidates, vqa, pipeline, rerun or cluster")
         }
     }
 }
@@ -235,6 +236,18 @@ impl PipelineInputs {
 
     /// Runs `leverflow <sub>` as a child process on these inputs.
     fn run(&self, sub: &str, extra: &[String], out: &Path, beams: &str) -> Result<()> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg(sub);
+        self.command(extra, out, beams, &mut cmd);
+        let o = cmd.output()?;
+        if !o.status.success() {
+            bail!("{sub} failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(())
+    }
+
+    /// Adds the input flags (and `extra`) to a `leverflow` command.
+    fn command(&self, extra: &[String], out: &Path, beams: &str, cmd: &mut std::process::Command) {
         let d = self.dir.path();
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
         let p = |s: &str| d.join(s).display().to_string();
@@ -261,15 +274,10 @@ impl PipelineInputs {
             out.display().to_string(),
             "--quiet".into(),
         ];
-        let o = std::process::Command::new(std::env::current_exe()?)
-            .arg(sub)
-            .args(args)
+        cmd.args(args)
             .args(extra)
-            .output()?;
-        if !o.status.success() {
-            bail!("{sub} failed: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
     }
 
     /// The replay-backend flags of `generate` with `workers` workers and the
@@ -388,5 +396,100 @@ fn bench_rerun(args: &BenchArgs) -> Result<()> {
             "reruns_s": rerun,
         })
     );
+    Ok(())
+}
+
+/// Bytes sent over the loopback interface so far (`/proc/net/dev`).
+fn loopback_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/dev").ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("lo:"))?;
+    line.split(':')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Cluster mode on this machine: candidates/s of the replay pipeline for
+/// 1 process x 1 worker, 1 x 2 and 2 processes x 1 worker (127.0.0.1), and
+/// the bytes the processes exchanged per candidate (loopback traffic).
+fn bench_cluster(args: &BenchArgs) -> Result<()> {
+    let inputs = PipelineInputs::prepare(args.queries.max(64))?;
+    let d = inputs.dir.path().to_path_buf();
+    let exe = std::env::current_exe()?;
+    for (processes, workers) in [(1usize, 1usize), (1, 2), (2, 1)] {
+        let mut secs = Vec::new();
+        let mut bytes = Vec::new();
+        let mut candidates = 0.0;
+        for rep in 0..=args.reps.max(1) {
+            let tag = format!("{processes}x{workers}-{rep}");
+            let out = d.join(format!("rl-{tag}.json"));
+            let state = d.join(format!("state-{tag}"));
+            let mut flags = inputs.replay_flags(workers, &state);
+            let ports: Vec<u16> = (0..processes)
+                .map(|_| {
+                    std::net::TcpListener::bind("127.0.0.1:0")
+                        .and_then(|l| l.local_addr())
+                        .map(|a| a.port())
+                })
+                .collect::<std::io::Result<_>>()?;
+            let hosts = d.join(format!("hosts-{tag}.txt"));
+            std::fs::write(
+                &hosts,
+                ports
+                    .iter()
+                    .map(|p| format!("127.0.0.1:{p}\n"))
+                    .collect::<String>(),
+            )?;
+            let lo0 = loopback_bytes();
+            let t = std::time::Instant::now();
+            if processes == 1 {
+                inputs.run("generate", &flags, &out, "beam.json")?;
+            } else {
+                flags.extend(["--hostfile".to_string(), hosts.display().to_string()]);
+                flags.extend(["--processes".to_string(), processes.to_string()]);
+                let children: Vec<_> = (0..processes)
+                    .map(|i| {
+                        let mut f = flags.clone();
+                        f.extend(["--process_index".to_string(), i.to_string()]);
+                        let mut cmd = std::process::Command::new(&exe);
+                        cmd.arg("generate");
+                        inputs.command(&f, &out, "beam.json", &mut cmd);
+                        cmd.spawn()
+                    })
+                    .collect::<std::io::Result<_>>()?;
+                for c in children {
+                    let o = c.wait_with_output()?;
+                    if !o.status.success() {
+                        bail!("cluster run failed: {}", String::from_utf8_lossy(&o.stderr));
+                    }
+                }
+            }
+            let s = t.elapsed().as_secs_f64();
+            let sent = match (lo0, loopback_bytes()) {
+                (Some(a), Some(b)) => b.saturating_sub(a) as f64,
+                _ => f64::NAN,
+            };
+            candidates = output_meta(&out)?["counts"]["candidates"]
+                .as_f64()
+                .unwrap_or(0.0);
+            if rep > 0 {
+                secs.push(s);
+                bytes.push(sent);
+            }
+        }
+        let med = median(&secs);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "cluster", "processes": processes, "workers_per_process": workers,
+                "queries": inputs.n, "candidates": candidates, "reps": secs.len(),
+                "median_s": med, "candidates_per_s": candidates / med,
+                "loopback_bytes_per_candidate": median(&bytes) / candidates.max(1.0),
+                "runs_s": secs,
+            })
+        );
+    }
     Ok(())
 }

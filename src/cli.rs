@@ -475,7 +475,6 @@ impl GenerateArgs {
     }
 
     /// The connection deadlines of a multi-process run.
-    #[allow(dead_code)] // used once `generate` runs multi-process (issue 5)
     pub fn cluster_timeouts(&self) -> ClusterTimeouts {
         ClusterTimeouts {
             connect: std::time::Duration::from_secs(self.connect_timeout),

@@ -62,24 +62,42 @@ fn overrides(args: &GenerateArgs) -> GenerationOverrides {
     }
 }
 
+/// Loads the model once per distinct device of `devices` (one entry per
+/// local worker: its device name and burn device) and returns the factory
+/// that gives worker `w` an instance on `devices[w]`.
 fn factory_on<B: Backend>(
     dir: &Path,
-    device: B::Device,
+    devices: Vec<(String, B::Device)>,
     over: GenerationOverrides,
     cache_mb: usize,
 ) -> Result<(VqaFactory, serde_json::Value)>
 where
     Qwen25Vl<B>: Send + Sync,
 {
-    let model = Arc::new(Qwen25Vl::<B>::load(dir, &device)?);
-    let generation = GenerationConfig::resolve(&over, &model.generation_defaults)?;
-    let identity = QwenVqa::new(Arc::clone(&model), generation.clone(), 0).identity();
-    let f: VqaFactory = Arc::new(move || {
-        Ok(Box::new(QwenVqa::new(
-            Arc::clone(&model),
-            generation.clone(),
-            cache_mb,
-        )) as Box<dyn VqaModel>)
+    let mut loaded: Vec<(String, Arc<Qwen25Vl<B>>)> = Vec::new();
+    let mut of_worker = Vec::with_capacity(devices.len());
+    for (name, device) in &devices {
+        let slot = match loaded.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                loaded.push((name.clone(), Arc::new(Qwen25Vl::<B>::load(dir, device)?)));
+                loaded.len() - 1
+            }
+        };
+        of_worker.push(Arc::clone(&loaded[slot].1));
+    }
+    let first = of_worker
+        .first()
+        .cloned()
+        .context("no device for the VQA model")?;
+    let generation = GenerationConfig::resolve(&over, &first.generation_defaults)?;
+    let identity = QwenVqa::new(first, generation.clone(), 0).identity();
+    let f: VqaFactory = Arc::new(move |worker: usize| {
+        let model = of_worker
+            .get(worker % of_worker.len().max(1))
+            .cloned()
+            .context("no model for this worker")?;
+        Ok(Box::new(QwenVqa::new(model, generation.clone(), cache_mb)) as Box<dyn VqaModel>)
     });
     Ok((f, identity))
 }
@@ -98,14 +116,44 @@ pub fn factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value)> {
         }
         (f, id)
     };
-    match parse_device(&args.device)? {
-        Device::Cpu => {
-            factory_on::<Cpu>(&dir, Default::default(), over, args.vision_cache_mb).map(with_files)
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(i) => factory_on::<Gpu>(
+    // `--devices` (one per local worker, round robin) or `--device` for all.
+    let (_, names) = args.cluster()?;
+    let parsed: Vec<(String, Device)> = names
+        .iter()
+        .map(|n| parse_device(n).map(|d| (n.clone(), d)))
+        .collect::<Result<_>>()?;
+    let all_cpu = parsed.iter().all(|(_, d)| *d == Device::Cpu);
+    let all_cuda = parsed.iter().all(|(_, d)| matches!(d, Device::Cuda(_)));
+    if !all_cpu && !all_cuda {
+        bail!(
+            "--devices {}: mix of cpu and cuda devices; give only cuda:N devices or only cpu",
+            names.join(",")
+        );
+    }
+    match parsed.first().map(|(_, d)| *d).unwrap_or(Device::Cpu) {
+        Device::Cpu => factory_on::<Cpu>(
             &dir,
-            burn::backend::cuda::CudaDevice::new(i),
+            parsed
+                .iter()
+                .map(|(n, _)| (n.clone(), Default::default()))
+                .collect(),
+            over,
+            args.vision_cache_mb,
+        )
+        .map(with_files),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => factory_on::<Gpu>(
+            &dir,
+            parsed
+                .iter()
+                .map(|(n, d)| {
+                    let i = match d {
+                        Device::Cuda(i) => *i,
+                        Device::Cpu => 0,
+                    };
+                    (n.clone(), burn::backend::cuda::CudaDevice::new(i))
+                })
+                .collect(),
             over,
             args.vision_cache_mb,
         )

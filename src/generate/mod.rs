@@ -53,8 +53,9 @@ pub enum Job {
     Candidates,
 }
 
-/// Makes one VQA backend instance per worker.
-pub type VqaFactory = Arc<dyn Fn() -> Result<Box<dyn VqaModel>> + Send + Sync>;
+/// Makes the VQA backend instance of a process's worker (by local worker
+/// index, which picks its device from `--devices`).
+pub type VqaFactory = Arc<dyn Fn(usize) -> Result<Box<dyn VqaModel>> + Send + Sync>;
 
 /// Runs `generate` or `candidates` with parsed arguments.
 pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
@@ -237,7 +238,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                 None
             };
             let vqa_model = match &vqa_factory {
-                Some(f) => Some(f().map_err(|e| format!("{e:#}"))?),
+                Some(f) => Some(f((index - root) as usize).map_err(|e| format!("{e:#}"))?),
                 None => None,
             };
             let inputs = Arc::clone(&inputs);
