@@ -238,7 +238,7 @@ fn generate_rows(
                     source_positions(w, |id| position_of.get(&id).copied())?;
                     queries.push(QueryInput {
                         query_index: w.query_index,
-                        embedding: query_row(&inputs, w.query_index)?,
+                        embedding: query_row(inputs, w.query_index)?,
                         exclude_position: position_of.get(&w.query_index).copied(),
                     });
                 }
@@ -297,7 +297,7 @@ fn generate_rows(
                     let ids = &pools[&w.query_index];
                     queries.push(QueryInput {
                         query_index: w.query_index,
-                        embedding: query_row(&inputs, w.query_index)?,
+                        embedding: query_row(inputs, w.query_index)?,
                         exclude_position: ids.iter().position(|&i| i == w.query_index),
                     });
                 }
