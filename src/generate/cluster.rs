@@ -86,6 +86,9 @@ impl ProcessTail {
                         parts.write_record(q, &record)?;
                     }
                     StoredOutcome::Skipped(reason) => skipped.push((q, reason.clone())),
+                    StoredOutcome::Compressed(_) => {
+                        anyhow::bail!("internal error: the store returned a compressed record")
+                    }
                 }
                 Ok(())
             })?;

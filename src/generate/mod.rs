@@ -435,6 +435,9 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                 writer.write(q, record, bytes)?;
             }
             StoredOutcome::Skipped(reason) => skipped.push((q, reason.clone())),
+            StoredOutcome::Compressed(_) => {
+                anyhow::bail!("internal error: the store returned a compressed record")
+            }
         }
         Ok(())
     })?;

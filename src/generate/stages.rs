@@ -164,7 +164,7 @@ pub fn candidates(
         for w in &batch {
             let key = keys.candidates_key(&inputs, w, include_source_beams)?;
             match reader
-                .candidates::<Vec<CandRow>>(&key)
+                .candidates::<Vec<CandRow>>(w.query_index, &key)
                 .map_err(|e| e.to_string())?
             {
                 Some(cands) => {
@@ -505,7 +505,9 @@ pub fn vqa(
         let mut answers: Vec<Option<VqaAnswer>> = Vec::with_capacity(prompts.len());
         let mut misses: Vec<usize> = Vec::new();
         for (i, k) in prompt_keys.iter().enumerate() {
-            let hit = reader.vqa::<VqaAnswer>(k).map_err(|e| e.to_string())?;
+            let hit = reader
+                .vqa::<VqaAnswer>(prompts[i].query_index, k)
+                .map_err(|e| e.to_string())?;
             if hit.is_none() {
                 misses.push(i);
             }
@@ -659,8 +661,8 @@ fn finished(
 ) -> Result<Finished, String> {
     let q = base.query_index;
     let outcome = match outcome {
-        Ok(record) => StoredOutcome::Record(
-            serde_json::to_vec(record)
+        Ok(record) => StoredOutcome::compressed(
+            &serde_json::to_vec(record)
                 .map_err(|e| format!("query {q}: cannot serialise the record: {e}"))?,
         ),
         Err(reason) => StoredOutcome::Skipped(reason),

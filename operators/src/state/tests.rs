@@ -22,21 +22,24 @@ fn updates_round_trip_and_records_come_back_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path()).unwrap();
     store
-        .commit_updates(&[update(7, 1, "{\"q\":7}"), update(3, 2, "{\"q\":3}")])
+        .commit_updates(
+            &[update(7, 1, "{\"q\":7}"), update(3, 2, "{\"q\":3}")],
+            true,
+        )
         .unwrap();
     let r = store.reader().unwrap();
     assert!(r.has_record(7, &key(1)).unwrap());
     assert!(!r.has_record(7, &key(2)).unwrap());
     assert!(!r.has_record(8, &key(1)).unwrap());
     assert_eq!(
-        r.candidates::<Vec<u64>>(&key(101)).unwrap(),
+        r.candidates::<Vec<u64>>(7, &key(101)).unwrap(),
         Some(vec![7, 1, 2])
     );
     assert_eq!(
-        r.vqa::<String>(&key(202)).unwrap().as_deref(),
+        r.vqa::<String>(3, &key(202)).unwrap().as_deref(),
         Some("answer 3")
     );
-    assert_eq!(r.vqa::<String>(&key(9)).unwrap(), None);
+    assert_eq!(r.vqa::<String>(3, &key(9)).unwrap(), None);
     drop(r);
     let mut seen = Vec::new();
     store
@@ -63,7 +66,10 @@ fn completing_a_run_retracts_removed_queries_and_records_the_inputs() {
     {
         let store = StateStore::open(dir.path()).unwrap();
         store
-            .commit_updates(&[update(1, 1, "a"), update(2, 2, "b"), update(3, 3, "c")])
+            .commit_updates(
+                &[update(1, 1, "a"), update(2, 2, "b"), update(3, 3, "c")],
+                false,
+            )
             .unwrap();
         store
             .complete_run(&[], &[(1, key(1)), (2, key(2)), (3, key(3))])
@@ -122,7 +128,7 @@ fn truncated_or_garbage_files_are_reported_with_the_file_and_the_fix() {
         {
             let store = StateStore::open(dir.path()).unwrap();
             let many: Vec<QueryUpdate> = (0..2000).map(|q| update(q, 1, "x")).collect();
-            store.commit_updates(&many).unwrap();
+            store.commit_updates(&many, true).unwrap();
         }
         let path = dir.path().join(STATE_FILE);
         let len = std::fs::metadata(&path).unwrap().len();
@@ -155,9 +161,9 @@ fn a_corrupt_cache_value_names_table_and_key() {
     let store = StateStore::open(dir.path()).unwrap();
     let mut u = update(1, 1, "a");
     u.vqa = vec![(key(5), vec![0xff, 0xff, 0xff])];
-    store.commit_updates(&[u]).unwrap();
+    store.commit_updates(&[u], true).unwrap();
     let r = store.reader().unwrap();
-    let err = r.vqa::<String>(&key(5)).unwrap_err().to_string();
+    let err = r.vqa::<String>(1, &key(5)).unwrap_err().to_string();
     assert!(err.contains("table `vqa`"), "{err}");
     assert!(err.contains(&key_hex(&key(5))), "{err}");
 }

@@ -1,7 +1,10 @@
 //! The store's writer thread: finished queries arrive over a bounded
 //! channel and are committed in batches (at most `max_batch` queries or
-//! `max_age` old), off the dataflow's threads, so fsync waits overlap with
-//! computation.
+//! `max_age` old), off the dataflow's threads. A commit is made durable
+//! (fsynced) when the previous durable one is at least `max_age` old, on
+//! [`WriterHandle::sync`] and at the end; the others are atomic but not
+//! fsynced (an fsync per batch made commits the pipeline's bottleneck), so a
+//! crash redoes at most about `max_age` of finished work.
 
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -105,12 +108,17 @@ fn write_loop(
     let mut stats = WriterStats::default();
     let mut batch: Vec<QueryUpdate> = Vec::with_capacity(max_batch);
     let mut oldest: Option<Instant> = None;
-    let commit = |batch: &mut Vec<QueryUpdate>, stats: &mut WriterStats| {
-        if batch.is_empty() {
+    let mut last_durable = Instant::now();
+    let mut commit = |batch: &mut Vec<QueryUpdate>, stats: &mut WriterStats, force: bool| {
+        let durable = force || last_durable.elapsed() >= max_age;
+        if batch.is_empty() && !force {
             return Ok(());
         }
         let t = Instant::now();
-        store.commit_updates(batch)?;
+        store.commit_updates(batch, durable)?;
+        if durable {
+            last_durable = Instant::now();
+        }
         stats.commit_s += t.elapsed().as_secs_f64();
         stats.commits += 1;
         stats.updates += batch.len() as u64;
@@ -126,22 +134,22 @@ fn write_loop(
                 oldest.get_or_insert_with(Instant::now);
                 batch.push(*u);
                 if batch.len() >= max_batch {
-                    commit(&mut batch, &mut stats)?;
+                    commit(&mut batch, &mut stats, false)?;
                     oldest = None;
                 }
             }
             Ok(WriterMsg::Sync(reply)) => {
-                let done = commit(&mut batch, &mut stats);
+                let done = commit(&mut batch, &mut stats, true);
                 oldest = None;
                 let _ = reply.send(done.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 done?;
             }
             Err(RecvTimeoutError::Timeout) => {
-                commit(&mut batch, &mut stats)?;
+                commit(&mut batch, &mut stats, false)?;
                 oldest = None;
             }
             Err(RecvTimeoutError::Disconnected) => {
-                commit(&mut batch, &mut stats)?;
+                commit(&mut batch, &mut stats, true)?;
                 return Ok(stats);
             }
         }
