@@ -29,17 +29,32 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 1600)]
     steps: usize,
     /// Prompts per step.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Warm-up steps.
     #[arg(long, default_value_t = 100)]
     warmup: usize,
+    /// Curriculum: steps with an empty system prompt before the pipeline's.
+    #[arg(long, default_value_t = 1400)]
+    short_system_steps: usize,
+    /// Curriculum: steps on open questions only, without examples.
+    #[arg(long, default_value_t = 600)]
+    open_question_steps: usize,
+    /// Most in-context examples per training prompt.
+    #[arg(long, default_value_t = 2)]
+    max_shots: usize,
+    /// Train only on questions containing this text (diagnostics).
+    #[arg(long)]
+    question_filter: Option<String>,
+    /// Learning-rate factor of the patch embedding.
+    #[arg(long, default_value_t = 0.05)]
+    patch_embed_lr_scale: f64,
     /// Validate and save every this many steps.
     #[arg(long, default_value_t = 500)]
     eval_every: usize,
@@ -64,6 +79,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         batch_size: a.batch_size,
         lr: a.lr,
         warmup: a.warmup,
+        short_system_steps: a.short_system_steps,
+        patch_embed_lr_scale: a.patch_embed_lr_scale,
+        max_shots: a.max_shots,
+        open_question_steps: a.open_question_steps,
+        question_filter: a.question_filter,
         eval_every: a.eval_every,
         log_every: a.log_every,
         ..TrainOptions::default()
