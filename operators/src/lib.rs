@@ -13,6 +13,7 @@
 //! | candidate pointer sequences | [`candidates`] |
 //! | VQA answering (contract, replay backend) | [`vqa`] |
 //! | Qwen2.5-VL model | [`qwen2_5_vl`] |
+//! | demo VQA model: a tiny Qwen2.5-VL trained on easy-VQA | [`demo_vlm`] |
 //! | official VQA accuracy | [`accuracy`] |
 //! | rewards and advantages | [`reward`] |
 //! | JSON / Parquet outputs | [`sinks`] |
@@ -21,6 +22,7 @@ pub mod accuracy;
 pub mod candidates;
 pub mod dataflow;
 pub mod dataset;
+pub mod demo_vlm;
 pub mod pointer_selector;
 pub mod qwen2_5_vl;
 pub mod reward;
