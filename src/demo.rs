@@ -51,7 +51,7 @@ pub fn apply(args: &mut GenerateArgs, job: Job) -> Result<()> {
     set(&mut args.output_path, Path::new("demo-output").join(file));
     if args.vqa_model == "qwen2.5_vl_3B" {
         args.vqa_model = root
-            .join("tests/fixtures/qwen2_5_vl_tiny")
+            .join("demo/vlm")
             .display()
             .to_string();
     }
