@@ -411,9 +411,10 @@ fn loopback_bytes() -> Option<u64> {
         .ok()
 }
 
-/// Cluster mode on this machine: candidates/s of the replay pipeline for
-/// 1 process x 1 worker, 1 x 2 and 2 processes x 1 worker (127.0.0.1), and
-/// the bytes the processes exchanged per candidate (loopback traffic).
+/// Cluster mode on this machine: candidates/s of the pipeline (replay, or
+/// the model given by `--vqa_model`) for 1 process x 1 worker, 1 x 2 and 2
+/// processes x 1 worker (127.0.0.1), and the bytes the processes exchanged
+/// per candidate (loopback traffic).
 fn bench_cluster(args: &BenchArgs) -> Result<()> {
     let inputs = PipelineInputs::prepare(args.queries.max(64))?;
     let d = inputs.dir.path().to_path_buf();
@@ -426,7 +427,20 @@ fn bench_cluster(args: &BenchArgs) -> Result<()> {
             let tag = format!("{processes}x{workers}-{rep}");
             let out = d.join(format!("rl-{tag}.json"));
             let state = d.join(format!("state-{tag}"));
-            let mut flags = inputs.replay_flags(workers, &state);
+            let mut flags = match &args.vqa_model {
+                // The model instead of replay: every prompt is answered.
+                Some(model) => vec![
+                    "--vqa_model".to_string(),
+                    model.display().to_string(),
+                    "--batch_size".into(),
+                    args.batch_size.to_string(),
+                    "--workers".into(),
+                    workers.to_string(),
+                    "--state_dir".into(),
+                    state.display().to_string(),
+                ],
+                None => inputs.replay_flags(workers, &state),
+            };
             let ports: Vec<u16> = (0..processes)
                 .map(|_| {
                     std::net::TcpListener::bind("127.0.0.1:0")
@@ -484,6 +498,7 @@ fn bench_cluster(args: &BenchArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "bench": "cluster", "processes": processes, "workers_per_process": workers,
+                "backend": args.vqa_model.as_ref().map_or("replay".to_string(), |m| m.display().to_string()),
                 "queries": inputs.n, "candidates": candidates, "reps": secs.len(),
                 "median_s": med, "candidates_per_s": candidates / med,
                 "loopback_bytes_per_candidate": median(&bytes) / candidates.max(1.0),

@@ -50,10 +50,7 @@ pub fn apply(args: &mut GenerateArgs, job: Job) -> Result<()> {
     };
     set(&mut args.output_path, Path::new("demo-output").join(file));
     if args.vqa_model == "qwen2.5_vl_3B" {
-        args.vqa_model = root
-            .join("demo/vlm")
-            .display()
-            .to_string();
+        args.vqa_model = root.join("demo/vlm").display().to_string();
     }
     Ok(())
 }

@@ -155,7 +155,7 @@ fn tiny_args(out: &Path) -> Vec<String> {
             .display()
             .to_string(),
         "--end_idx".into(),
-        "8".into(),
+        "32".into(),
         "--batch_size".into(),
         "4".into(),
     ]);
@@ -167,13 +167,16 @@ fn a_killed_process_stops_the_other_and_a_rerun_completes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let one = d.join("one.json");
+    let t = Instant::now();
     ok(&leverflow(&tiny_args(&one)));
+    // Kill well inside the run: each process does about half the work.
+    let kill_after = t.elapsed().mul_f64(0.2);
     let two = d.join("two.json");
     let base = tiny_args(&two);
     let hosts = hostfile(d, 2);
     let mut p0 = spawn(&cluster_args(&base, &hosts, 2, 0, 1));
     let mut p1 = spawn(&cluster_args(&base, &hosts, 2, 1, 1));
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(kill_after);
     assert!(
         p0.try_wait().unwrap().is_none() && p1.try_wait().unwrap().is_none(),
         "the run finished before the kill; make it longer"
