@@ -544,6 +544,10 @@ pub struct StatsArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also draw mean accuracy per gen_method and the reward histogram to
+    /// this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Arguments of `vqa`.

@@ -14,6 +14,7 @@ mod config;
 mod demo;
 mod generate;
 mod merge;
+mod plot;
 mod progress;
 mod qwen;
 mod stats;
@@ -37,7 +38,7 @@ fn real_main() -> Result<()> {
         cli::Command::Score(a) => score(&a),
         cli::Command::Vqa(a) => qwen::run_vqa_command(&a),
         cli::Command::Bench(a) => benches::run(&a),
-        cli::Command::Stats(a) => stats::run(&a.output, a.json),
+        cli::Command::Stats(a) => stats::run(&a.output, a.json, a.plot.as_deref()),
         cli::Command::Merge(a) => merge::run(&a),
     }
 }

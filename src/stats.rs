@@ -57,9 +57,13 @@ pub fn summarise(path: &Path) -> Result<(Summary, Option<serde_json::Value>)> {
     Ok((summary, meta))
 }
 
-/// Prints the summary of `path` (human text, or JSON with `json`).
-pub fn run(path: &Path, json: bool) -> Result<()> {
+/// Prints the summary of `path` (human text, or JSON with `json`), and
+/// draws it to `plot` (SVG) when given.
+pub fn run(path: &Path, json: bool, plot: Option<&Path>) -> Result<()> {
     let (summary, _meta) = summarise(path)?;
+    if let Some(out) = plot {
+        crate::plot::write_svg(&summary, &path.display().to_string(), out)?;
+    }
     let with_vqa =
         summary.by_method.is_empty() || summary.rewards.len() as u64 == summary.candidates;
     if json {
@@ -67,6 +71,9 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
     } else {
         summary.print_counts(with_vqa, None);
         println!("  file               {}", path.display());
+        if let Some(out) = plot {
+            println!("  plot               {}", out.display());
+        }
     }
     Ok(())
 }

@@ -449,6 +449,32 @@ fn stats_reads_json_and_parquet_alike() {
             .unwrap()
             > 0
     );
+    // --plot: a well-formed SVG with one bar per gen_method, the same
+    // picture from JSON and Parquet.
+    let mut svgs = Vec::new();
+    for (input, name) in [(out.clone(), "a.svg"), (r.dir.join("rl.parquet"), "b.svg")] {
+        let svg = r.dir.join(name);
+        ok(&leverflow(&[
+            "stats".into(),
+            input.display().to_string(),
+            "--plot".into(),
+            svg.display().to_string(),
+        ]));
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(text.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        assert!(text.trim_end().ends_with("</svg>"));
+        assert_eq!(text.matches("<svg").count(), 1);
+        assert_eq!(
+            text.matches("<text").count(),
+            text.matches("</text>").count()
+        );
+        for method in from_json["by_gen_method"].as_object().unwrap().keys() {
+            assert!(text.contains(&format!("<title>{method}: ")), "{method}");
+        }
+        assert!(text.contains("fill=\"#f58518\""), "reward histogram bars");
+        svgs.push(text.replace(&input.display().to_string(), ""));
+    }
+    assert_eq!(svgs[0], svgs[1]);
     // A non-leverflow file is an error naming it.
     let bad = r.dir.join("bad.json");
     std::fs::write(&bad, "[1, 2").unwrap();
