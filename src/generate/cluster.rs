@@ -81,11 +81,11 @@ impl ProcessTail {
             .visit_records(&current, |q, outcome| -> Result<()> {
                 match outcome {
                     StoredOutcome::Record(bytes) => {
-                        let record = parse_stored(self.store.path(), q, bytes)?;
+                        let record = parse_stored(self.store.path(), q, &bytes)?;
                         summary.add(&record);
                         parts.write_record(q, &record)?;
                     }
-                    StoredOutcome::Skipped(reason) => skipped.push((q, reason.clone())),
+                    StoredOutcome::Skipped(reason) => skipped.push((q, reason)),
                     StoredOutcome::Compressed(_) => {
                         anyhow::bail!("internal error: the store returned a compressed record")
                     }

@@ -427,20 +427,26 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let mut writer = Outputs::create(&out_cfg)?;
     let mut summary = summary::Summary::default();
     let mut skipped: Vec<(u64, String)> = Vec::new();
-    store.visit_records(&current, |q, outcome| -> Result<()> {
+    // Reading and decompressing the stored records runs on its own thread,
+    // overlapping with parsing and writing here.
+    let (rx, reader) = stream_records(Arc::clone(&store), current.clone());
+    for item in rx {
+        let (q, outcome) = item?;
         match outcome {
             StoredOutcome::Record(bytes) => {
-                let record = parse_stored(store.path(), q, bytes)?;
+                let record = parse_stored(store.path(), q, &bytes)?;
                 summary.add(&record);
-                writer.write(q, record, bytes)?;
+                writer.write(q, record, &bytes)?;
             }
-            StoredOutcome::Skipped(reason) => skipped.push((q, reason.clone())),
+            StoredOutcome::Skipped(reason) => skipped.push((q, reason)),
             StoredOutcome::Compressed(_) => {
                 anyhow::bail!("internal error: the store returned a compressed record")
             }
         }
-        Ok(())
-    })?;
+    }
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the store reader thread panicked"))??;
     summary.skipped = skipped.len() as u64;
     summary.vqa_calls = load(&counters.vqa_calls);
     summary.backend = sum_stats(&backend_stats);
@@ -538,6 +544,29 @@ fn classify(
     })
 }
 
+/// Streams the stored records of `queries` (ascending) from a thread.
+type RecordStream = (
+    std::sync::mpsc::Receiver<Result<(u64, StoredOutcome)>>,
+    std::thread::JoinHandle<Result<()>>,
+);
+
+fn stream_records(store: Arc<StateStore>, queries: Vec<(u64, Key)>) -> RecordStream {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+    let handle = std::thread::spawn(move || -> Result<()> {
+        let sent = store.visit_records(&queries, |q, outcome| -> Result<()> {
+            // A closed channel means the consumer stopped on an error of
+            // its own; stop quietly.
+            let _ = tx.send(Ok((q, outcome)));
+            Ok(())
+        });
+        if let Err(e) = sent {
+            let _ = tx.send(Err(e));
+        }
+        Ok(())
+    });
+    (rx, handle)
+}
+
 /// Default `--state_dir`: `<output_path>.state/`.
 fn state_dir(args: &GenerateArgs, output_path: &std::path::Path) -> PathBuf {
     args.state_dir.clone().unwrap_or_else(|| {
@@ -594,7 +623,7 @@ fn write_delta(
     let mut sink = ParquetSink::create(&d.parquet, cfg.parquet_options.clone())?;
     store.visit_records(rows, |q, outcome| -> Result<()> {
         if let StoredOutcome::Record(bytes) = outcome {
-            sink.write_record(q, &parse_stored(store.path(), q, bytes)?)?;
+            sink.write_record(q, &parse_stored(store.path(), q, &bytes)?)?;
         }
         Ok(())
     })?;

@@ -428,7 +428,7 @@ impl StateStore {
     /// have produced it did not complete.
     pub fn visit_records<F, E>(&self, queries: &[(u64, Key)], mut f: F) -> Result<(), E>
     where
-        F: FnMut(u64, &StoredOutcome) -> Result<(), E>,
+        F: FnMut(u64, StoredOutcome) -> Result<(), E>,
         E: From<StateError>,
     {
         let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
@@ -448,7 +448,7 @@ impl StateStore {
                     )
                     .into());
             }
-            f(*q, &outcome)?;
+            f(*q, outcome)?;
         }
         Ok(())
     }

@@ -46,7 +46,7 @@ fn updates_round_trip_and_records_come_back_in_order() {
         .visit_records(
             &[(3, key(2)), (7, key(1))],
             |q, o| -> Result<(), StateError> {
-                seen.push((q, o.clone()));
+                seen.push((q, o));
                 Ok(())
             },
         )
