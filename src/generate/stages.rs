@@ -221,123 +221,119 @@ fn generate_rows(
     include_source_beams: bool,
     batch: Vec<QueryWork>,
 ) -> Result<Vec<QueryCands>, String> {
-    {
-        let model = &*inputs.model;
-        let args = &inputs.cand_args;
-        let mut out = Vec::with_capacity(batch.len());
-        match &inputs.pools {
-            Pools::Shared {
-                pool,
-                indices,
-                position_of,
-            } => {
-                let mut queries = Vec::with_capacity(batch.len());
-                for w in &batch {
-                    // Every ICD of the beam data must be a pool member, as the
-                    // original's `candidate_indices.index(id)` requires.
-                    source_positions(w, |id| position_of.get(&id).copied())?;
-                    queries.push(QueryInput {
-                        query_index: w.query_index,
-                        embedding: query_row(inputs, w.query_index)?,
-                        exclude_position: position_of.get(&w.query_index).copied(),
-                    });
-                }
-                let generated = generate_candidates_batch(model, pool, &queries, args)
-                    .map_err(|e| e.to_string())?;
-                for ((w, q), mut cands) in batch.iter().zip(&queries).zip(generated) {
-                    if include_source_beams && !w.source_beams.is_empty() {
-                        let seqs = source_positions(w, |id| position_of.get(&id).copied())?;
-                        let lps =
-                            score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
-                        cands.extend(
-                            seqs.into_iter()
-                                .zip(lps)
-                                .map(|(positions, lp)| source_candidate(positions, lp)),
-                        );
-                        cands = dedup_candidates(cands);
-                    }
-                    let rows = cands
-                        .into_iter()
-                        .map(|cand| {
-                            let idx = cand.positions.iter().map(|&p| indices[p]).collect();
-                            CandRow { cand, indices: idx }
-                        })
-                        .collect();
-                    out.push(QueryCands {
-                        query_index: w.query_index,
-                        pool_ids: None,
-                        cands: rows,
-                        input_key: w.input_key,
-                        new_cands: None,
-                    });
-                }
+    let model = &*inputs.model;
+    let args = &inputs.cand_args;
+    let mut out = Vec::with_capacity(batch.len());
+    match &inputs.pools {
+        Pools::Shared {
+            pool,
+            indices,
+            position_of,
+        } => {
+            let mut queries = Vec::with_capacity(batch.len());
+            for w in &batch {
+                // Every ICD of the beam data must be a pool member, as the
+                // original's `candidate_indices.index(id)` requires.
+                source_positions(w, |id| position_of.get(&id).copied())?;
+                queries.push(QueryInput {
+                    query_index: w.query_index,
+                    embedding: query_row(inputs, w.query_index)?,
+                    exclude_position: position_of.get(&w.query_index).copied(),
+                });
             }
-            Pools::PerQuery { pools } => {
-                let mut mats = Vec::with_capacity(batch.len());
-                for w in &batch {
-                    let ids = pools.get(&w.query_index).ok_or_else(|| {
-                        format!(
-                            "the sampler cache has no candidate pool for query {}",
-                            w.query_index
-                        )
-                    })?;
-                    let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-                    let m = inputs.cand_emb.select_rows(&rows).ok_or_else(|| {
-                        format!(
-                            "query {}: pool id outside the candidate embeddings",
-                            w.query_index
-                        )
-                    })?;
-                    mats.push(m);
+            let generated = generate_candidates_batch(model, pool, &queries, args)
+                .map_err(|e| e.to_string())?;
+            for ((w, q), mut cands) in batch.iter().zip(&queries).zip(generated) {
+                if include_source_beams && !w.source_beams.is_empty() {
+                    let seqs = source_positions(w, |id| position_of.get(&id).copied())?;
+                    let lps = score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
+                    cands.extend(
+                        seqs.into_iter()
+                            .zip(lps)
+                            .map(|(positions, lp)| source_candidate(positions, lp)),
+                    );
+                    cands = dedup_candidates(cands);
                 }
-                let refs: Vec<&Matrix> = mats.iter().collect();
-                let prepared = model.prepare_pools(&refs).map_err(|e| e.to_string())?;
-                let mut queries = Vec::with_capacity(batch.len());
-                for w in &batch {
-                    let ids = &pools[&w.query_index];
-                    queries.push(QueryInput {
-                        query_index: w.query_index,
-                        embedding: query_row(inputs, w.query_index)?,
-                        exclude_position: ids.iter().position(|&i| i == w.query_index),
-                    });
-                }
-                let prefs: Vec<_> = prepared.iter().collect();
-                let generated = generate_candidates_per_query_pools(model, &prefs, &queries, args)
-                    .map_err(|e| e.to_string())?;
-                for (((w, q), pool), mut cands) in
-                    batch.iter().zip(&queries).zip(&prepared).zip(generated)
-                {
-                    let ids = &pools[&w.query_index];
-                    if include_source_beams && !w.source_beams.is_empty() {
-                        let seqs = source_positions(w, |id| ids.iter().position(|&i| i == id))?;
-                        let lps =
-                            score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
-                        cands.extend(
-                            seqs.into_iter()
-                                .zip(lps)
-                                .map(|(p, lp)| source_candidate(p, lp)),
-                        );
-                        cands = dedup_candidates(cands);
-                    }
-                    let rows = cands
-                        .into_iter()
-                        .map(|cand| {
-                            let idx = cand.positions.iter().map(|&p| ids[p]).collect();
-                            CandRow { cand, indices: idx }
-                        })
-                        .collect();
-                    out.push(QueryCands {
-                        query_index: w.query_index,
-                        pool_ids: Some(ids.clone()),
-                        cands: rows,
-                        input_key: w.input_key,
-                        new_cands: None,
-                    });
-                }
+                let rows = cands
+                    .into_iter()
+                    .map(|cand| {
+                        let idx = cand.positions.iter().map(|&p| indices[p]).collect();
+                        CandRow { cand, indices: idx }
+                    })
+                    .collect();
+                out.push(QueryCands {
+                    query_index: w.query_index,
+                    pool_ids: None,
+                    cands: rows,
+                    input_key: w.input_key,
+                    new_cands: None,
+                });
             }
         }
-        Ok(out)
+        Pools::PerQuery { pools } => {
+            let mut mats = Vec::with_capacity(batch.len());
+            for w in &batch {
+                let ids = pools.get(&w.query_index).ok_or_else(|| {
+                    format!(
+                        "the sampler cache has no candidate pool for query {}",
+                        w.query_index
+                    )
+                })?;
+                let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+                let m = inputs.cand_emb.select_rows(&rows).ok_or_else(|| {
+                    format!(
+                        "query {}: pool id outside the candidate embeddings",
+                        w.query_index
+                    )
+                })?;
+                mats.push(m);
+            }
+            let refs: Vec<&Matrix> = mats.iter().collect();
+            let prepared = model.prepare_pools(&refs).map_err(|e| e.to_string())?;
+            let mut queries = Vec::with_capacity(batch.len());
+            for w in &batch {
+                let ids = &pools[&w.query_index];
+                queries.push(QueryInput {
+                    query_index: w.query_index,
+                    embedding: query_row(inputs, w.query_index)?,
+                    exclude_position: ids.iter().position(|&i| i == w.query_index),
+                });
+            }
+            let prefs: Vec<_> = prepared.iter().collect();
+            let generated = generate_candidates_per_query_pools(model, &prefs, &queries, args)
+                .map_err(|e| e.to_string())?;
+            for (((w, q), pool), mut cands) in
+                batch.iter().zip(&queries).zip(&prepared).zip(generated)
+            {
+                let ids = &pools[&w.query_index];
+                if include_source_beams && !w.source_beams.is_empty() {
+                    let seqs = source_positions(w, |id| ids.iter().position(|&i| i == id))?;
+                    let lps = score_sequences(model, pool, q, &seqs).map_err(|e| e.to_string())?;
+                    cands.extend(
+                        seqs.into_iter()
+                            .zip(lps)
+                            .map(|(p, lp)| source_candidate(p, lp)),
+                    );
+                    cands = dedup_candidates(cands);
+                }
+                let rows = cands
+                    .into_iter()
+                    .map(|cand| {
+                        let idx = cand.positions.iter().map(|&p| ids[p]).collect();
+                        CandRow { cand, indices: idx }
+                    })
+                    .collect();
+                out.push(QueryCands {
+                    query_index: w.query_index,
+                    pool_ids: Some(ids.clone()),
+                    cands: rows,
+                    input_key: w.input_key,
+                    new_cands: None,
+                });
+            }
+        }
     }
+    Ok(out)
 }
 
 fn source_positions(
