@@ -70,18 +70,6 @@ fn run_cluster(base: &[String], dir: &Path, processes: usize, workers: usize) {
     }
 }
 
-fn replay_args(r: &Replayed, out: &Path) -> Vec<String> {
-    let mut args = vec!["generate".to_string()];
-    args.extend(demo_args(out));
-    args.extend([
-        "--vqa_backend".to_string(),
-        "replay".into(),
-        "--replay_from".into(),
-        r.replay.display().to_string(),
-    ]);
-    args
-}
-
 fn parquet_rows(files: &[PathBuf]) -> Vec<(u64, String)> {
     let mut all = Vec::new();
     for f in files {
@@ -101,9 +89,9 @@ fn two_processes_give_the_one_process_output() {
     let r = replay_fixture();
     let d = &r.dir;
     let one = d.join("one.json");
-    ok(&leverflow(&replay_args(&r, &one)));
+    ok(&leverflow(&replay_args(&r.replay, &one)));
     let two = d.join("two.json");
-    run_cluster(&replay_args(&r, &two), d, 2, 2);
+    run_cluster(&replay_args(&r.replay, &two), d, 2, 2);
     // Process 0's JSON, and `leverflow merge` of the part files.
     assert_eq!(without_meta(&two), without_meta(&one));
     let merged = d.join("merged.json");
@@ -138,7 +126,7 @@ fn two_processes_give_the_one_process_output() {
     assert_eq!(parquet_rows(&parts), parquet_rows(&[d.join("one.parquet")]));
     assert_eq!(manifest["_meta"]["counts"]["queries"], 48);
     // A rerun of the cluster reuses each process's store.
-    run_cluster(&replay_args(&r, &two), d, 2, 2);
+    run_cluster(&replay_args(&r.replay, &two), d, 2, 2);
     let meta = read_json(&two)["_meta"].clone();
     assert_eq!(meta["counts"]["queries_reused"], 48, "{meta}");
     assert_eq!(meta["counts"]["vqa_calls"], 0);

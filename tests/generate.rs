@@ -172,16 +172,6 @@ fn expect_failure(args: Vec<String>, out: &Path, needles: &[&str]) {
     }
 }
 
-fn with_flag(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
-    if let Some(i) = args.iter().position(|a| a == flag) {
-        args[i + 1] = value.to_string();
-    } else {
-        args.push(flag.to_string());
-        args.push(value.to_string());
-    }
-    args
-}
-
 fn bad_case(name: &str) -> (tempfile::TempDir, PathBuf, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let outdir = dir.path().join(name);

@@ -27,32 +27,14 @@ fn beam_subset(dir: &Path, name: &str, keep: impl Fn(u64) -> bool) -> PathBuf {
     p
 }
 
-fn with_flag(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
-    let i = args.iter().position(|a| a == flag).unwrap();
-    args[i + 1] = value.to_string();
-    args
-}
-
 /// `generate` with the replay backend on beam file `beam`, state in `state`.
 fn run_replay(r: &Replayed, beam: &Path, out: &Path, state: &Path, extra: &[&str]) -> Value {
-    let mut args = vec!["generate".to_string()];
-    args.extend(with_flag(
-        demo_args(out),
+    let mut args = with_flag(
+        replay_args(&r.replay, out),
         "--beam_data",
         &beam.display().to_string(),
-    ));
-    args.extend(
-        [
-            "--vqa_backend",
-            "replay",
-            "--replay_from",
-            &r.replay.display().to_string(),
-            "--state_dir",
-            &state.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
     );
+    args = with_flag(args, "--state_dir", &state.display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
     ok(&leverflow(&args));
     counts(out)
@@ -252,25 +234,16 @@ fn a_changed_query_alone_is_recomputed() {
         dir: d.to_path_buf(),
     };
     let run = |out: &Path, state: &Path, emb: &Path| {
-        let mut args = vec!["generate".to_string()];
-        args.extend(with_flag(
-            demo_args(out),
+        let args = with_flag(
+            replay_args(&r.replay, out),
             "--query_emb",
             &emb.display().to_string(),
-        ));
-        args.extend(
-            [
-                "--vqa_backend",
-                "replay",
-                "--replay_from",
-                &r.replay.display().to_string(),
-                "--state_dir",
-                &state.display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string()),
         );
-        ok(&leverflow(&args));
+        ok(&leverflow(&with_flag(
+            args,
+            "--state_dir",
+            &state.display().to_string(),
+        )));
         counts(out)
     };
     let state = d.join("state");
@@ -301,13 +274,6 @@ fn a_changed_query_alone_is_recomputed() {
     let fresh = d.join("fresh.json");
     run(&fresh, &d.join("fresh-state"), &after);
     same_outputs(&out, &fresh);
-}
-
-fn tiny_model() -> String {
-    root()
-        .join("tests/fixtures/qwen2_5_vl_tiny")
-        .display()
-        .to_string()
 }
 
 /// `generate` with the tiny Qwen2.5-VL fixture on the first `queries`
@@ -468,19 +434,10 @@ fn a_damaged_state_file_is_reported_with_the_way_out() {
     let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     f.set_len(len / 2).unwrap();
     drop(f);
-    let mut args = vec!["generate".to_string()];
-    args.extend(demo_args(&out));
-    args.extend(
-        [
-            "--vqa_backend",
-            "replay",
-            "--replay_from",
-            &r.replay.display().to_string(),
-            "--state_dir",
-            &state.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+    let args = with_flag(
+        replay_args(&r.replay, &out),
+        "--state_dir",
+        &state.display().to_string(),
     );
     let o = leverflow(&args);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -508,19 +465,10 @@ fn two_runs_cannot_share_a_state_dir_and_bad_modes_are_refused() {
     // A held store is refused with a clear message.
     let state = d.join("state");
     let _held = leverflow_operators::state::StateStore::open(&state).unwrap();
-    let mut args = vec!["generate".to_string()];
-    args.extend(demo_args(&out));
-    args.extend(
-        [
-            "--vqa_backend",
-            "replay",
-            "--replay_from",
-            &r.replay.display().to_string(),
-            "--state_dir",
-            &state.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+    let args = with_flag(
+        replay_args(&r.replay, &out),
+        "--state_dir",
+        &state.display().to_string(),
     );
     let o = leverflow(&args);
     assert!(!o.status.success());

@@ -3,6 +3,8 @@
 //! leave no output; `--start_idx/--end_idx` shards of a real demo run merge
 //! back into the unsharded output.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -209,39 +211,9 @@ fn refused_inputs_leave_no_output() {
     );
 }
 
-fn demo(rel: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("demo")
-        .join(rel)
-        .display()
-        .to_string()
-}
-
 fn candidates(out: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<String> = vec!["candidates".into()];
-    for a in [
-        "--sft_ckpt",
-        &demo("sft.ckpt"),
-        "--beam_data",
-        &demo("beam_data.json"),
-        "--query_emb",
-        &demo("query_embeddings.pt"),
-        "--cand_emb",
-        &demo("candidate_embeddings.pt"),
-        "--train_ques_path",
-        &demo("data/questions.json"),
-        "--train_ann_path",
-        &demo("data/annotations.json"),
-        "--train_coco_root",
-        &demo("data/images"),
-        "--image_pattern",
-        "COCO_train2014_{image_id:012d}.png",
-        "--output_path",
-        s(out),
-        "--quiet",
-    ] {
-        args.push(a.to_string());
-    }
+    args.extend(common::demo_args(out));
     args.extend(extra.iter().map(|a| a.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     leverflow(&refs)

@@ -731,21 +731,15 @@ impl Outputs {
 
 /// Sums the numeric counters the workers' backends reported.
 pub(crate) fn sum_stats(stats: &stages::BackendStats) -> serde_json::Value {
-    let mut total = serde_json::Map::new();
+    let mut total = serde_json::Value::Object(serde_json::Map::new());
     if let Ok(per_worker) = stats.lock() {
         let mut workers: Vec<_> = per_worker.iter().collect();
         workers.sort_by_key(|(w, _)| **w);
         for (_, v) in workers {
-            if let serde_json::Value::Object(m) = v {
-                for (k, x) in m {
-                    let sum = total.get(k).and_then(|t| t.as_f64()).unwrap_or(0.0)
-                        + x.as_f64().unwrap_or(0.0);
-                    total.insert(k.clone(), serde_json::json!(sum));
-                }
-            }
+            summary::add_counters(&mut total, v);
         }
     }
-    serde_json::Value::Object(total)
+    total
 }
 
 /// Output paths and Parquet options for a run.

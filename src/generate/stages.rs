@@ -512,9 +512,18 @@ pub fn vqa(
         drop(reader);
         Counters::add(&counters.vqa_cached, (prompts.len() - misses.len()) as u64);
         let mut is_new = vec![false; prompts.len()];
-        for chunk in misses.chunks(cfg.batch_size.max(1)) {
-            let asked: Vec<VqaPrompt> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-            let got = model.answer(&asked).map_err(|e| e.to_string())?;
+        // The prompts the model must answer, moved out (not cloned).
+        let asked: Vec<VqaPrompt> = prompts
+            .into_iter()
+            .zip(&answers)
+            .filter(|(_, a)| a.is_none())
+            .map(|(p, _)| p)
+            .collect();
+        for (chunk, idx) in asked
+            .chunks(cfg.batch_size.max(1))
+            .zip(misses.chunks(cfg.batch_size.max(1)))
+        {
+            let got = model.answer(chunk).map_err(|e| e.to_string())?;
             if got.len() != chunk.len() {
                 return Err(format!(
                     "VQA backend returned {} answers for {} prompts",
@@ -523,7 +532,7 @@ pub fn vqa(
                 ));
             }
             Counters::add(&counters.vqa_calls, chunk.len() as u64);
-            for (&i, a) in chunk.iter().zip(got) {
+            for (&i, a) in idx.iter().zip(got) {
                 answers[i] = Some(a);
                 is_new[i] = true;
             }

@@ -42,6 +42,24 @@ pub struct Summary {
     pub incremental: Incremental,
 }
 
+/// Adds the numeric fields of `from` to those of `into` (backend counters of
+/// several workers or processes); a null `into` becomes an object.
+pub fn add_counters(into: &mut serde_json::Value, from: &serde_json::Value) {
+    let serde_json::Value::Object(from) = from else {
+        return;
+    };
+    if into.is_null() {
+        *into = serde_json::Value::Object(serde_json::Map::new());
+    }
+    if let serde_json::Value::Object(into) = into {
+        for (k, x) in from {
+            let sum =
+                into.get(k).and_then(|t| t.as_f64()).unwrap_or(0.0) + x.as_f64().unwrap_or(0.0);
+            into.insert(k.clone(), serde_json::json!(sum));
+        }
+    }
+}
+
 /// The incremental counts of a run (`_meta.counts` keys of the same names).
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Incremental {

@@ -129,17 +129,42 @@ pub fn replay_fixture() -> Replayed {
     }
 }
 
-pub fn generate_replay(r: &Replayed, out: &Path, extra: &[&str]) -> Output {
+/// `generate` on the demo answered by the replay file `replay`.
+pub fn replay_args(replay: &Path, out: &Path) -> Vec<String> {
     let mut args = vec!["generate".to_string()];
     args.extend(demo_args(out));
-    args.extend(
-        ["--vqa_backend", "replay", "--replay_from"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
-    args.push(r.replay.display().to_string());
+    args.extend([
+        "--vqa_backend".to_string(),
+        "replay".into(),
+        "--replay_from".into(),
+        replay.display().to_string(),
+    ]);
+    args
+}
+
+pub fn generate_replay(r: &Replayed, out: &Path, extra: &[&str]) -> Output {
+    let mut args = replay_args(&r.replay, out);
     args.extend(extra.iter().map(|s| s.to_string()));
     leverflow(&args)
+}
+
+/// Sets `flag` to `value` (replacing its value, or appending both).
+pub fn with_flag(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    if let Some(i) = args.iter().position(|a| a == flag) {
+        args[i + 1] = value.to_string();
+    } else {
+        args.push(flag.to_string());
+        args.push(value.to_string());
+    }
+    args
+}
+
+/// The tiny Qwen2.5-VL test fixture (random weights, real architecture).
+pub fn tiny_model() -> String {
+    root()
+        .join("tests/fixtures/qwen2_5_vl_tiny")
+        .display()
+        .to_string()
 }
 
 pub fn write_npy(path: &Path, rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) {

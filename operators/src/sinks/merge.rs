@@ -26,15 +26,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
 use leverflow_schemas::{vqa_column_names, RlRecord};
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
 use serde_json::Value;
 
-use super::parquet::{file_meta, read_batch};
+use super::parquet::{file_meta, open_reader_builder, read_batch};
 use super::parts::{has_part_files, read_dataset, schema_to_json, MANIFEST_NAME};
 use super::{JsonOptions, JsonSink, ParquetOptions, ParquetRow, ParquetSink, SinkError};
 
@@ -68,13 +67,7 @@ pub struct MergeInputs {
 }
 
 fn plain_file(path: &Path) -> Result<(MergeFile, InputMeta), SinkError> {
-    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| SinkError::Parquet {
-            path: path.to_path_buf(),
-            what: "reading footer".into(),
-            source: e,
-        })?;
+    let builder = open_reader_builder(path)?;
     let meta = file_meta(path, builder.metadata())?;
     Ok((
         MergeFile {
@@ -249,9 +242,7 @@ impl ParquetRecordReader {
             what: what.to_string(),
             source: e,
         };
-        let file = File::open(&path).map_err(|e| SinkError::io(&path, "opening", e))?;
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq("reading footer", e))?;
+        let builder = open_reader_builder(&path)?;
         let meta = file_meta(&path, builder.metadata())?;
         let schema = builder.schema().clone();
         let reader = builder

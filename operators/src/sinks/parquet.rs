@@ -525,6 +525,18 @@ pub struct ParquetRow {
     pub candidate: CandidateRecord,
 }
 
+/// Opens a Parquet file and reads its footer (errors name the file).
+pub(crate) fn open_reader_builder(
+    path: &Path,
+) -> Result<ParquetRecordBatchReaderBuilder<File>, SinkError> {
+    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| SinkError::Parquet {
+        path: path.to_path_buf(),
+        what: "reading footer".into(),
+        source: e,
+    })
+}
+
 /// Streams a Parquet output: calls `on_row` for every row in file order
 /// (one record batch in memory at a time) and returns `_meta` (if present).
 pub fn visit_rl_parquet<F>(
@@ -540,9 +552,7 @@ where
         what: what.to_string(),
         source: e,
     };
-    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq("reading footer", e))?;
+    let builder = open_reader_builder(path)?;
     let meta = file_meta(path, builder.metadata())?;
     let reader = builder.build().map_err(|e| pq("opening reader", e))?;
     for (b, batch) in reader.enumerate() {

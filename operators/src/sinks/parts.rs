@@ -336,13 +336,7 @@ pub struct PartFileSummary {
 
 /// Reads the row count and schema from a Parquet file's footer.
 pub fn part_file_summary(path: &Path) -> Result<PartFileSummary, SinkError> {
-    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| SinkError::Parquet {
-            path: path.to_path_buf(),
-            what: "reading footer".into(),
-            source: e,
-        })?;
+    let builder = super::parquet::open_reader_builder(path)?;
     let rows = builder.metadata().file_metadata().num_rows();
     let rows = u64::try_from(rows)
         .map_err(|_| SinkError::invalid(path, format!("negative row count {rows} in footer")))?;
