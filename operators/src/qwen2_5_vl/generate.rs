@@ -22,11 +22,12 @@
 //! the aggregation.
 
 use super::config::GenerationDefaults;
+use super::host::HostF32;
+use super::logprobs::{argmax_processed, log_prob, processed_entries, row_stats, TopK};
 use super::text::{KvCache, TextError, TextModel};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use std::collections::HashSet;
 
 /// Errors of generation.
 #[derive(Debug, thiserror::Error)]
@@ -263,53 +264,43 @@ pub fn generate_from_prefill<B: Backend>(
     }
 }
 
-/// Rows of a [N, V] tensor on the host.
-fn host_rows<B: Backend>(t: Tensor<B, 2>) -> Result<Vec<f32>, GenerateError> {
+/// Rows of a [N, V] tensor on the host: the tensor's own memory on the
+/// ndarray backend, a copy otherwise.
+enum HostRows {
+    /// Zero-copy view of an ndarray-backend tensor.
+    View(HostF32),
+    /// Data read back from another backend.
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for HostRows {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            // `host_rows` only keeps views that have a slice.
+            HostRows::View(h) => h.as_slice().unwrap_or(&[]),
+            HostRows::Owned(v) => v,
+        }
+    }
+}
+
+fn host_rows<B: Backend>(t: Tensor<B, 2>) -> Result<HostRows, GenerateError> {
+    if let Some(h) = HostF32::of(&t).filter(|h| h.as_slice().is_some()) {
+        return Ok(HostRows::View(h));
+    }
     t.into_data()
         .convert::<f32>()
         .into_vec()
+        .map(HostRows::Owned)
         .map_err(|e| GenerateError::Input(format!("reading logits: {e:?}")))
 }
 
-/// HF repetition penalty on one row of scores: every id in `seen` gets
-/// `s * p` if `s < 0` else `s / p`.
-fn penalize(row: &mut [f32], seen: &HashSet<u32>, penalty: f32) {
-    for &t in seen {
-        if let Some(s) = row.get_mut(t as usize) {
-            *s = if *s < 0.0 { *s * penalty } else { *s / penalty };
-        }
-    }
-}
-
-fn mask_eos(row: &mut [f32], eos: &[u32]) {
-    for &e in eos {
-        if let Some(s) = row.get_mut(e as usize) {
-            *s = f32::NEG_INFINITY;
-        }
-    }
-}
-
-/// `x - max - log(sum(exp(x - max)))` over one row of f32 logits (the
-/// reference's float32 log_softmax; the sum is accumulated in f64).
-fn log_softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // exp in f32 (as torch's float32 log_softmax does), summed in f64.
-    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
-    let log_sum = sum.ln() as f32;
-    for x in row.iter_mut() {
-        *x = *x - max - log_sum;
-    }
-}
-
-/// First index of the maximum (NaN never wins).
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] || row[best].is_nan() {
-            best = i;
-        }
-    }
-    best
+/// Sorted, de-duplicated token ids.
+fn sorted_ids(ids: &[u32]) -> Vec<u32> {
+    let mut v = ids.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn greedy<B: Backend>(
@@ -320,11 +311,7 @@ fn greedy<B: Backend>(
     let n = pre.input_ids.len();
     let v = model.vocab_size;
     let penalty = config.repetition_penalty as f32;
-    let mut seen: Vec<HashSet<u32>> = pre
-        .input_ids
-        .iter()
-        .map(|r| r.iter().copied().collect())
-        .collect();
+    let mut seen: Vec<Vec<u32>> = pre.input_ids.iter().map(|r| sorted_ids(r)).collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
     // `live[i]` = prompt held by cache row i.
     let mut live: Vec<usize> = (0..n).collect();
@@ -336,16 +323,18 @@ fn greedy<B: Backend>(
         let mut keep_rows = Vec::new();
         let mut tokens = Vec::new();
         for (i, &p) in live.iter().enumerate() {
-            let row = &mut host[i * v..(i + 1) * v].to_vec();
-            if penalty != 1.0 {
-                penalize(row, &seen[p], penalty);
-            }
-            if step < config.min_new_tokens {
-                mask_eos(row, &config.eos_token_ids);
-            }
-            let t = argmax(row) as u32;
+            let row = &host[i * v..(i + 1) * v];
+            let masked: &[u32] = if step < config.min_new_tokens {
+                &config.eos_token_ids
+            } else {
+                &[]
+            };
+            let processed = processed_entries(v, &seen[p], penalty, masked, |t| row[t]);
+            let t = argmax_processed(row, &processed) as u32;
             out[p].push(t);
-            seen[p].insert(t);
+            if let Err(pos) = seen[p].binary_search(&t) {
+                seen[p].insert(pos, t);
+            }
             if !config.eos_token_ids.contains(&t) {
                 next_live.push(p);
                 keep_rows.push(i);
@@ -386,35 +375,6 @@ struct PromptBeams {
     done: bool,
 }
 
-/// The `k` best (value, flat index) of a stream visited in increasing index
-/// order; ties keep the earlier index first.
-struct TopK {
-    k: usize,
-    items: Vec<(f32, usize)>,
-}
-
-impl TopK {
-    fn new(k: usize) -> Self {
-        Self {
-            k,
-            items: Vec::with_capacity(k + 1),
-        }
-    }
-    #[inline]
-    fn push(&mut self, v: f32, idx: usize) {
-        if self.items.len() == self.k {
-            match self.items.last() {
-                Some(&(worst, _)) if v > worst => {}
-                _ => return,
-            }
-        }
-        // Insert after every element >= v (stable for ties).
-        let pos = self.items.partition_point(|&(x, _)| x >= v);
-        self.items.insert(pos, (v, idx));
-        self.items.truncate(self.k);
-    }
-}
-
 fn beam_search<B: Backend>(
     model: &TextModel<B>,
     pre: &Prefilled<B>,
@@ -427,11 +387,7 @@ fn beam_search<B: Backend>(
     // non-finished ones always remain.
     let k = 2usize.max(1 + config.eos_token_ids.len()) * nb;
     let penalty = config.repetition_penalty as f32;
-    let prompt_seen: Vec<HashSet<u32>> = pre
-        .input_ids
-        .iter()
-        .map(|r| r.iter().copied().collect())
-        .collect();
+    let prompt_seen: Vec<Vec<u32>> = pre.input_ids.iter().map(|r| sorted_ids(r)).collect();
     // Beam j of prompt p starts from prefill row p; only beam 0 is live
     // (the others get -1e9, as in HF).
     let mut states: Vec<PromptBeams> = (0..n_prompts)
@@ -450,39 +406,45 @@ fn beam_search<B: Backend>(
     let mut cache = pre.cache.clone();
     let mut logits = pre.last_logits.clone();
     for step in 0..config.max_new_tokens {
-        let mut host = host_rows(logits)?;
-        host.chunks_exact_mut(v).for_each(log_softmax_in_place);
+        let host = host_rows(logits)?;
+        // Log-softmax statistics of every live row (rows of finished
+        // prompts are skipped).
+        let mut stats: Vec<Option<(f32, f32)>> = vec![None; host.len() / v.max(1)];
+        for st in states.iter().filter(|s| !s.done) {
+            for beam in &st.running {
+                if stats[beam.row].is_none() {
+                    stats[beam.row] = Some(row_stats(&host[beam.row * v..(beam.row + 1) * v]));
+                }
+            }
+        }
         let is_last = step + 1 == config.max_new_tokens;
         let gen_len = (step + 1) as f64;
         let len_div = gen_len.powf(config.length_penalty) as f32;
+        let masked: &[u32] = if step < config.min_new_tokens {
+            &config.eos_token_ids
+        } else {
+            &[]
+        };
         for (p, st) in states.iter_mut().enumerate() {
             if st.done {
                 continue;
             }
             let mut top = TopK::new(k);
-            let mut row_buf = Vec::new();
-            let adjust = penalty != 1.0 || step < config.min_new_tokens;
             for (j, beam) in st.running.iter().enumerate() {
-                let host_row = &host[beam.row * v..(beam.row + 1) * v];
-                // Copy the row only when it must be modified.
-                let row: &[f32] = if adjust {
-                    row_buf.clear();
-                    row_buf.extend_from_slice(host_row);
-                    if penalty != 1.0 {
-                        let mut seen = prompt_seen[p].clone();
-                        seen.extend(beam.tokens.iter().copied());
-                        penalize(&mut row_buf, &seen, penalty);
-                    }
-                    if step < config.min_new_tokens {
-                        mask_eos(&mut row_buf, &config.eos_token_ids);
-                    }
-                    &row_buf
+                let row = &host[beam.row * v..(beam.row + 1) * v];
+                let (max, log_sum) = stats[beam.row].unwrap_or_else(|| row_stats(row));
+                let lp = |x: f32| log_prob(x, max, log_sum);
+                // HF applies the processors to the log-probs: the repetition
+                // penalty over prompt + beam tokens, then the EOS mask.
+                let processed = if penalty != 1.0 || !masked.is_empty() {
+                    let mut seen = prompt_seen[p].clone();
+                    seen.extend_from_slice(&beam.tokens);
+                    processed_entries(v, &seen, penalty, masked, |t| lp(row[t]))
                 } else {
-                    host_row
+                    Vec::new()
                 };
-                for (t, &lp) in row.iter().enumerate() {
-                    top.push(lp + beam.score, j * v + t);
-                }
+                let score = beam.score;
+                top.push_row(row, &processed, j * v, |x| lp(x) + score, |s| s + score);
             }
             let cands: Vec<(f32, usize, u32, bool)> = top
                 .items
@@ -956,16 +918,6 @@ mod tests {
     }
 
     #[test]
-    fn topk_prefers_lower_index_on_ties() {
-        let mut t = TopK::new(3);
-        for (i, v) in [1.0f32, 3.0, 3.0, 2.0, 3.0, 0.5].iter().enumerate() {
-            t.push(*v, i);
-        }
-        assert_eq!(t.items, vec![(3.0, 1), (3.0, 2), (3.0, 4)]);
-        assert_eq!(argmax(&[1.0, 5.0, 5.0]), 1);
-    }
-
-    #[test]
     fn original_cond_prob_scores_the_tail() {
         let (model, cfg) = load_model();
         let case = load_case("zero_shot");
@@ -984,9 +936,10 @@ mod tests {
                 &mut cache,
             )
             .unwrap();
-        let mut row = host_rows(logits).unwrap();
-        log_softmax_in_place(&mut row[..v]);
-        let want = (row[case.input_ids[0][l - 1] as usize] as f64).exp();
+        let rows = host_rows(logits).unwrap();
+        let row = &rows[..v];
+        let (max, log_sum) = row_stats(row);
+        let want = (log_prob(row[case.input_ids[0][l - 1] as usize], max, log_sum) as f64).exp();
         assert!(
             (got - want).abs() < 1e-5 * want.max(1e-3),
             "{got} vs {want}"

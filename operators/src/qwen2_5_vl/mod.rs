@@ -4,11 +4,15 @@
 //! The split follows the model's data path: [`processor`] turns requests into
 //! token ids and pixel patches, [`vision`] encodes pixel patches into merged
 //! image embeddings, [`text`] runs the decoder with a KV cache and
-//! [`generate`] drives greedy / beam-search decoding on top of it.
+//! [`generate`] drives greedy / beam-search decoding on top of it. `host`
+//! holds the CPU fast paths used when the backend is ndarray, `logprobs`
+//! the per-row vocabulary work of decoding.
 
 pub mod config;
 pub mod generate;
+mod host;
 pub mod image;
+mod logprobs;
 pub mod model;
 pub mod processor;
 pub mod rope_index;

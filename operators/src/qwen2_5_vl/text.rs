@@ -10,6 +10,7 @@
 //! masked out.
 
 use super::config::TextConfig;
+use super::host;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
@@ -176,6 +177,42 @@ fn rms_from<B: Backend>(
     })
 }
 
+/// Which keys each new query may see.
+enum AttentionMask<'a, B: Backend> {
+    /// Key validity per row (false = padding) and the number of cached
+    /// positions before the new queries; causal order is implied.
+    Host {
+        key_valid: &'a [Vec<bool>],
+        past: usize,
+    },
+    /// `masked[b, i, j]` true where query `i` may not see key `j`.
+    Tensor(Tensor<B, 3, Bool>),
+}
+
+/// `masked[b, i, j]` = key `j` invalid (padding) or after query `i`
+/// (causal), for `l` queries following `past` cached positions; built on the
+/// device from [B, T] and [L, T] pieces.
+fn build_mask<B: Backend>(
+    key_valid: &[Vec<bool>],
+    past: usize,
+    l: usize,
+    device: &B::Device,
+) -> Tensor<B, 3, Bool> {
+    let b = key_valid.len();
+    let t = past + l;
+    let pad: Vec<bool> = key_valid.iter().flatten().map(|&ok| !ok).collect();
+    let causal: Vec<bool> = (0..l)
+        .flat_map(|i| (0..t).map(move |j| j > past + i))
+        .collect();
+    let pad = Tensor::<B, 2, Bool>::from_data(TensorData::new(pad, [b, t]), device)
+        .reshape([b, 1, t])
+        .expand([b, l, t]);
+    let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [l, t]), device)
+        .reshape([1, l, t])
+        .expand([b, l, t]);
+    pad.bool_or(causal)
+}
+
 /// Self-attention of one decoder layer: q/k/v projections with bias, o_proj
 /// without bias, grouped-query attention.
 #[derive(Module, Debug)]
@@ -205,7 +242,7 @@ impl<B: Backend> TextAttention<B> {
         x: Tensor<B, 3>,
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
-        masked: &Tensor<B, 3, Bool>,
+        mask: &AttentionMask<'_, B>,
         slot: &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     ) -> Tensor<B, 3> {
         let [b, lq, _] = x.dims();
@@ -233,6 +270,15 @@ impl<B: Backend> TextAttention<B> {
             None => (k, v),
         };
         *slot = Some((k.clone(), v.clone()));
+        let masked = match mask {
+            AttentionMask::Host { key_valid, past } => {
+                if let Some(out) = host::attention(&q, &k, &v, key_valid, *past) {
+                    return self.o_proj.forward(out);
+                }
+                build_mask::<B>(key_valid, *past, lq, &q.device())
+            }
+            AttentionMask::Tensor(m) => m.clone(),
+        };
         let t = k.dims()[2];
         // Query head j uses kv head j / rep: group the rep query heads of a kv
         // head along the sequence axis so no key/value copy is needed.
@@ -242,7 +288,6 @@ impl<B: Backend> TextAttention<B> {
             .mul_scalar(1.0 / (hd as f64).sqrt())
             .reshape([b, kvh, rep, lq, t]);
         let mask = masked
-            .clone()
             .reshape([b, 1, 1, lq, t])
             .expand([b, kvh, rep, lq, t]);
         // A large finite value: rows with every key masked (left padding)
@@ -648,25 +693,21 @@ impl<B: Backend> TextModel<B> {
         for (row, v) in valid.iter_mut().enumerate() {
             v.extend_from_slice(&new_valid[row]);
         }
-        let t = past + l;
-        // masked[b, i, j] = key j invalid (padding) or j after query i
-        // (causal); built on the device from [B, T] and [L, T] pieces.
-        let pad: Vec<bool> = valid.iter().flatten().map(|&ok| !ok).collect();
-        let causal: Vec<bool> = (0..l)
-            .flat_map(|i| (0..t).map(move |j| j > past + i))
-            .collect();
-        let pad = Tensor::<B, 2, Bool>::from_data(TensorData::new(pad, [b, t]), &device)
-            .reshape([b, 1, t])
-            .expand([b, l, t]);
-        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [l, t]), &device)
-            .reshape([1, l, t])
-            .expand([b, l, t]);
-        let masked = pad.bool_or(causal);
+        // The host backend attends straight from the validity lists; other
+        // backends get the mask as a tensor, built once for all layers.
+        let mask = if host::is_host::<B>(&device) {
+            AttentionMask::Host {
+                key_valid: &valid,
+                past,
+            }
+        } else {
+            AttentionMask::Tensor(build_mask::<B>(&valid, past, l, &device))
+        };
         let (cos, sin) = self.rope.tables(position_ids);
         let mut x = embeds;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = layer.input_layernorm.forward(x.clone());
-            x = x + layer.self_attn.forward(h, &cos, &sin, &masked, slot);
+            x = x + layer.self_attn.forward(h, &cos, &sin, &mask, slot);
             let h = layer.post_attention_layernorm.forward(x.clone());
             x = x + layer.mlp.forward(h);
         }
@@ -677,7 +718,8 @@ impl<B: Backend> TextModel<B> {
 
     /// LM head on hidden states [N, D] -> logits [N, vocab].
     pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        hidden.matmul(self.lm_head.val())
+        let head = self.lm_head.val();
+        host::lm_head(&hidden, &head).unwrap_or_else(|| hidden.matmul(head))
     }
 
     /// Prefill of a batch of (left-padded) prompts into an empty `cache`:
@@ -925,6 +967,54 @@ pub(crate) mod tests {
             eprintln!("{name}: max abs logits diff {diff:e}");
             assert!(diff < 1e-3, "{name}: max abs diff {diff}");
             assert_eq!(cache.seq_len(), case.len());
+        }
+    }
+
+    /// The host fast paths (ndarray) and the generic tensor path (taken by
+    /// every other backend, here autodiff over ndarray) give the same
+    /// logits, for the prefill of every case (left-padded batch included)
+    /// and for a decode step on top of it.
+    #[test]
+    fn host_kernels_match_the_generic_tensor_path() {
+        type Generic = burn::backend::Autodiff<TB>;
+        let (model, cfg) = load_model();
+        let src = crate::qwen2_5_vl::weights::WeightStore::open(
+            &fixture_dir(),
+            cfg.text.tie_word_embeddings,
+        )
+        .unwrap();
+        let generic = TextModel::<Generic>::load(&cfg.text, &src, &Default::default()).unwrap();
+        assert!(super::host::is_host::<TB>(&Default::default()));
+        assert!(!super::host::is_host::<Generic>(&Default::default()));
+        for name in CASES {
+            let case = load_case(name);
+            let (e, p) = case.tensors(&model, &cfg);
+            let e2 = Tensor::<Generic, 3>::from_data(e.to_data(), &Default::default());
+            let p2 = Tensor::<Generic, 3, Int>::from_data(p.to_data(), &Default::default());
+            let (mut c1, mut c2) = (model.new_cache(), generic.new_cache());
+            let a = model.prefill(e, p, &case.mask, &mut c1).unwrap();
+            let b = generic.prefill(e2, p2, &case.mask, &mut c2).unwrap();
+            let (a, b) = (
+                a.into_data().to_vec::<f32>().unwrap(),
+                b.into_data().to_vec::<f32>().unwrap(),
+            );
+            assert!(
+                max_abs_diff(&a, &b) < 1e-4,
+                "{name}: prefill {}",
+                max_abs_diff(&a, &b)
+            );
+            let tokens: Vec<u32> = (0..case.batch()).map(|i| 100 + i as u32).collect();
+            let a = model.decode_step(&tokens, &mut c1).unwrap();
+            let b = generic.decode_step(&tokens, &mut c2).unwrap();
+            let (a, b) = (
+                a.into_data().to_vec::<f32>().unwrap(),
+                b.into_data().to_vec::<f32>().unwrap(),
+            );
+            assert!(
+                max_abs_diff(&a, &b) < 1e-4,
+                "{name}: decode {}",
+                max_abs_diff(&a, &b)
+            );
         }
     }
 

@@ -1,0 +1,442 @@
+//! CPU fast paths for the ndarray backend.
+//!
+//! burn 0.21's ndarray backend reshapes through a borrowed view and then
+//! copies it (`to_shape(..).into_shared()`), so every `matmul` copies both
+//! operands: the 151,936 × hidden LM head is copied and re-packed on every
+//! decoding step. Its softmax is five full passes with a fresh allocation
+//! each. With a small model these copies cost more than the arithmetic, and
+//! they do not shrink with batching. The functions here read the tensors'
+//! own memory instead (a zero-copy view of the ndarray storage) and return
+//! results as owned vectors that become tensors without a copy. They are
+//! hand-written because no crate offers them on burn's storage; they are
+//! used only when the backend is `NdArray<f32>` and every other backend
+//! (CUDA, autodiff) takes the generic tensor path. Tests compare both paths.
+
+use std::any::Any;
+
+use burn::backend::ndarray::NdArrayTensor;
+use burn::tensor::{backend::Backend, Tensor, TensorData, TensorPrimitive};
+use ndarray::ArrayViewD;
+use rayon::prelude::*;
+
+/// A zero-copy handle on the f32 storage of an ndarray-backend tensor.
+pub(crate) struct HostF32(NdArrayTensor);
+
+impl HostF32 {
+    /// The host storage of `t`, or `None` when `B` is not the ndarray backend
+    /// with f32 elements (the caller then uses the generic tensor path).
+    pub(crate) fn of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Self> {
+        let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
+            return None;
+        };
+        let any: &dyn Any = &p;
+        match any.downcast_ref::<NdArrayTensor>()? {
+            inner @ NdArrayTensor::F32(_) => Some(Self(inner.clone())),
+            _ => None,
+        }
+    }
+
+    /// The elements, with the tensor's shape and strides.
+    pub(crate) fn view(&self) -> ArrayViewD<'_, f32> {
+        match &self.0 {
+            NdArrayTensor::F32(storage) => storage.view(),
+            // `of` only builds F32 handles.
+            _ => unreachable!("HostF32 holds an f32 tensor"),
+        }
+    }
+
+    /// The elements as one row-major slice when the layout allows it.
+    pub(crate) fn as_slice(&self) -> Option<&[f32]> {
+        match &self.0 {
+            NdArrayTensor::F32(storage) => storage.view().to_slice(),
+            _ => None,
+        }
+    }
+}
+
+/// True when tensors of `B` take the host fast paths.
+pub(crate) fn is_host<B: Backend>(device: &B::Device) -> bool {
+    let probe = Tensor::<B, 1>::zeros([1], device);
+    HostF32::of(&probe).is_some()
+}
+
+/// Logits `hidden` [n, d] · `w` [d, v] -> [n, v] for the LM head, without
+/// copying or re-packing the weight (the ndarray backend copies it and
+/// matrixmultiply packs it on every call: two passes over 151,936 × d floats
+/// per decoding step, whatever the batch). The weight is streamed once per
+/// call in 16-column tiles that stay in L1 while every row is multiplied;
+/// vocabulary chunks run in parallel. `None` off the host backend.
+pub(crate) fn lm_head<B: Backend>(hidden: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let hh = HostF32::of(hidden)?;
+    let hw = HostF32::of(w)?;
+    let hv = hh.view();
+    let hc = hv.as_standard_layout();
+    let h = hc.as_slice()?;
+    let ws = hw.as_slice()?;
+    let (&[n, d], &[d2, v]) = (hv.shape(), hw.view().shape()) else {
+        return None;
+    };
+    if d != d2 {
+        return None;
+    }
+    // Every element is written below (full tiles plus the column tail), so
+    // the output is not zeroed first: that would be one more pass over
+    // n × 151,936 floats per step.
+    let mut out: Vec<f32> = Vec::with_capacity(n * v);
+    let ptr = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let chunks: Vec<(usize, usize)> = (0..v)
+        .step_by(LM_CHUNK)
+        .map(|c0| (c0, (c0 + LM_CHUNK).min(v)))
+        .collect();
+    chunks.par_iter().for_each(|&(c0, c1)| {
+        // SAFETY: chunks cover disjoint column ranges of `out`, which
+        // outlives this loop; each call writes only columns c0..c1.
+        unsafe { lm_head_columns(h, n, d, ws, v, c0, c1, ptr) };
+    });
+    // SAFETY: the chunks cover columns 0..v of all n rows and each call
+    // writes every element of its columns.
+    unsafe { out.set_len(n * v) };
+    Some(Tensor::from_data(
+        TensorData::new(out, [n, v]),
+        &hidden.device(),
+    ))
+}
+
+/// Columns per parallel task of [`lm_head`].
+const LM_CHUNK: usize = 4096;
+
+/// The output of [`lm_head`], shared by tasks writing disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `lm_head`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Columns `c0..c1` of `out` [n, v] = `h` [n, d] · `w` [d, v].
+///
+/// # Safety
+/// `out` must point to `n * v` writable floats not written concurrently in
+/// these columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn lm_head_columns(
+    h: &[f32],
+    n: usize,
+    d: usize,
+    w: &[f32],
+    v: usize,
+    c0: usize,
+    c1: usize,
+    out: OutPtr,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA; the caller upholds the rest.
+        unsafe { avx2::lm_head_columns(h, n, d, w, v, c0, c1, out.0) };
+        return;
+    }
+    for c in c0..c1 {
+        for r in 0..n {
+            let mut acc = 0f32;
+            for k in 0..d {
+                acc += h[r * d + k] * w[k * v + c];
+            }
+            // SAFETY: r < n and c < v, and the caller owns column c.
+            unsafe { *out.0.add(r * v + c) = acc };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// One tile: rows `r0..r0 + R` × columns `t0..t0 + 16`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        h: &[f32],
+        d: usize,
+        panel: &[f32],
+        pw: usize,
+        p0: usize,
+        r0: usize,
+        out: *mut f32,
+        v: usize,
+        t0: usize,
+    ) {
+        // SAFETY (whole body): p0 + 16 <= pw, t0 + 16 <= v, r0 + R <= n,
+        // `h` holds [n, d], `panel` [d, pw] and `out` [n, v] floats
+        // (caller's contract).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for k in 0..d {
+                let wp = panel.as_ptr().add(k * pw + p0);
+                let w0 = _mm256_loadu_ps(wp);
+                let w1 = _mm256_loadu_ps(wp.add(8));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_ps(*h.get_unchecked((r0 + r) * d + k));
+                    a[0] = _mm256_fmadd_ps(x, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(x, w1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let op = out.add((r0 + r) * v + t0);
+                _mm256_storeu_ps(op, a[0]);
+                _mm256_storeu_ps(op.add(8), a[1]);
+            }
+        }
+    }
+
+    /// AVX2 + FMA version of `super::lm_head_columns` (same contract).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn lm_head_columns(
+        h: &[f32],
+        n: usize,
+        d: usize,
+        w: &[f32],
+        v: usize,
+        c0: usize,
+        c1: usize,
+        out: *mut f32,
+    ) {
+        let full = c0 + (c1 - c0) / 16 * 16;
+        // Columns are copied block by block into a small contiguous panel
+        // (d × PANEL floats, L2-resident) so the tiles read it sequentially
+        // instead of d strided streams of the weight.
+        const PANEL: usize = 256;
+        let mut panel = vec![0f32; d * PANEL];
+        // SAFETY: tiles stay inside rows 0..n and columns c0..c1.
+        unsafe {
+            let mut b0 = c0;
+            while b0 < full {
+                let bw = PANEL.min(full - b0);
+                for k in 0..d {
+                    panel[k * bw..(k + 1) * bw].copy_from_slice(&w[k * v + b0..k * v + b0 + bw]);
+                }
+                let mut p0 = 0;
+                while p0 < bw {
+                    let t0 = b0 + p0;
+                    let mut r0 = 0;
+                    while r0 + 4 <= n {
+                        tile::<4>(h, d, &panel, bw, p0, r0, out, v, t0);
+                        r0 += 4;
+                    }
+                    match n - r0 {
+                        3 => tile::<3>(h, d, &panel, bw, p0, r0, out, v, t0),
+                        2 => tile::<2>(h, d, &panel, bw, p0, r0, out, v, t0),
+                        1 => tile::<1>(h, d, &panel, bw, p0, r0, out, v, t0),
+                        _ => {}
+                    }
+                    p0 += 16;
+                }
+                b0 += bw;
+            }
+            for c in full..c1 {
+                for r in 0..n {
+                    let mut acc = 0f32;
+                    for k in 0..d {
+                        acc = h[r * d + k].mul_add(w[k * v + c], acc);
+                    }
+                    *out.add(r * v + c) = acc;
+                }
+            }
+        }
+    }
+}
+
+/// Scaled dot-product attention on the host for one layer.
+///
+/// `q` [b, heads, lq, hd] and `k`, `v` [b, kv_heads, t, hd] (any strides);
+/// query head `h` reads kv head `h / (heads / kv_heads)`. Query `i` of row
+/// `r` sees key `j` when `key_valid[r][j]` and `j <= past + i` (causal, with
+/// `past` cached positions before the queries). Returns [b, lq, heads·hd]
+/// row-major. A query that sees no key (left padding) gets zeros; its
+/// output is never read. Scores, softmax and the weighted sum run row by
+/// row in one pass over the keys, with no [lq, t] score tensor.
+pub(crate) fn attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    key_valid: &[Vec<bool>],
+    past: usize,
+) -> Option<Tensor<B, 3>> {
+    let (hq, hk, hv) = (HostF32::of(q)?, HostF32::of(k)?, HostF32::of(v)?);
+    let (qv, kv, vv) = (hq.view(), hk.view(), hv.view());
+    let (qs, ks, vs) = (qv.shape(), kv.shape(), vv.shape());
+    let [b, heads, lq, hd] = [qs[0], qs[1], qs[2], qs[3]];
+    let [kb, kv_heads, t, khd] = [ks[0], ks[1], ks[2], ks[3]];
+    if kb != b || khd != hd || vs != ks || kv_heads == 0 || heads % kv_heads != 0 {
+        return None;
+    }
+    if key_valid.len() != b || key_valid.iter().any(|r| r.len() != t) {
+        return None;
+    }
+    let rep = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qc, kc, vc) = (
+        qv.as_standard_layout(),
+        kv.as_standard_layout(),
+        vv.as_standard_layout(),
+    );
+    let (qd, kd, vd) = (qc.as_slice()?, kc.as_slice()?, vc.as_slice()?);
+    let mut out = vec![0f32; b * lq * heads * hd];
+    let mut scores = vec![0f32; t];
+    let mut acc = vec![0f32; hd];
+    for r in 0..b {
+        let valid = &key_valid[r];
+        for h in 0..heads {
+            let g = h / rep;
+            let kbase = (r * kv_heads + g) * t * hd;
+            for i in 0..lq {
+                let qrow = &qd[((r * heads + h) * lq + i) * hd..][..hd];
+                let visible = (past + i + 1).min(t);
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores[..visible].iter_mut().enumerate() {
+                    if !valid[j] {
+                        *s = f32::NEG_INFINITY;
+                        continue;
+                    }
+                    let krow = &kd[kbase + j * hd..][..hd];
+                    let dot: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    *s = dot * scale;
+                    if *s > max {
+                        max = *s;
+                    }
+                }
+                if max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut sum = 0f32;
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for (j, &s) in scores[..visible].iter().enumerate() {
+                    if s == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let p = (s - max).exp();
+                    sum += p;
+                    let vrow = &vd[kbase + j * hd..][..hd];
+                    for (a, &x) in acc.iter_mut().zip(vrow) {
+                        *a += p * x;
+                    }
+                }
+                let o = &mut out[((r * lq + i) * heads + h) * hd..][..hd];
+                for (o, a) in o.iter_mut().zip(&acc) {
+                    *o = a / sum;
+                }
+            }
+        }
+    }
+    Some(Tensor::from_data(
+        TensorData::new(out, [b, lq, heads * hd]),
+        &q.device(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::activation::softmax;
+    use burn::tensor::Distribution;
+
+    type TB = NdArray<f32>;
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn lm_head_matches_the_tensor_product() {
+        let dev = Default::default();
+        // Row counts around the 4-row tiles; columns across two parallel
+        // chunks with a tail that is not a multiple of 16.
+        for n in [1, 3, 4, 5, 9] {
+            let a = Tensor::<TB, 2>::random([n, 37], Distribution::Normal(0.0, 1.0), &dev);
+            let w =
+                Tensor::<TB, 2>::random([37, LM_CHUNK + 301], Distribution::Normal(0.0, 1.0), &dev);
+            let fast = lm_head(&a, &w).expect("host backend");
+            let slow = a.matmul(w);
+            let (f, s) = (
+                fast.into_data().to_vec::<f32>().unwrap(),
+                slow.into_data().to_vec::<f32>().unwrap(),
+            );
+            assert!(max_abs_diff(&f, &s) < 1e-4, "{n} rows");
+        }
+    }
+
+    #[test]
+    fn attention_matches_masked_softmax_reference() {
+        let dev = Default::default();
+        let (b, heads, kvh, lq, past, hd) = (2, 4, 2, 3, 4, 8);
+        let t = past + lq;
+        let q = Tensor::<TB, 4>::random([b, heads, lq, hd], Distribution::Normal(0.0, 1.0), &dev);
+        let k = Tensor::<TB, 4>::random([b, kvh, t, hd], Distribution::Normal(0.0, 1.0), &dev);
+        let v = Tensor::<TB, 4>::random([b, kvh, t, hd], Distribution::Normal(0.0, 1.0), &dev);
+        // Row 1 has two padded keys at the front.
+        let valid = vec![vec![true; t], {
+            let mut r = vec![true; t];
+            r[0] = false;
+            r[1] = false;
+            r
+        }];
+        let fast = attention(&q, &k, &v, &valid, past).expect("host backend");
+        let fast = fast.into_data().to_vec::<f32>().unwrap();
+        // Reference with plain tensor ops, head by head.
+        let rep = heads / kvh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for r in 0..b {
+            for h in 0..heads {
+                let qh = q
+                    .clone()
+                    .slice([r..r + 1, h..h + 1, 0..lq, 0..hd])
+                    .reshape([lq, hd]);
+                let g = h / rep;
+                let kh = k
+                    .clone()
+                    .slice([r..r + 1, g..g + 1, 0..t, 0..hd])
+                    .reshape([t, hd]);
+                let vh = v
+                    .clone()
+                    .slice([r..r + 1, g..g + 1, 0..t, 0..hd])
+                    .reshape([t, hd]);
+                let mut mask = Vec::new();
+                for i in 0..lq {
+                    for (j, &ok) in valid[r].iter().enumerate() {
+                        mask.push(!ok || j > past + i);
+                    }
+                }
+                let mask = Tensor::<TB, 2, burn::tensor::Bool>::from_data(
+                    TensorData::new(mask, [lq, t]),
+                    &dev,
+                );
+                let scores = qh
+                    .matmul(kh.transpose())
+                    .mul_scalar(scale)
+                    .mask_fill(mask, -1e30);
+                let want = softmax(scores, 1)
+                    .matmul(vh)
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap();
+                for i in 0..lq {
+                    let got = &fast[((r * lq + i) * heads + h) * hd..][..hd];
+                    assert!(
+                        max_abs_diff(got, &want[i * hd..][..hd]) < 1e-5,
+                        "row {r} head {h} query {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_ndarray_f32_backend_is_host() {
+        assert!(is_host::<TB>(&Default::default()));
+        assert!(!is_host::<burn::backend::Autodiff<TB>>(&Default::default()));
+    }
+}
