@@ -695,7 +695,7 @@ impl<B: Backend> TextModel<B> {
         }
         // The host backend attends straight from the validity lists; other
         // backends get the mask as a tensor, built once for all layers.
-        let mask = if host::is_host::<B>(&device) {
+        let mask = if host::is_host::<B>() {
             AttentionMask::Host {
                 key_valid: &valid,
                 past,
@@ -984,8 +984,8 @@ pub(crate) mod tests {
         )
         .unwrap();
         let generic = TextModel::<Generic>::load(&cfg.text, &src, &Default::default()).unwrap();
-        assert!(super::host::is_host::<TB>(&Default::default()));
-        assert!(!super::host::is_host::<Generic>(&Default::default()));
+        assert!(super::host::is_host::<TB>());
+        assert!(!super::host::is_host::<Generic>());
         for name in CASES {
             let case = load_case(name);
             let (e, p) = case.tensors(&model, &cfg);
