@@ -475,7 +475,7 @@ pub fn export_weights<B: Backend>(
     text: &TextModel<B>,
 ) -> Result<Vec<NamedTensor>, DemoVlmError> {
     let mut e = Exporter(Vec::new());
-    let emb = text.embed_tokens.val();
+    let emb = text.token_embedding();
     e.push(
         "model.embed_tokens.weight".into(),
         emb.dims().to_vec(),
@@ -497,8 +497,12 @@ pub fn export_weights<B: Backend>(
         e.linear(&format!("{p}.mlp.down_proj"), &l.mlp.down_proj)?;
     }
     e.norm("model.norm.weight".into(), &text.norm)?;
-    let (shape, v) = transposed(&text.lm_head)?;
-    e.push("lm_head.weight".into(), shape, v);
+    let head = text.lm_head_rows();
+    e.push(
+        "lm_head.weight".into(),
+        head.dims().to_vec(),
+        values(&head)?,
+    );
 
     let c = &vision.config;
     let (_, v) = transposed(&vision.patch_embed.weight)?;

@@ -28,6 +28,7 @@ use super::text::{KvCache, TextError, TextModel};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 /// Errors of generation.
 #[derive(Debug, thiserror::Error)]
@@ -407,16 +408,6 @@ fn beam_search<B: Backend>(
     let mut logits = pre.last_logits.clone();
     for step in 0..config.max_new_tokens {
         let host = host_rows(logits)?;
-        // Log-softmax statistics of every live row (rows of finished
-        // prompts are skipped).
-        let mut stats: Vec<Option<(f32, f32)>> = vec![None; host.len() / v.max(1)];
-        for st in states.iter().filter(|s| !s.done) {
-            for beam in &st.running {
-                if stats[beam.row].is_none() {
-                    stats[beam.row] = Some(row_stats(&host[beam.row * v..(beam.row + 1) * v]));
-                }
-            }
-        }
         let is_last = step + 1 == config.max_new_tokens;
         let gen_len = (step + 1) as f64;
         let len_div = gen_len.powf(config.length_penalty) as f32;
@@ -425,12 +416,37 @@ fn beam_search<B: Backend>(
         } else {
             &[]
         };
-        for (p, st) in states.iter_mut().enumerate() {
-            if st.done {
-                continue;
-            }
-            let mut top = TopK::new(k);
-            for (j, beam) in st.running.iter().enumerate() {
+        // Log-softmax statistics of every live row (rows of finished
+        // prompts are skipped), rows in parallel.
+        let mut live_rows: Vec<usize> = states
+            .iter()
+            .filter(|s| !s.done)
+            .flat_map(|s| s.running.iter().map(|b| b.row))
+            .collect();
+        live_rows.sort_unstable();
+        live_rows.dedup();
+        let mut stats: Vec<Option<(f32, f32)>> = vec![None; host.len() / v.max(1)];
+        let computed: Vec<(f32, f32)> = live_rows
+            .par_iter()
+            .map(|&r| row_stats(&host[r * v..(r + 1) * v]))
+            .collect();
+        for (&r, st) in live_rows.iter().zip(computed) {
+            stats[r] = Some(st);
+        }
+        // Each live beam's best k continuations, beams in parallel; a
+        // prompt's k best are then the k best of its beams' lists (the
+        // same (score desc, index asc) order, so the same selection as one
+        // scan over all its beams).
+        let beams: Vec<(usize, usize)> = states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.done)
+            .flat_map(|(p, s)| (0..s.running.len()).map(move |j| (p, j)))
+            .collect();
+        let per_beam: Vec<TopK> = beams
+            .par_iter()
+            .map(|&(p, j)| {
+                let beam = &states[p].running[j];
                 let row = &host[beam.row * v..(beam.row + 1) * v];
                 let (max, log_sum) = stats[beam.row].unwrap_or_else(|| row_stats(row));
                 let lp = |x: f32| log_prob(x, max, log_sum);
@@ -444,7 +460,21 @@ fn beam_search<B: Backend>(
                     Vec::new()
                 };
                 let score = beam.score;
+                let mut top = TopK::new(k);
                 top.push_row(row, &processed, j * v, |x| lp(x) + score, |s| s + score);
+                top
+            })
+            .collect();
+        let mut per_beam = beams.iter().map(|&(p, _)| p).zip(per_beam).peekable();
+        for (p, st) in states.iter_mut().enumerate() {
+            if st.done {
+                continue;
+            }
+            let mut top = TopK::new(k);
+            while let Some((_, beam_top)) = per_beam.next_if(|(q, _)| *q == p) {
+                for &(s, idx) in &beam_top.items {
+                    top.push(s, idx);
+                }
             }
             let cands: Vec<(f32, usize, u32, bool)> = top
                 .items

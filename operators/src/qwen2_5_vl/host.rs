@@ -61,41 +61,102 @@ pub(crate) fn is_host<B: Backend>() -> bool {
         && TypeId::of::<B::FloatElem>() == TypeId::of::<f32>()
 }
 
-/// Logits `hidden` [n, d] · `w` [d, v] -> [n, v] for the LM head, without
-/// copying or re-packing the weight (the ndarray backend copies it and
-/// matrixmultiply packs it on every call: two passes over 151,936 × d floats
-/// per decoding step, whatever the batch). The weight is streamed once per
-/// call in 16-column tiles that stay in L1 while every row is multiplied;
-/// vocabulary chunks run in parallel. `None` off the host backend.
-pub(crate) fn lm_head<B: Backend>(hidden: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+/// Vocabulary columns per block of the packed LM head (two AVX registers).
+pub(crate) const HEAD_BLOCK: usize = 16;
+
+/// The LM head `w` [v, d] (the checkpoint layout: one row per token)
+/// re-laid for [`lm_head`]: block `b` holds columns `16b..16b + 16` as a
+/// contiguous [d, 16] panel, so the kernel streams the weight exactly once,
+/// front to back, with no copy per call. Returned with its 2-D shape
+/// [ceil(v / 16), d · 16]; columns past `v` are zero.
+pub(crate) fn pack_lm_head(w: &[f32], v: usize, d: usize) -> (Vec<f32>, [usize; 2]) {
+    let blocks = v.div_ceil(HEAD_BLOCK);
+    let mut out = vec![0f32; blocks * d * HEAD_BLOCK];
+    for (c, row) in w.chunks_exact(d).take(v).enumerate() {
+        let base = (c / HEAD_BLOCK) * d * HEAD_BLOCK + c % HEAD_BLOCK;
+        for (k, &x) in row.iter().enumerate() {
+            out[base + k * HEAD_BLOCK] = x;
+        }
+    }
+    (out, [blocks, d * HEAD_BLOCK])
+}
+
+/// The inverse of [`pack_lm_head`]: rows [v, d] (for exporting weights).
+pub(crate) fn unpack_lm_head(packed: &[f32], v: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v * d];
+    for (c, row) in out.chunks_exact_mut(d).enumerate() {
+        let base = (c / HEAD_BLOCK) * d * HEAD_BLOCK + c % HEAD_BLOCK;
+        for (k, x) in row.iter_mut().enumerate() {
+            *x = packed[base + k * HEAD_BLOCK];
+        }
+    }
+    out
+}
+
+/// Rows `ids` [n, d] of the matrix packed by [`pack_lm_head`] (the token
+/// embedding of a tied checkpoint, stored once as the packed head). Ids
+/// must be below the vocabulary size. `None` off the host backend.
+pub(crate) fn packed_rows<B: Backend>(
+    packed: &Tensor<B, 2>,
+    d: usize,
+    ids: &[i64],
+) -> Option<Tensor<B, 2>> {
+    let hw = HostF32::of(packed)?;
+    let w = hw.as_slice()?;
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        let c = usize::try_from(id).ok()?;
+        let base = (c / HEAD_BLOCK) * d * HEAD_BLOCK + c % HEAD_BLOCK;
+        out.extend((0..d).map(|k| w[base + k * HEAD_BLOCK]));
+    }
+    Some(Tensor::from_data(
+        TensorData::new(out, [ids.len(), d]),
+        &packed.device(),
+    ))
+}
+
+/// Logits `hidden` [n, d] · `W`ᵀ -> [n, v] for the LM head, where `packed`
+/// is `W` [v, d] laid out by [`pack_lm_head`]. burn's ndarray `matmul`
+/// copies both operands and matrixmultiply re-packs the weight on every
+/// call: two extra passes over 151,936 × d floats per decoding step,
+/// whatever the batch. Here the packed weight is read once per call, 16
+/// columns at a time, while every row is multiplied against it from
+/// registers; vocabulary chunks run in parallel. `None` off the host
+/// backend or when the shapes disagree.
+pub(crate) fn lm_head<B: Backend>(
+    hidden: &Tensor<B, 2>,
+    packed: &Tensor<B, 2>,
+    v: usize,
+) -> Option<Tensor<B, 2>> {
     let hh = HostF32::of(hidden)?;
-    let hw = HostF32::of(w)?;
+    let hw = HostF32::of(packed)?;
     let hv = hh.view();
     let hc = hv.as_standard_layout();
     let h = hc.as_slice()?;
     let ws = hw.as_slice()?;
-    let (&[n, d], &[d2, v]) = (hv.shape(), hw.view().shape()) else {
+    let (&[n, d], &[blocks, width]) = (hv.shape(), hw.view().shape()) else {
         return None;
     };
-    if d != d2 {
+    if width != d * HEAD_BLOCK || blocks != v.div_ceil(HEAD_BLOCK) {
         return None;
     }
-    // Every element is written below (full tiles plus the column tail), so
-    // the output is not zeroed first: that would be one more pass over
-    // n × 151,936 floats per step.
+    // Every element is written below, so the output is not zeroed first:
+    // that would be one more pass over n × 151,936 floats per step.
     let mut out: Vec<f32> = Vec::with_capacity(n * v);
     let ptr = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    let chunks: Vec<(usize, usize)> = (0..v)
-        .step_by(LM_CHUNK)
-        .map(|c0| (c0, (c0 + LM_CHUNK).min(v)))
+    let per_task = LM_CHUNK / HEAD_BLOCK;
+    let chunks: Vec<(usize, usize)> = (0..blocks)
+        .step_by(per_task)
+        .map(|b0| (b0, (b0 + per_task).min(blocks)))
         .collect();
-    chunks.par_iter().for_each(|&(c0, c1)| {
+    chunks.par_iter().for_each(|&(b0, b1)| {
         // SAFETY: chunks cover disjoint column ranges of `out`, which
-        // outlives this loop; each call writes only columns c0..c1.
-        unsafe { lm_head_columns(h, n, d, ws, v, c0, c1, ptr) };
+        // outlives this loop; each call writes only the columns of blocks
+        // b0..b1 (clipped to v).
+        unsafe { lm_head_blocks(h, n, d, ws, v, b0, b1, ptr) };
     });
-    // SAFETY: the chunks cover columns 0..v of all n rows and each call
-    // writes every element of its columns.
+    // SAFETY: the chunks cover all blocks, hence columns 0..v of all n rows,
+    // and each call writes every element of its columns.
     unsafe { out.set_len(n * v) };
     Some(Tensor::from_data(
         TensorData::new(out, [n, v]),
@@ -114,133 +175,127 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-/// Columns `c0..c1` of `out` [n, v] = `h` [n, d] · `w` [d, v].
+/// The columns of blocks `b0..b1` (clipped to `v`) of `out` [n, v] =
+/// `h` [n, d] · `W`ᵀ, with `W` packed by [`pack_lm_head`].
 ///
 /// # Safety
 /// `out` must point to `n * v` writable floats not written concurrently in
 /// these columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn lm_head_columns(
+unsafe fn lm_head_blocks(
     h: &[f32],
     n: usize,
     d: usize,
-    w: &[f32],
+    packed: &[f32],
     v: usize,
-    c0: usize,
-    c1: usize,
+    b0: usize,
+    b1: usize,
     out: OutPtr,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA; the caller upholds the rest.
-        unsafe { avx2::lm_head_columns(h, n, d, w, v, c0, c1, out.0) };
+        unsafe { avx2::lm_head_blocks(h, n, d, packed, v, b0, b1, out.0) };
         return;
     }
-    for c in c0..c1 {
+    for b in b0..b1 {
+        let panel = &packed[b * d * HEAD_BLOCK..(b + 1) * d * HEAD_BLOCK];
+        let cols = HEAD_BLOCK.min(v - b * HEAD_BLOCK);
         for r in 0..n {
-            let mut acc = 0f32;
-            for k in 0..d {
-                acc += h[r * d + k] * w[k * v + c];
+            for j in 0..cols {
+                let mut acc = 0f32;
+                for k in 0..d {
+                    acc = h[r * d + k].mul_add(panel[k * HEAD_BLOCK + j], acc);
+                }
+                // SAFETY: r < n and the column is below v, owned by the caller.
+                unsafe { *out.0.add(r * v + b * HEAD_BLOCK + j) = acc };
             }
-            // SAFETY: r < n and c < v, and the caller owns column c.
-            unsafe { *out.0.add(r * v + c) = acc };
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::HEAD_BLOCK;
     use std::arch::x86_64::*;
 
-    /// One tile: rows `r0..r0 + R` × columns `t0..t0 + 16`.
+    /// One tile: rows `r0..r0 + R` × the 16 columns of one packed block,
+    /// written to columns `c0..c0 + cols` of `out`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const R: usize>(
         h: &[f32],
         d: usize,
-        panel: &[f32],
-        pw: usize,
-        p0: usize,
+        panel: *const f32,
         r0: usize,
         out: *mut f32,
         v: usize,
-        t0: usize,
+        c0: usize,
+        cols: usize,
     ) {
-        // SAFETY (whole body): p0 + 16 <= pw, t0 + 16 <= v, r0 + R <= n,
-        // `h` holds [n, d], `panel` [d, pw] and `out` [n, v] floats
+        // SAFETY (whole body): `panel` holds d × 16 floats, r0 + R <= n,
+        // `h` holds [n, d] and `out` [n, v] floats, c0 + cols <= v
         // (caller's contract).
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let hp = h.as_ptr().add(r0 * d);
             for k in 0..d {
-                let wp = panel.as_ptr().add(k * pw + p0);
+                let wp = panel.add(k * HEAD_BLOCK);
                 let w0 = _mm256_loadu_ps(wp);
                 let w1 = _mm256_loadu_ps(wp.add(8));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let x = _mm256_set1_ps(*h.get_unchecked((r0 + r) * d + k));
+                    let x = _mm256_broadcast_ss(&*hp.add(r * d + k));
                     a[0] = _mm256_fmadd_ps(x, w0, a[0]);
                     a[1] = _mm256_fmadd_ps(x, w1, a[1]);
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                let op = out.add((r0 + r) * v + t0);
-                _mm256_storeu_ps(op, a[0]);
-                _mm256_storeu_ps(op.add(8), a[1]);
+                let op = out.add((r0 + r) * v + c0);
+                if cols == HEAD_BLOCK {
+                    _mm256_storeu_ps(op, a[0]);
+                    _mm256_storeu_ps(op.add(8), a[1]);
+                } else {
+                    let mut tmp = [0f32; HEAD_BLOCK];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), op, cols);
+                }
             }
         }
     }
 
-    /// AVX2 + FMA version of `super::lm_head_columns` (same contract).
+    /// AVX2 + FMA version of `super::lm_head_blocks` (same contract).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn lm_head_columns(
+    pub(super) unsafe fn lm_head_blocks(
         h: &[f32],
         n: usize,
         d: usize,
-        w: &[f32],
+        packed: &[f32],
         v: usize,
-        c0: usize,
-        c1: usize,
+        b0: usize,
+        b1: usize,
         out: *mut f32,
     ) {
-        let full = c0 + (c1 - c0) / 16 * 16;
-        // Columns are copied block by block into a small contiguous panel
-        // (d × PANEL floats, L2-resident) so the tiles read it sequentially
-        // instead of d strided streams of the weight.
-        const PANEL: usize = 256;
-        let mut panel = vec![0f32; d * PANEL];
-        // SAFETY: tiles stay inside rows 0..n and columns c0..c1.
+        // SAFETY: blocks b0..b1 lie inside `packed`; tiles stay inside rows
+        // 0..n and the blocks' columns (clipped to v).
         unsafe {
-            let mut b0 = c0;
-            while b0 < full {
-                let bw = PANEL.min(full - b0);
-                for k in 0..d {
-                    panel[k * bw..(k + 1) * bw].copy_from_slice(&w[k * v + b0..k * v + b0 + bw]);
+            for b in b0..b1 {
+                let panel = packed.as_ptr().add(b * d * HEAD_BLOCK);
+                let c0 = b * HEAD_BLOCK;
+                let cols = HEAD_BLOCK.min(v - c0);
+                let mut r0 = 0;
+                while r0 + 6 <= n {
+                    tile::<6>(h, d, panel, r0, out, v, c0, cols);
+                    r0 += 6;
                 }
-                let mut p0 = 0;
-                while p0 < bw {
-                    let t0 = b0 + p0;
-                    let mut r0 = 0;
-                    while r0 + 4 <= n {
-                        tile::<4>(h, d, &panel, bw, p0, r0, out, v, t0);
-                        r0 += 4;
-                    }
-                    match n - r0 {
-                        3 => tile::<3>(h, d, &panel, bw, p0, r0, out, v, t0),
-                        2 => tile::<2>(h, d, &panel, bw, p0, r0, out, v, t0),
-                        1 => tile::<1>(h, d, &panel, bw, p0, r0, out, v, t0),
-                        _ => {}
-                    }
-                    p0 += 16;
-                }
-                b0 += bw;
-            }
-            for c in full..c1 {
-                for r in 0..n {
-                    let mut acc = 0f32;
-                    for k in 0..d {
-                        acc = h[r * d + k].mul_add(w[k * v + c], acc);
-                    }
-                    *out.add(r * v + c) = acc;
+                match n - r0 {
+                    5 => tile::<5>(h, d, panel, r0, out, v, c0, cols),
+                    4 => tile::<4>(h, d, panel, r0, out, v, c0, cols),
+                    3 => tile::<3>(h, d, panel, r0, out, v, c0, cols),
+                    2 => tile::<2>(h, d, panel, r0, out, v, c0, cols),
+                    1 => tile::<1>(h, d, panel, r0, out, v, c0, cols),
+                    _ => {}
                 }
             }
         }
@@ -283,16 +338,19 @@ pub(crate) fn attention<B: Backend>(
     );
     let (qd, kd, vd) = (qc.as_slice()?, kc.as_slice()?, vc.as_slice()?);
     let mut out = vec![0f32; b * lq * heads * hd];
-    let mut scores = vec![0f32; t];
-    let mut acc = vec![0f32; hd];
-    for r in 0..b {
-        let valid = &key_valid[r];
-        for h in 0..heads {
-            let g = h / rep;
-            let kbase = (r * kv_heads + g) * t * hd;
-            for i in 0..lq {
+    // One task per (row, query): its output [heads · hd] is contiguous and
+    // every head reads the same key validity; the arithmetic per query is
+    // the same whichever thread runs it.
+    out.par_chunks_mut(heads * hd).enumerate().for_each_init(
+        || (vec![0f32; t], vec![0f32; hd]),
+        |(scores, acc), (ri, o_row)| {
+            let (r, i) = (ri / lq, ri % lq);
+            let valid = &key_valid[r];
+            let visible = (past + i + 1).min(t);
+            for h in 0..heads {
+                let g = h / rep;
+                let kbase = (r * kv_heads + g) * t * hd;
                 let qrow = &qd[((r * heads + h) * lq + i) * hd..][..hd];
-                let visible = (past + i + 1).min(t);
                 let mut max = f32::NEG_INFINITY;
                 for (j, s) in scores[..visible].iter_mut().enumerate() {
                     if !valid[j] {
@@ -322,13 +380,12 @@ pub(crate) fn attention<B: Backend>(
                         *a += p * x;
                     }
                 }
-                let o = &mut out[((r * lq + i) * heads + h) * hd..][..hd];
-                for (o, a) in o.iter_mut().zip(&acc) {
+                for (o, a) in o_row[h * hd..(h + 1) * hd].iter_mut().zip(acc.iter()) {
                     *o = a / sum;
                 }
             }
-        }
-    }
+        },
+    );
     Some(Tensor::from_data(
         TensorData::new(out, [b, lq, heads * hd]),
         &q.device(),
@@ -354,20 +411,41 @@ mod tests {
     #[test]
     fn lm_head_matches_the_tensor_product() {
         let dev = Default::default();
-        // Row counts around the 4-row tiles; columns across two parallel
+        // Row counts around the 6-row tiles; columns across two parallel
         // chunks with a tail that is not a multiple of 16.
-        for n in [1, 3, 4, 5, 9] {
-            let a = Tensor::<TB, 2>::random([n, 37], Distribution::Normal(0.0, 1.0), &dev);
-            let w =
-                Tensor::<TB, 2>::random([37, LM_CHUNK + 301], Distribution::Normal(0.0, 1.0), &dev);
-            let fast = lm_head(&a, &w).expect("host backend");
-            let slow = a.matmul(w);
+        let (v, d) = (LM_CHUNK + 301, 37);
+        for n in [1, 3, 5, 6, 7, 13] {
+            let a = Tensor::<TB, 2>::random([n, d], Distribution::Normal(0.0, 1.0), &dev);
+            let w = Tensor::<TB, 2>::random([v, d], Distribution::Normal(0.0, 1.0), &dev);
+            let rows = w.clone().into_data().to_vec::<f32>().unwrap();
+            let (packed, shape) = pack_lm_head(&rows, v, d);
+            assert_eq!(unpack_lm_head(&packed, v, d), rows);
+            let packed = Tensor::<TB, 2>::from_data(TensorData::new(packed, shape), &dev);
+            let fast = lm_head(&a, &packed, v).expect("host backend");
+            let slow = a.matmul(w.transpose());
             let (f, s) = (
                 fast.into_data().to_vec::<f32>().unwrap(),
                 slow.into_data().to_vec::<f32>().unwrap(),
             );
             assert!(max_abs_diff(&f, &s) < 1e-4, "{n} rows");
         }
+    }
+
+    #[test]
+    fn packed_rows_are_the_checkpoint_rows() {
+        let dev = Default::default();
+        let (v, d) = (45, 7);
+        let rows: Vec<f32> = (0..v * d).map(|i| i as f32).collect();
+        let (packed, shape) = pack_lm_head(&rows, v, d);
+        assert_eq!(shape, [3, d * HEAD_BLOCK]);
+        let packed = Tensor::<TB, 2>::from_data(TensorData::new(packed, shape), &dev);
+        let ids = [44i64, 0, 17, 16, 15, 44];
+        let got = packed_rows(&packed, d, &ids).expect("host backend");
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&c| rows[c as usize * d..(c as usize + 1) * d].to_vec())
+            .collect();
+        assert_eq!(got.into_data().to_vec::<f32>().unwrap(), want);
     }
 
     #[test]

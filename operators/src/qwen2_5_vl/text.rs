@@ -425,22 +425,42 @@ impl<B: Backend> KvCache<B> {
 /// The Qwen2 language model of Qwen2.5-VL.
 #[derive(Module, Debug)]
 pub struct TextModel<B: Backend> {
-    /// Token embedding [vocab, hidden]; also the LM head when tied.
+    /// Token embedding [vocab, hidden]. Empty ([0, hidden]) when
+    /// [`HeadLayout::PackedTied`]: the rows are then read from `lm_head`,
+    /// so a tied checkpoint's matrix is held once.
     pub embed_tokens: Param<Tensor<B, 2>>,
     /// Decoder layers.
     pub layers: Vec<TextDecoderLayer<B>>,
     /// Final norm.
     pub norm: RmsNorm<B>,
-    /// LM head stored transposed and contiguous, [hidden, vocab] (a copy
-    /// of `embed_tokens` when tied): `h @ lm_head` is a plain matmul, far
-    /// faster on NdArray than multiplying by a transposed view.
+    /// LM head weight, laid out as [`HeadLayout`] says: on the ndarray
+    /// backend packed for the host kernel ([`host::pack_lm_head`]),
+    /// elsewhere transposed and contiguous, [hidden, vocab], so that
+    /// `h @ lm_head` is a plain matmul.
     pub lm_head: Param<Tensor<B, 2>>,
+    /// How `lm_head` (and, when tied on the host, the embedding) is stored.
+    #[module(skip)]
+    pub head_layout: HeadLayout,
     #[module(skip)]
     rope: MRope,
     /// Hidden size.
     pub hidden_size: usize,
     /// Vocabulary size.
     pub vocab_size: usize,
+}
+
+/// Memory layout of [`TextModel::lm_head`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// [hidden, vocab], row-major: the generic tensor path (CUDA, autodiff).
+    Transposed,
+    /// Packed in 16-column blocks for [`host::lm_head`] (ndarray backend),
+    /// untied: the embedding is its own tensor.
+    Packed,
+    /// As `Packed`, and the checkpoint ties the embedding to the head: the
+    /// embedding rows are gathered from the packed head, so the matrix is
+    /// held once instead of twice.
+    PackedTied,
 }
 
 /// Key prefixes under which checkpoints store the language model.
@@ -468,10 +488,6 @@ impl<B: Backend> TextModel<B> {
         let v = config.vocab_size;
         let eps = config.rms_norm_eps;
         let emb = src.tensor_f32(&format!("{prefix}.embed_tokens.weight"), &[v, d])?;
-        let embed_tokens = Param::from_tensor(Tensor::from_data(
-            TensorData::new(emb.clone(), [v, d]),
-            device,
-        ));
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("{prefix}.layers.{i}");
@@ -515,14 +531,33 @@ impl<B: Backend> TextModel<B> {
         } else {
             Some(src.tensor_f32("lm_head.weight", &[v, d])?)
         };
-        let head_t = transpose_host(head.as_deref().unwrap_or(&emb), v, d);
-        let lm_head =
-            Param::from_tensor(Tensor::from_data(TensorData::new(head_t, [d, v]), device));
+        // A tied checkpoint's head (the store's fallback to the embedding,
+        // or a stored copy equal to it) is the embedding: hold it once.
+        let head = head.filter(|h| !(config.tie_word_embeddings && *h == emb));
+        let (embed_tokens, lm_head, head_layout) = if host::is_host::<B>() {
+            let (packed, shape) = host::pack_lm_head(head.as_deref().unwrap_or(&emb), v, d);
+            let (table, layout) = match head {
+                Some(_) => (TensorData::new(emb, [v, d]), HeadLayout::Packed),
+                None => (
+                    TensorData::new(Vec::<f32>::new(), [0, d]),
+                    HeadLayout::PackedTied,
+                ),
+            };
+            (table, TensorData::new(packed, shape), layout)
+        } else {
+            let head_t = transpose_host(head.as_deref().unwrap_or(&emb), v, d);
+            (
+                TensorData::new(emb, [v, d]),
+                TensorData::new(head_t, [d, v]),
+                HeadLayout::Transposed,
+            )
+        };
         Ok(Self {
-            embed_tokens,
+            embed_tokens: Param::from_tensor(Tensor::from_data(embed_tokens, device)),
             layers,
             norm,
-            lm_head,
+            lm_head: Param::from_tensor(Tensor::from_data(lm_head, device)),
+            head_layout,
             rope: MRope::new(hd, config.rope_theta, &config.mrope_section),
             hidden_size: d,
             vocab_size: v,
@@ -539,9 +574,45 @@ impl<B: Backend> TextModel<B> {
         KvCache::new(self.layers.len())
     }
 
+    /// The token embedding [vocab, hidden] in checkpoint layout (a copy;
+    /// for exporting weights, not for the forward pass).
+    pub fn token_embedding(&self) -> Tensor<B, 2> {
+        match self.head_layout {
+            HeadLayout::PackedTied => self.lm_head_rows(),
+            _ => self.embed_tokens.val(),
+        }
+    }
+
+    /// The LM head weight [vocab, hidden] in checkpoint layout (a copy; for
+    /// exporting weights, not for the forward pass).
+    pub fn lm_head_rows(&self) -> Tensor<B, 2> {
+        let head = self.lm_head.val();
+        match self.head_layout {
+            HeadLayout::Transposed => head.transpose(),
+            HeadLayout::Packed | HeadLayout::PackedTied => {
+                let (v, d) = (self.vocab_size, self.hidden_size);
+                let packed = head.into_data().into_vec::<f32>().unwrap_or_default();
+                let rows = host::unpack_lm_head(&packed, v, d);
+                Tensor::from_data(TensorData::new(rows, [v, d]), &self.device())
+            }
+        }
+    }
+
+    /// Embedding rows [ids.len(), hidden] of in-vocabulary token ids.
+    fn token_rows(&self, ids: Vec<i64>) -> Tensor<B, 2> {
+        if self.head_layout == HeadLayout::PackedTied {
+            if let Some(t) = host::packed_rows(&self.lm_head.val(), self.hidden_size, &ids) {
+                return t;
+            }
+        }
+        let n = ids.len();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device());
+        self.embed_tokens.val().select(0, idx)
+    }
+
     /// Device holding the weights.
     pub fn device(&self) -> B::Device {
-        self.embed_tokens.val().device()
+        self.lm_head.val().device()
     }
 
     /// Token embeddings [B, L, D] of `input_ids` (equal-length rows), with
@@ -579,7 +650,6 @@ impl<B: Backend> TextModel<B> {
             .flatten()
             .filter(|&&t| t == image_token_id)
             .count();
-        let table = self.embed_tokens.val();
         let d = self.hidden_size;
         let image_embeds = image_embeds.filter(|img| n_img > 0 || img.dims()[0] > 0);
         let embeds = match image_embeds {
@@ -588,10 +658,7 @@ impl<B: Backend> TextModel<B> {
                     "{n_img} image tokens but no image embeddings"
                 )))
             }
-            None => {
-                let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
-                table.select(0, idx)
-            }
+            None => self.token_rows(flat),
             Some(img) => {
                 let [n, dd] = img.dims();
                 if n != n_img || dd != d || n == 0 {
@@ -614,8 +681,8 @@ impl<B: Backend> TextModel<B> {
                         }
                     })
                     .collect();
+                let text = self.token_rows(idx.iter().map(|&i| i.min(v - 1)).collect());
                 let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [b * l]), &device);
-                let text = table.select(0, idx.clone().clamp_max(v - 1));
                 let img_rows = img.select(0, idx.clone().sub_scalar(v).clamp(0, n as i64 - 1));
                 let is_img = idx
                     .greater_equal_elem(v)
@@ -719,7 +786,15 @@ impl<B: Backend> TextModel<B> {
     /// LM head on hidden states [N, D] -> logits [N, vocab].
     pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         let head = self.lm_head.val();
-        host::lm_head(&hidden, &head).unwrap_or_else(|| hidden.matmul(head))
+        match self.head_layout {
+            HeadLayout::Transposed => hidden.matmul(head),
+            HeadLayout::Packed | HeadLayout::PackedTied => {
+                host::lm_head(&hidden, &head, self.vocab_size)
+                    // Packed layouts are only built when `host::is_host::<B>()`,
+                    // where the host kernel always applies.
+                    .expect("the packed LM head is read by the host kernel")
+            }
+        }
     }
 
     /// Prefill of a batch of (left-padded) prompts into an empty `cache`:
@@ -986,6 +1061,28 @@ pub(crate) mod tests {
         let generic = TextModel::<Generic>::load(&cfg.text, &src, &Default::default()).unwrap();
         assert!(super::host::is_host::<TB>());
         assert!(!super::host::is_host::<Generic>());
+        // The tied fixture's matrix is held once on the host (packed head,
+        // empty embedding table) and twice elsewhere; both read back the
+        // checkpoint rows, and the host embeds tokens from the packed head.
+        assert_eq!(model.head_layout, HeadLayout::PackedTied);
+        assert_eq!(model.embed_tokens.val().dims(), [0, model.hidden_size]);
+        assert_eq!(generic.head_layout, HeadLayout::Transposed);
+        let rows = generic
+            .embed_tokens
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        for t in [model.token_embedding(), model.lm_head_rows()] {
+            assert_eq!(t.into_data().to_vec::<f32>().unwrap(), rows);
+        }
+        let ids = vec![vec![0u32, 151_935, 42]];
+        let a = model.embed_inputs(&ids, u32::MAX, None).unwrap();
+        let b = generic.embed_inputs(&ids, u32::MAX, None).unwrap();
+        assert_eq!(
+            a.into_data().to_vec::<f32>().unwrap(),
+            b.into_data().to_vec::<f32>().unwrap()
+        );
         for name in CASES {
             let case = load_case(name);
             let (e, p) = case.tensors(&model, &cfg);
