@@ -587,4 +587,11 @@ pub struct BenchArgs {
     /// Batch size (vqa bench).
     #[arg(long = "batch_size", visible_alias = "batch-size", default_value_t = 8)]
     pub batch_size: usize,
+    /// vqa bench: answer with this many decoder layers of Qwen2.5-VL-3B's
+    /// width (hidden 2048, MLP 11008, 16 query and 2 KV heads; the 3B has
+    /// 36) and random weights, written to a temporary checkpoint next to
+    /// the tiny fixture's tokenizer, processor and images. It shows what
+    /// batching buys once weights, not per-token work, dominate.
+    #[arg(long = "synthetic_3b_layers", visible_alias = "synthetic-3b-layers")]
+    pub synthetic_3b_layers: Option<usize>,
 }

@@ -333,7 +333,12 @@ pub fn bench_vqa(args: &BenchArgs) -> Result<()> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl_tiny")
     });
     let device = Default::default();
-    let model = Arc::new(Qwen25Vl::<Cpu>::load(&dir, &device)?);
+    let synthetic = match args.synthetic_3b_layers {
+        Some(layers) => Some(synthetic_3b_checkpoint(&dir, layers)?),
+        None => None,
+    };
+    let model_dir = synthetic.as_ref().map_or(dir.as_path(), |t| t.path());
+    let model = Arc::new(Qwen25Vl::<Cpu>::load(model_dir, &device)?);
     let generation = GenerationConfig::resolve(
         &GenerationOverrides {
             max_new_tokens: Some(5),
@@ -390,8 +395,69 @@ pub fn bench_vqa(args: &BenchArgs) -> Result<()> {
             "prompts",
             n as f64,
             &secs,
-            serde_json::json!({"batch_size": batch, "model": dir.display().to_string()}),
+            serde_json::json!({
+                "batch_size": batch,
+                "model": dir.display().to_string(),
+                "synthetic_3b_layers": args.synthetic_3b_layers,
+            }),
         );
     }
     Ok(())
+}
+
+/// A checkpoint directory (deleted when dropped) with `layers` decoder
+/// layers of Qwen2.5-VL-3B's text width and random weights, plus the
+/// tokenizer, chat template and processor settings of `fixture`. The vision
+/// tower keeps the fixture's size and projects to the 3B width. Used by
+/// `bench vqa --synthetic_3b_layers`: the published 3B cannot be
+/// downloaded here, and the tiny fixture's weights are too small for
+/// batching to have anything to share.
+fn synthetic_3b_checkpoint(fixture: &Path, layers: usize) -> Result<tempfile::TempDir> {
+    use leverflow_operators::demo_vlm::checkpoint::{random_weights, write_safetensors};
+    use leverflow_operators::qwen2_5_vl::config::Qwen25VlConfig;
+    if layers == 0 {
+        bail!("--synthetic_3b_layers must be at least 1");
+    }
+    let tmp = tempfile::tempdir().context("temporary directory for the synthetic checkpoint")?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ] {
+        let src = fixture.join(f);
+        if src.exists() {
+            std::fs::copy(&src, tmp.path().join(f))
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    let path = fixture.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    // Qwen2.5-VL-3B-Instruct's text dimensions (its published config.json).
+    for (key, value) in [
+        ("hidden_size", serde_json::json!(2048)),
+        ("intermediate_size", serde_json::json!(11008)),
+        ("num_attention_heads", serde_json::json!(16)),
+        ("num_key_value_heads", serde_json::json!(2)),
+        ("num_hidden_layers", serde_json::json!(layers)),
+        ("tie_word_embeddings", serde_json::json!(true)),
+    ] {
+        config[key] = value;
+    }
+    config["rope_scaling"]["mrope_section"] = serde_json::json!([16, 24, 24]);
+    config["vision_config"]["out_hidden_size"] = serde_json::json!(2048);
+    let config_path = tmp.path().join("config.json");
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+    let parsed = Qwen25VlConfig::from_file(&config_path)?;
+    eprintln!(
+        "writing a synthetic checkpoint ({layers} layers of the 3B's width, random weights) to {}",
+        tmp.path().display()
+    );
+    let weights = random_weights(&parsed, 0, 0.02);
+    write_safetensors(&tmp.path().join("model.safetensors"), &weights)?;
+    Ok(tmp)
 }

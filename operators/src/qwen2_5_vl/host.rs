@@ -170,6 +170,12 @@ const LM_CHUNK: usize = 4096;
 /// The output of [`lm_head`], shared by tasks writing disjoint columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: tasks write disjoint elements (see `lm_head`).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
@@ -299,6 +305,112 @@ mod avx2 {
                 }
             }
         }
+    }
+}
+
+/// `x` [.., d_in] through `lin` (weight [d_in, d_out], bias [d_out]) on the
+/// host: one `sgemm` per column chunk that reads the weight where it lies,
+/// whatever its strides (the checkpoint's [d_out, d_in] matrix is held as a
+/// transposed view). burn's ndarray `matmul` first copies a non-contiguous
+/// operand, so each call on a 3B-width layer would copy tens of MB of
+/// weights; the chunks run in parallel. `None` off the host backend.
+pub(crate) fn linear<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    lin: &burn::nn::Linear<B>,
+) -> Option<Tensor<B, D>> {
+    let hx = HostF32::of(x)?;
+    let w = lin.weight.val();
+    let hw = HostF32::of(&w)?;
+    let xv = hx.view();
+    let xc = xv.as_standard_layout();
+    let xs = xc.as_slice()?;
+    let wv = hw.view();
+    let (&[d_in, d_out], &[rsw, csw]) = (wv.shape(), wv.strides()) else {
+        return None;
+    };
+    let dims = x.dims();
+    if dims[D - 1] != d_in {
+        return None;
+    }
+    let n = xs.len() / d_in.max(1);
+    let bias = match &lin.bias {
+        Some(b) => {
+            let hb = HostF32::of(&b.val())?;
+            let bs = hb.as_slice()?.to_vec();
+            (bs.len() == d_out).then_some(bs)?.into()
+        }
+        None => None,
+    };
+    let mut out = vec![0f32; n * d_out];
+    let ptr = OutPtr(out.as_mut_ptr());
+    let wp = WeightPtr(wv.as_ptr());
+    // Column chunks large enough to keep sgemm's packing worthwhile.
+    let chunk = d_out
+        .div_ceil(rayon::current_num_threads().max(1) * 2)
+        .max(64);
+    let chunks: Vec<(usize, usize)> = (0..d_out)
+        .step_by(chunk)
+        .map(|c0| (c0, (c0 + chunk).min(d_out)))
+        .collect();
+    chunks.par_iter().for_each(|&(c0, c1)| {
+        // SAFETY: `wp` points at the [d_in, d_out] weight with strides
+        // (rsw, csw), offset by c0 columns; `xs` holds [n, d_in]
+        // row-major; the output chunk covers columns c0..c1 of `out`
+        // [n, d_out], written by no other task; beta = 0 ignores its
+        // previous contents.
+        unsafe {
+            matrixmultiply::sgemm(
+                n,
+                d_in,
+                c1 - c0,
+                1.0,
+                xs.as_ptr(),
+                d_in as isize,
+                1,
+                wp.get().offset(c0 as isize * csw),
+                rsw,
+                csw,
+                0.0,
+                ptr.get().add(c0),
+                d_out as isize,
+                1,
+            );
+        }
+    });
+    if let Some(b) = bias {
+        for row in out.chunks_exact_mut(d_out) {
+            for (o, &bb) in row.iter_mut().zip(&b) {
+                *o += bb;
+            }
+        }
+    }
+    let mut shape = dims;
+    shape[D - 1] = d_out;
+    Some(Tensor::from_data(TensorData::new(out, shape), &x.device()))
+}
+
+/// The weight of [`linear`], read by tasks concurrently.
+#[derive(Clone, Copy)]
+struct WeightPtr(*const f32);
+impl WeightPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+// SAFETY: only read while the weight tensor is alive (inside `linear`).
+unsafe impl Send for WeightPtr {}
+// SAFETY: as above.
+unsafe impl Sync for WeightPtr {}
+
+/// `lin.forward(x)`, on the host through [`linear`].
+pub(crate) fn apply_linear<B: Backend, const D: usize>(
+    lin: &burn::nn::Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    match linear(&x, lin) {
+        Some(y) => y,
+        None => lin.forward(x),
     }
 }
 
@@ -446,6 +558,38 @@ mod tests {
             .flat_map(|&c| rows[c as usize * d..(c as usize + 1) * d].to_vec())
             .collect();
         assert_eq!(got.into_data().to_vec::<f32>().unwrap(), want);
+    }
+
+    #[test]
+    fn linear_reads_transposed_weights_and_adds_the_bias() {
+        let dev = Default::default();
+        // Weight held as a transposed view of [d_out, d_in] (as loaded from
+        // a checkpoint) and as a contiguous tensor; with and without bias;
+        // enough columns for several parallel chunks.
+        for (d_in, d_out, bias) in [(5, 3, true), (37, 300, true), (16, 129, false)] {
+            let w = Tensor::<TB, 2>::random([d_out, d_in], Distribution::Normal(0.0, 1.0), &dev);
+            for weight in [w.clone().transpose(), w.clone().transpose().add_scalar(0.0)] {
+                let lin = burn::nn::Linear {
+                    weight: burn::module::Param::from_tensor(weight),
+                    bias: bias.then(|| {
+                        burn::module::Param::from_tensor(Tensor::<TB, 1>::random(
+                            [d_out],
+                            Distribution::Normal(0.0, 1.0),
+                            &dev,
+                        ))
+                    }),
+                };
+                let x = Tensor::<TB, 3>::random([2, 7, d_in], Distribution::Normal(0.0, 1.0), &dev);
+                let fast = linear(&x, &lin).expect("host backend");
+                assert_eq!(fast.dims(), [2, 7, d_out]);
+                let slow = lin.forward(x);
+                let (f, s) = (
+                    fast.into_data().to_vec::<f32>().unwrap(),
+                    slow.into_data().to_vec::<f32>().unwrap(),
+                );
+                assert!(max_abs_diff(&f, &s) < 1e-4, "{d_in}x{d_out}");
+            }
+        }
     }
 
     #[test]

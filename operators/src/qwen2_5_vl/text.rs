@@ -248,19 +248,13 @@ impl<B: Backend> TextAttention<B> {
         let [b, lq, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kvh;
-        let q = self
-            .q_proj
-            .forward(x.clone())
+        let q = host::apply_linear(&self.q_proj, x.clone())
             .reshape([b, lq, h, hd])
             .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        let k = host::apply_linear(&self.k_proj, x.clone())
             .reshape([b, lq, kvh, hd])
             .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = host::apply_linear(&self.v_proj, x)
             .reshape([b, lq, kvh, hd])
             .swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
@@ -273,7 +267,7 @@ impl<B: Backend> TextAttention<B> {
         let masked = match mask {
             AttentionMask::Host { key_valid, past } => {
                 if let Some(out) = host::attention(&q, &k, &v, key_valid, *past) {
-                    return self.o_proj.forward(out);
+                    return host::apply_linear(&self.o_proj, out);
                 }
                 build_mask::<B>(key_valid, *past, lq, &q.device())
             }
@@ -299,7 +293,7 @@ impl<B: Backend> TextAttention<B> {
             .reshape([b, h, lq, hd])
             .swap_dims(1, 2)
             .reshape([b, lq, h * hd]);
-        self.o_proj.forward(out)
+        host::apply_linear(&self.o_proj, out)
     }
 }
 
@@ -316,8 +310,8 @@ pub struct TextMlp<B: Backend> {
 
 impl<B: Backend> TextMlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let g = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g.mul(self.up_proj.forward(x)))
+        let g = silu(host::apply_linear(&self.gate_proj, x.clone()));
+        host::apply_linear(&self.down_proj, g.mul(host::apply_linear(&self.up_proj, x)))
     }
 }
 

@@ -17,6 +17,7 @@
 //! the other images encoded with it.  Segments of equal length are batched
 //! into one attention call.
 
+use super::host::apply_linear;
 use crate::qwen2_5_vl::config::VisionConfig;
 use crate::qwen2_5_vl::weights::{WeightStore, WeightsError};
 use burn::module::{Module, Param};
@@ -378,7 +379,7 @@ impl<B: Backend> VisionAttention<B> {
         let [n, d] = x.dims();
         let heads = self.num_heads;
         let hd = d / heads;
-        let qkv = self.qkv.forward(x).reshape([n, 3, heads, hd]);
+        let qkv = apply_linear(&self.qkv, x).reshape([n, 3, heads, hd]);
         let part = |i: usize| {
             qkv.clone()
                 .slice([0..n, i..i + 1, 0..heads, 0..hd])
@@ -415,15 +416,15 @@ impl<B: Backend> VisionAttention<B> {
         if let Some(restore) = &plan.restore {
             out = out.select(0, restore.clone());
         }
-        self.proj.forward(out)
+        apply_linear(&self.proj, out)
     }
 }
 
 impl<B: Backend> VisionMlp<B> {
     /// down(silu(gate(x)) * up(x)).
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.down
-            .forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+        let gated = silu(apply_linear(&self.gate, x.clone())) * apply_linear(&self.up, x);
+        apply_linear(&self.down, gated)
     }
 }
 
@@ -455,7 +456,7 @@ impl<B: Backend> PatchMerger<B> {
             .ln_q
             .forward(x)
             .reshape([n / self.merge_unit, d * self.merge_unit]);
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        apply_linear(&self.fc2, gelu(apply_linear(&self.fc1, x)))
     }
 }
 
