@@ -143,7 +143,7 @@ pub(crate) fn lm_head<B: Backend>(
     // Every element is written below, so the output is not zeroed first:
     // that would be one more pass over n × 151,936 floats per step.
     let mut out: Vec<f32> = Vec::with_capacity(n * v);
-    let ptr = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let ptr = Shared(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let per_task = LM_CHUNK / HEAD_BLOCK;
     let chunks: Vec<(usize, usize)> = (0..blocks)
         .step_by(per_task)
@@ -167,19 +167,22 @@ pub(crate) fn lm_head<B: Backend>(
 /// Columns per parallel task of [`lm_head`].
 const LM_CHUNK: usize = 4096;
 
-/// The output of [`lm_head`], shared by tasks writing disjoint columns.
+/// A raw pointer handed to parallel tasks: the output of [`lm_head`] and
+/// [`linear`] (tasks write disjoint elements) and the weight of [`linear`]
+/// (only read, while its tensor is alive).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-impl OutPtr {
+struct Shared<P>(P);
+impl<P: Copy> Shared<P> {
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    fn get(self) -> P {
         self.0
     }
 }
-// SAFETY: tasks write disjoint elements (see `lm_head`).
-unsafe impl Send for OutPtr {}
+// SAFETY: only built from raw pointers whose users uphold the contracts
+// above (disjoint writes, reads of live memory).
+unsafe impl<P> Send for Shared<P> {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl<P> Sync for Shared<P> {}
 
 /// The columns of blocks `b0..b1` (clipped to `v`) of `out` [n, v] =
 /// `h` [n, d] · `W`ᵀ, with `W` packed by [`pack_lm_head`].
@@ -196,7 +199,7 @@ unsafe fn lm_head_blocks(
     v: usize,
     b0: usize,
     b1: usize,
-    out: OutPtr,
+    out: Shared<*mut f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -333,17 +336,17 @@ pub(crate) fn linear<B: Backend, const D: usize>(
         return None;
     }
     let n = xs.len() / d_in.max(1);
-    let bias = match &lin.bias {
-        Some(b) => {
-            let hb = HostF32::of(&b.val())?;
-            let bs = hb.as_slice()?.to_vec();
-            (bs.len() == d_out).then_some(bs)?.into()
-        }
+    let hb = match &lin.bias {
+        Some(b) => Some(HostF32::of(&b.val())?),
+        None => None,
+    };
+    let bias = match &hb {
+        Some(h) => Some(h.as_slice().filter(|b| b.len() == d_out)?),
         None => None,
     };
     let mut out = vec![0f32; n * d_out];
-    let ptr = OutPtr(out.as_mut_ptr());
-    let wp = WeightPtr(wv.as_ptr());
+    let ptr = Shared(out.as_mut_ptr());
+    let wp = Shared(wv.as_ptr());
     // Column chunks large enough to keep sgemm's packing worthwhile.
     let chunk = d_out
         .div_ceil(rayon::current_num_threads().max(1) * 2)
@@ -379,7 +382,7 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     });
     if let Some(b) = bias {
         for row in out.chunks_exact_mut(d_out) {
-            for (o, &bb) in row.iter_mut().zip(&b) {
+            for (o, &bb) in row.iter_mut().zip(b) {
                 *o += bb;
             }
         }
@@ -388,20 +391,6 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     shape[D - 1] = d_out;
     Some(Tensor::from_data(TensorData::new(out, shape), &x.device()))
 }
-
-/// The weight of [`linear`], read by tasks concurrently.
-#[derive(Clone, Copy)]
-struct WeightPtr(*const f32);
-impl WeightPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *const f32 {
-        self.0
-    }
-}
-// SAFETY: only read while the weight tensor is alive (inside `linear`).
-unsafe impl Send for WeightPtr {}
-// SAFETY: as above.
-unsafe impl Sync for WeightPtr {}
 
 /// `lin.forward(x)`, on the host through [`linear`].
 pub(crate) fn apply_linear<B: Backend, const D: usize>(

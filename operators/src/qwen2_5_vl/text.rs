@@ -56,7 +56,8 @@ pub trait TensorSource {
     /// Returns the tensor `key` converted to f32 in row-major order, checking
     /// that its shape equals `shape`.
     fn tensor_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, TextError>;
-    /// Whether the checkpoint holds `key`.
+    /// Whether the checkpoint stores `key` itself (a tied head that only
+    /// falls back to the embedding does not count).
     fn contains(&self, key: &str) -> bool;
 }
 
@@ -525,8 +526,8 @@ impl<B: Backend> TextModel<B> {
         } else {
             Some(src.tensor_f32("lm_head.weight", &[v, d])?)
         };
-        // A tied checkpoint's head (the store's fallback to the embedding,
-        // or a stored copy equal to it) is the embedding: hold it once.
+        // A tied checkpoint that also stores a head equal to the embedding:
+        // hold the matrix once.
         let head = head.filter(|h| !(config.tie_word_embeddings && *h == emb));
         let (embed_tokens, lm_head, head_layout) = if host::is_host::<B>() {
             let (packed, shape) = host::pack_lm_head(head.as_deref().unwrap_or(&emb), v, d);
@@ -1046,6 +1047,12 @@ pub(crate) mod tests {
     #[test]
     fn host_kernels_match_the_generic_tensor_path() {
         type Generic = burn::backend::Autodiff<TB>;
+        fn assert_close(name: &str, what: &str, a: Tensor<TB, 2>, b: Tensor<Generic, 2>) {
+            let a = a.into_data().to_vec::<f32>().unwrap();
+            let b = b.into_data().to_vec::<f32>().unwrap();
+            let diff = max_abs_diff(&a, &b);
+            assert!(diff < 1e-4, "{name}: {what} {diff}");
+        }
         let (model, cfg) = load_model();
         let src = crate::qwen2_5_vl::weights::WeightStore::open(
             &fixture_dir(),
@@ -1085,27 +1092,11 @@ pub(crate) mod tests {
             let (mut c1, mut c2) = (model.new_cache(), generic.new_cache());
             let a = model.prefill(e, p, &case.mask, &mut c1).unwrap();
             let b = generic.prefill(e2, p2, &case.mask, &mut c2).unwrap();
-            let (a, b) = (
-                a.into_data().to_vec::<f32>().unwrap(),
-                b.into_data().to_vec::<f32>().unwrap(),
-            );
-            assert!(
-                max_abs_diff(&a, &b) < 1e-4,
-                "{name}: prefill {}",
-                max_abs_diff(&a, &b)
-            );
+            assert_close(name, "prefill", a, b);
             let tokens: Vec<u32> = (0..case.batch()).map(|i| 100 + i as u32).collect();
             let a = model.decode_step(&tokens, &mut c1).unwrap();
             let b = generic.decode_step(&tokens, &mut c2).unwrap();
-            let (a, b) = (
-                a.into_data().to_vec::<f32>().unwrap(),
-                b.into_data().to_vec::<f32>().unwrap(),
-            );
-            assert!(
-                max_abs_diff(&a, &b) < 1e-4,
-                "{name}: decode {}",
-                max_abs_diff(&a, &b)
-            );
+            assert_close(name, "decode", a, b);
         }
     }
 

@@ -529,8 +529,11 @@ impl super::text::TensorSource for WeightStore {
         Ok(data)
     }
 
+    /// Stored under this name: unlike [`WeightStore::contains`], a tied
+    /// `lm_head.weight` that only resolves to the embedding is not held, so
+    /// the loader keeps one copy instead of reading the embedding twice.
     fn contains(&self, key: &str) -> bool {
-        WeightStore::contains(self, key)
+        self.index.contains_key(&canonical_name(key))
     }
 }
 
