@@ -140,9 +140,18 @@ struct PipelineInputs {
 }
 
 impl PipelineInputs {
-    fn prepare(n: usize) -> Result<Self> {
+    fn prepare(n: usize, keep: Option<&Path>) -> Result<Self> {
         use std::io::Write;
-        let dir = tempfile::tempdir()?;
+        let dir = match keep {
+            Some(k) => {
+                std::fs::create_dir_all(k)?;
+                tempfile::Builder::new()
+                    .prefix("bench-")
+                    .disable_cleanup(true)
+                    .tempdir_in(k)?
+            }
+            None => tempfile::tempdir()?,
+        };
         let d = dir.path();
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo");
         // Dataset: n questions, 10 answers each, one shared image.
@@ -307,7 +316,7 @@ fn output_meta(out: &Path) -> Result<serde_json::Value> {
 /// `leverflow generate` as a child process from an empty state store. Peak
 /// memory: run this under `/usr/bin/time -v` or see BENCHMARKS.md.
 fn bench_pipeline(args: &BenchArgs) -> Result<()> {
-    let inputs = PipelineInputs::prepare(args.queries.max(64))?;
+    let inputs = PipelineInputs::prepare(args.queries.max(64), args.keep_dir.as_deref())?;
     let d = inputs.dir.path().to_path_buf();
     let out = d.join("rl.json");
     let mut rep = 0;
@@ -340,7 +349,7 @@ fn bench_pipeline(args: &BenchArgs) -> Result<()> {
 /// wall times, their ratio, and the VQA calls of each.
 fn bench_rerun(args: &BenchArgs) -> Result<()> {
     let n = args.queries.max(100);
-    let inputs = PipelineInputs::prepare(n)?;
+    let inputs = PipelineInputs::prepare(n, args.keep_dir.as_deref())?;
     let base = n - n / 100;
     inputs.write_beams("base.json", base)?;
     let d = inputs.dir.path().to_path_buf();
@@ -357,7 +366,9 @@ fn bench_rerun(args: &BenchArgs) -> Result<()> {
         inputs.run("generate", &flags, &out, "beam.json")?;
         let rerun_s = t.elapsed().as_secs_f64();
         let state_bytes = std::fs::metadata(state.join("state.redb"))?.len();
-        std::fs::remove_dir_all(&state)?;
+        if args.keep_dir.is_none() {
+            std::fs::remove_dir_all(&state)?;
+        }
         if rep == 0 {
             continue; // warm-up
         }
@@ -416,7 +427,7 @@ fn loopback_bytes() -> Option<u64> {
 /// processes x 1 worker (127.0.0.1), and the bytes the processes exchanged
 /// per candidate (loopback traffic).
 fn bench_cluster(args: &BenchArgs) -> Result<()> {
-    let inputs = PipelineInputs::prepare(args.queries.max(64))?;
+    let inputs = PipelineInputs::prepare(args.queries.max(64), args.keep_dir.as_deref())?;
     let d = inputs.dir.path().to_path_buf();
     let exe = std::env::current_exe()?;
     for (processes, workers) in [(1usize, 1usize), (1, 2), (2, 1)] {

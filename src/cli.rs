@@ -448,6 +448,18 @@ pub struct GenerateArgs {
         default_value = "full"
     )]
     pub output_mode: String,
+    /// Queries per output segment (query index / N): a Parquet row group
+    /// never spans two segments, and a rerun copies every segment whose
+    /// queries are unchanged from the previous outputs instead of
+    /// rewriting it. Smaller segments make reruns cheaper and row groups
+    /// smaller.
+    #[arg(
+        long = "segment_queries",
+        visible_alias = "segment-queries",
+        default_value_t = leverflow_operators::sinks::DEFAULT_SEGMENT_QUERIES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub segment_queries: u64,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -594,4 +606,10 @@ pub struct BenchArgs {
     /// batching buys once weights, not per-token work, dominate.
     #[arg(long = "synthetic_3b_layers", visible_alias = "synthetic-3b-layers")]
     pub synthetic_3b_layers: Option<usize>,
+    /// pipeline / rerun / cluster benches: prepare the synthetic inputs in
+    /// this directory and keep them (and the runs' outputs and state) after
+    /// the benchmark, to profile a run by hand. Default: a temporary
+    /// directory, removed at the end.
+    #[arg(long = "keep_dir", visible_alias = "keep-dir")]
+    pub keep_dir: Option<PathBuf>,
 }

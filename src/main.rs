@@ -23,6 +23,14 @@ use anyhow::Result;
 use clap::Parser;
 
 fn main() {
+    // Diagnostics for developers and bug reports: `LEVERFLOW_LOG=debug`
+    // (any `tracing` filter) prints them on stderr; silent by default.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("LEVERFLOW_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

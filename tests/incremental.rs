@@ -126,6 +126,71 @@ fn new_queries_cost_only_their_own_vqa_calls() {
     same_outputs(&out, &fresh);
 }
 
+/// The Parquet file's bytes up to its `_meta` (the data pages, page
+/// indexes and the footer before the key-value metadata holding `_meta`).
+fn parquet_without_meta(p: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(p).unwrap();
+    let cut = bytes
+        .windows(b"leverflow_meta".len())
+        .rposition(|w| w == b"leverflow_meta")
+        .expect("_meta is in the footer");
+    bytes[..cut].to_vec()
+}
+
+#[test]
+fn unchanged_output_segments_are_copied_and_match_a_run_from_scratch() {
+    // Segments of 8 queries: 0-7, 8-15, ..., 40-47.
+    let r = replay_fixture();
+    let d = &r.dir;
+    let seg = ["--segment_queries", "8"];
+    let first = beam_subset(d, "first.json", |q| q < 45 && q != 9);
+    let all = PathBuf::from(demo("beam_data.json"));
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    let c1 = run_replay(&r, &first, &out, &state, &seg);
+    assert_eq!(n(&c1, "output_segments"), 6);
+    assert_eq!(n(&c1, "output_segments_copied"), 0);
+    // Queries 9 and 45..47 are new: segments 1 and 5 are written, the
+    // other four are copied from the outputs of the first run.
+    let c2 = run_replay(&r, &all, &out, &state, &seg);
+    assert_eq!(n(&c2, "queries_added"), 4, "{c2}");
+    assert_eq!(n(&c2, "output_segments_copied"), 4, "{c2}");
+    let fresh = d.join("fresh.json");
+    run_replay(&r, &all, &fresh, &d.join("fresh-state"), &seg);
+    assert_eq!(without_meta(&out), without_meta(&fresh));
+    let (pq, fresh_pq) = (
+        out.with_extension("parquet"),
+        fresh.with_extension("parquet"),
+    );
+    assert_eq!(parquet_without_meta(&pq), parquet_without_meta(&fresh_pq));
+    assert_eq!(
+        read_json(&out)["_meta"]["counts"]["by_gen_method"],
+        read_json(&fresh)["_meta"]["counts"]["by_gen_method"]
+    );
+    assert_eq!(
+        read_json(&out)["_meta"]["counts"]["reward_p50"],
+        read_json(&fresh)["_meta"]["counts"]["reward_p50"]
+    );
+    // Nothing changed: every segment is copied.
+    let c3 = run_replay(&r, &all, &out, &state, &seg);
+    assert_eq!(n(&c3, "output_segments_copied"), 6, "{c3}");
+    assert_eq!(without_meta(&out), without_meta(&fresh));
+    // An output edited since (here: in place, same length) is never copied
+    // from: everything is written from the store again.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let edited = text.replacen("\"question\":\"", "\"question\":\"X", 1);
+    std::fs::write(&out, &edited[..text.len()]).unwrap();
+    let c4 = run_replay(&r, &all, &out, &state, &seg);
+    assert_eq!(n(&c4, "output_segments_copied"), 0, "{c4}");
+    assert_eq!(without_meta(&out), without_meta(&fresh));
+    assert_eq!(parquet_without_meta(&pq), parquet_without_meta(&fresh_pq));
+    // A missing Parquet output: written again, not copied.
+    std::fs::remove_file(&pq).unwrap();
+    let c5 = run_replay(&r, &all, &out, &state, &seg);
+    assert_eq!(n(&c5, "output_segments_copied"), 0, "{c5}");
+    assert_eq!(parquet_without_meta(&pq), parquet_without_meta(&fresh_pq));
+}
+
 #[test]
 fn removed_queries_vanish_and_nothing_is_recomputed_with_a_delta() {
     // (b) remove 10 queries, with --output_mode delta.

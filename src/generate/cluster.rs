@@ -93,7 +93,7 @@ impl ProcessTail {
                 Ok(())
             })?;
         let parts = parts.finish()?;
-        self.store.complete_run(&removed, &current)?;
+        self.store.complete_run(&removed, &current, None)?;
         summary.skipped = skipped.len() as u64;
         summary.vqa_calls = self
             .counters

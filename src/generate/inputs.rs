@@ -74,6 +74,8 @@ pub struct Inputs {
     pub query_emb_path: PathBuf,
     /// `--beam_data`, for messages.
     pub beam_path: PathBuf,
+    /// `--segment_queries`: queries per output segment.
+    pub segment_queries: u64,
 }
 
 fn required<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a Path> {
@@ -268,6 +270,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
         hashes,
         query_emb_path: query_emb_path.to_path_buf(),
         beam_path: beam.to_path_buf(),
+        segment_queries: args.segment_queries,
     })
 }
 

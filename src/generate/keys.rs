@@ -132,11 +132,13 @@ impl RunKeys {
     }
 
     /// The key of a query's inputs: its record is reused when this matches.
+    /// `stamps` caches image stamps (questions share images).
     pub fn input_key(
         &self,
         inputs: &Inputs,
         w: &QueryWork,
         with_images: bool,
+        stamps: &mut HashMap<PathBuf, ImageStamp>,
     ) -> Result<Key, String> {
         let mut h = KeyHasher::new("leverflow/input/v1");
         h.key(&self.record).u64(w.query_index);
@@ -145,7 +147,19 @@ impl RunKeys {
         }
         h.str("end-beams");
         query_row(&mut h, inputs, w.query_index)?;
-        add_item(&mut h, inputs, w.query_index, with_images).map_err(|e| e.to_string())?;
+        if with_images {
+            let item = inputs
+                .dataset
+                .get(w.query_index)
+                .map_err(|e| e.to_string())?;
+            add_content(&mut h, item);
+            let s = *stamps
+                .entry(item.image_path.clone())
+                .or_insert_with(|| image_stamp(&item.image_path));
+            add_stamp(&mut h, &item.image_path, s);
+        } else {
+            add_item(&mut h, inputs, w.query_index, false).map_err(|e| e.to_string())?;
+        }
         if let Pools::PerQuery { pools } = &inputs.pools {
             if let Some(ids) = pools.get(&w.query_index) {
                 h.u64s(ids);
@@ -222,10 +236,8 @@ fn query_row(h: &mut KeyHasher, inputs: &Inputs, q: u64) -> Result<(), String> {
     }
 }
 
-/// Adds a dataset item's content (and its image's stamp when images
-/// matter).
-fn add_item(h: &mut KeyHasher, inputs: &Inputs, index: u64, with_image: bool) -> Result<()> {
-    let item = inputs.dataset.get(index)?;
+/// Adds a dataset item's text content.
+fn add_content(h: &mut KeyHasher, item: &leverflow_operators::dataset::VqaItem) {
     h.u64(item.question_id)
         .u64(item.image_id)
         .str(&item.question)
@@ -234,6 +246,13 @@ fn add_item(h: &mut KeyHasher, inputs: &Inputs, index: u64, with_image: bool) ->
     for a in &item.answers {
         h.str(a);
     }
+}
+
+/// Adds a dataset item's content (and its image's stamp when images
+/// matter).
+fn add_item(h: &mut KeyHasher, inputs: &Inputs, index: u64, with_image: bool) -> Result<()> {
+    let item = inputs.dataset.get(index)?;
+    add_content(h, item);
     if with_image {
         add_stamp(h, &item.image_path, image_stamp(&item.image_path));
     } else {

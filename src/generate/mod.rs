@@ -19,6 +19,7 @@ mod cluster;
 pub mod inputs;
 pub mod keys;
 pub mod meta;
+pub mod outputs;
 pub mod stages;
 pub mod summary;
 
@@ -29,10 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use leverflow_operators::dataflow::{
-    batched, execute_cluster, incremental_front, run_worker, DriverConfig, ErrorSlot, InputChange,
-    SinkFn, SourceItem,
+    batched, execute_cluster, incremental_front, interleave_previous, run_worker, DriverConfig,
+    ErrorSlot, InputChange, SinkFn, SourceItem,
 };
-use leverflow_operators::sinks::{AtomicFile, JsonSink, OutputConfig, ParquetSink, SinkError};
+use leverflow_operators::sinks::{AtomicFile, OutputConfig, ParquetSink};
 use leverflow_operators::source::{count_records, BeamReader};
 use leverflow_operators::state::{Key, QueryUpdate, StateStore, StoreWriter, StoredOutcome};
 use leverflow_operators::vqa::VqaModel;
@@ -71,6 +72,12 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         let a = args.clone();
         std::thread::spawn(move || crate::backends::vqa_factory(&a))
     });
+    // Counting the beam records (for progress) reads the whole file: do it
+    // while the inputs load.
+    let counting = args
+        .beam_data
+        .clone()
+        .map(|p| std::thread::spawn(move || count_records(&p)));
     progress::phase(style, "loading inputs (dataset, embeddings, checkpoint)");
     let inputs = inputs::load(&args, with_vqa);
     let backend = match backend {
@@ -92,7 +99,10 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
 
     let beam_path = args.beam_data.clone().context("missing --beam_data")?;
     let counters = Arc::new(Counters::default());
-    let total = count_records(&beam_path)?;
+    let total = counting
+        .context("missing --beam_data")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("counting the beam records panicked"))??;
     let (lo, hi) =
         leverflow_operators::source::slice_bounds(args.start_idx as i64, args.end_idx, total);
     counters
@@ -203,25 +213,25 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                 let reader = BeamReader::open(&beam_path)
                     .and_then(|r| r.with_range(start_idx, end_idx))
                     .map_err(|e| e.to_string())?;
-                let before = previous
-                    .iter()
-                    .map(|(q, k)| Ok(SourceItem::Previous(*q, *k)));
                 let reader =
                     reader.filter(move |r| r.as_ref().map_or(true, |b| mine(b.query_index)));
-                Some(before.chain(reader.map(|r| {
-                    r.map(|b| {
-                        SourceItem::Current(QueryWork {
-                            query_index: b.query_index,
-                            source_beams: b
-                                .id_list
-                                .iter()
-                                .map(|seq| seq[..seq.len().saturating_sub(1)].to_vec())
-                                .collect(),
-                            input_key: [0; 32],
-                        })
+                let work = reader.map(|r| {
+                    r.map(|b| QueryWork {
+                        query_index: b.query_index,
+                        source_beams: b
+                            .id_list
+                            .iter()
+                            .map(|seq| seq[..seq.len().saturating_sub(1)].to_vec())
+                            .collect(),
+                        input_key: [0; 32],
                     })
                     .map_err(|e| e.to_string())
-                })))
+                });
+                Some(interleave_previous(
+                    previous.iter().copied().collect::<Vec<_>>(),
+                    work,
+                    |w: &QueryWork| w.query_index,
+                ))
             } else {
                 None
             };
@@ -424,54 +434,45 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     progress::phase(style, "writing outputs");
     let write_started = Instant::now();
     let out_cfg = output_config(&inputs, with_vqa, save_prompts);
-    let mut writer = Outputs::create(&out_cfg)?;
-    let mut summary = summary::Summary::default();
-    let mut skipped: Vec<(u64, String)> = Vec::new();
-    // Reading and decompressing the stored records runs on its own thread,
-    // overlapping with parsing and writing here.
-    let (rx, reader) = stream_records(Arc::clone(&store), current.clone());
-    for item in rx {
-        let (q, outcome) = item?;
-        match outcome {
-            StoredOutcome::Record(bytes) => {
-                let record = parse_stored(store.path(), q, &bytes)?;
-                summary.add(&record);
-                writer.write(q, record, &bytes)?;
-            }
-            StoredOutcome::Skipped(reason) => skipped.push((q, reason)),
-            StoredOutcome::Compressed(_) => {
-                anyhow::bail!("internal error: the store returned a compressed record")
-            }
-        }
-    }
-    reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the store reader thread panicked"))??;
-    summary.skipped = skipped.len() as u64;
-    summary.vqa_calls = load(&counters.vqa_calls);
-    summary.backend = sum_stats(&backend_stats);
-    summary.incremental = incremental;
-    let timings = meta::Timings {
+    let vqa_calls = load(&counters.vqa_calls);
+    let backend = sum_stats(&backend_stats);
+    let mut timings = meta::Timings {
         load_s,
         dataflow_s,
-        write_s: write_started.elapsed().as_secs_f64(),
+        write_s: 0.0,
         store_s: writer_stats.commit_s,
-        total_s: started.elapsed().as_secs_f64(),
+        total_s: 0.0,
     };
-    let meta = meta::build(
-        &args,
-        &inputs,
-        &summary,
-        &skipped,
-        &timings,
-        &model_identity,
-    );
-    writer.finish(&meta)?;
+    let written = outputs::write_outputs(&store, &out_cfg, &current, |summary, skipped, seg| {
+        let mut summary = summary.clone();
+        summary.vqa_calls = vqa_calls;
+        summary.backend = backend.clone();
+        summary.incremental = incremental.clone();
+        summary.incremental.output_segments_copied = seg.copied as u64;
+        summary.incremental.output_segments = seg.total as u64;
+        timings.write_s = write_started.elapsed().as_secs_f64();
+        timings.total_s = started.elapsed().as_secs_f64();
+        meta::build(&args, &inputs, &summary, skipped, &timings, &model_identity)
+    })?;
+    let mut summary = written.summary;
+    summary.vqa_calls = vqa_calls;
+    summary.backend = backend;
+    summary.incremental = incremental;
+    summary.incremental.output_segments_copied = written.segments.copied as u64;
+    summary.incremental.output_segments = written.segments.total as u64;
     if let Some(d) = &delta {
+        let meta = meta::build(
+            &args,
+            &inputs,
+            &summary,
+            &written.skipped,
+            &timings,
+            &model_identity,
+        );
         write_delta(d, &store, &out_cfg, &delta_rows, &removed, &meta)?;
     }
     // Last: this run's input becomes the previous input of the next run.
-    store.complete_run(&removed, &current)?;
+    store.complete_run(&removed, &current, Some(&written.manifest))?;
     summary.print(&inputs, &timings, with_vqa);
     if let Some(d) = &delta {
         println!("  delta Parquet      {}", d.parquet.display());
@@ -542,29 +543,6 @@ fn classify(
         delta_rows,
         incremental,
     })
-}
-
-/// Streams the stored records of `queries` (ascending) from a thread.
-type RecordStream = (
-    std::sync::mpsc::Receiver<Result<(u64, StoredOutcome)>>,
-    std::thread::JoinHandle<Result<()>>,
-);
-
-fn stream_records(store: Arc<StateStore>, queries: Vec<(u64, Key)>) -> RecordStream {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1024);
-    let handle = std::thread::spawn(move || -> Result<()> {
-        let sent = store.visit_records(&queries, |q, outcome| -> Result<()> {
-            // A closed channel means the consumer stopped on an error of
-            // its own; stop quietly.
-            let _ = tx.send(Ok((q, outcome)));
-            Ok(())
-        });
-        if let Err(e) = sent {
-            let _ = tx.send(Err(e));
-        }
-        Ok(())
-    });
-    (rx, handle)
 }
 
 /// Default `--state_dir`: `<output_path>.state/`.
@@ -640,95 +618,6 @@ fn write_delta(
     Ok(())
 }
 
-/// The outputs of a run: JSON written on this thread from the records'
-/// already serialised bytes, Parquet encoded (zstd) on a second thread fed
-/// through a bounded channel, so the two formats are written in parallel.
-/// Nothing appears at an output path unless [`Outputs::finish`] succeeds.
-struct Outputs {
-    json: Option<JsonSink>,
-    parquet: Option<ParquetThread>,
-}
-
-/// The channel into the Parquet writer thread and the thread's handle.
-type ParquetThread = (
-    std::sync::mpsc::SyncSender<(u64, RlRecord)>,
-    std::thread::JoinHandle<Result<ParquetSink, SinkError>>,
-);
-
-impl Outputs {
-    fn create(cfg: &OutputConfig) -> Result<Self> {
-        let json = match &cfg.json {
-            Some(p) => Some(JsonSink::create(p, cfg.json_options.clone())?),
-            None => None,
-        };
-        let parquet = match &cfg.parquet {
-            Some(p) => {
-                let mut sink = ParquetSink::create(p, cfg.parquet_options.clone())?;
-                let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, RlRecord)>(1024);
-                let handle = std::thread::spawn(move || {
-                    for (q, r) in rx {
-                        sink.write_record(q, &r)?;
-                    }
-                    Ok(sink)
-                });
-                Some((tx, handle))
-            }
-            None => None,
-        };
-        Ok(Self { json, parquet })
-    }
-
-    fn write(&mut self, q: u64, record: RlRecord, bytes: &[u8]) -> Result<()> {
-        if let Some(j) = self.json.as_mut() {
-            j.write_serialised(q, &record, bytes)?;
-        }
-        if let Some((tx, _)) = &self.parquet {
-            if tx.send((q, record)).is_err() {
-                // The writer thread stopped: its error is reported by finish.
-                return self.fail_parquet();
-            }
-        }
-        Ok(())
-    }
-
-    fn fail_parquet(&mut self) -> Result<()> {
-        match self.parquet.take() {
-            Some((tx, handle)) => {
-                drop(tx);
-                match handle.join() {
-                    Ok(Err(e)) => Err(e.into()),
-                    Ok(Ok(_)) => Err(anyhow::anyhow!(
-                        "internal error: the Parquet writer stopped early"
-                    )),
-                    Err(_) => Err(anyhow::anyhow!("the Parquet writer thread panicked")),
-                }
-            }
-            None => Ok(()),
-        }
-    }
-
-    fn finish(mut self, meta: &serde_json::Value) -> Result<()> {
-        let parquet = match self.parquet.take() {
-            Some((tx, handle)) => {
-                drop(tx);
-                Some(
-                    handle
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("the Parquet writer thread panicked"))??,
-                )
-            }
-            None => None,
-        };
-        if let Some(j) = self.json.take() {
-            j.finish(meta)?;
-        }
-        if let Some(p) = parquet {
-            p.finish(meta)?;
-        }
-        Ok(())
-    }
-}
-
 /// Sums the numeric counters the workers' backends reported.
 pub(crate) fn sum_stats(stats: &stages::BackendStats) -> serde_json::Value {
     let mut total = serde_json::Value::Object(serde_json::Map::new());
@@ -760,6 +649,7 @@ pub(crate) fn output_config(inputs: &Inputs, with_vqa: bool, save_prompts: bool)
             .contains(&OutputFormat::Parquet)
             .then(|| inputs.parquet_path.clone()),
         parquet_options: ParquetOptions {
+            segment_queries: inputs.segment_queries,
             per_query_pool,
             with_vqa,
             with_prompts: with_vqa && save_prompts,

@@ -106,12 +106,13 @@ pub fn plan(
     current: Arc<std::sync::Mutex<Vec<(u64, Key)>>>,
     counters: Arc<Counters>,
 ) -> BatchFn<QueryWork, Planned<QueryWork>> {
+    let mut stamps = std::collections::HashMap::new();
     Box::new(move |batch: Vec<QueryWork>| {
         let reader = store.reader().map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(batch.len());
         let mut seen = Vec::with_capacity(batch.len());
         for mut w in batch {
-            let key = keys.input_key(&inputs, &w, with_images)?;
+            let key = keys.input_key(&inputs, &w, with_images, &mut stamps)?;
             w.input_key = key;
             let reuse = reader
                 .has_record(w.query_index, &key)

@@ -8,7 +8,7 @@ use super::inputs::Inputs;
 use super::meta::Timings;
 
 /// Per-`gen_method` counts.
-#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MethodStats {
     /// Candidates.
     pub candidates: u64,
@@ -40,6 +40,49 @@ pub struct Summary {
     pub backend: serde_json::Value,
     /// What the run reused from, and changed in, the state store.
     pub incremental: Incremental,
+}
+
+/// The counts of a run of records (an output segment): what
+/// [`Summary::add`] collects, kept per segment so that a rerun can reuse a
+/// copied segment's counts without reading its records. Sums are taken per
+/// segment and then over segments in order, so the totals are the same
+/// whether a segment was written or copied.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RecordStats {
+    /// Records.
+    pub queries: u64,
+    /// Candidates.
+    pub candidates: u64,
+    /// Per generation method.
+    pub by_method: BTreeMap<String, MethodStats>,
+    /// Records with at least one correct candidate.
+    pub queries_with_correct: u64,
+    /// Every reward, in record order.
+    pub rewards: Vec<f64>,
+}
+
+impl RecordStats {
+    /// Adds one record.
+    pub fn add(&mut self, r: &RlRecord) {
+        self.queries += 1;
+        let mut any = false;
+        for c in &r.pointer_candidates {
+            self.candidates += 1;
+            let m = self.by_method.entry(c.gen_method.clone()).or_default();
+            m.candidates += 1;
+            m.acc_sum += c.vqa_acc_score.unwrap_or(0.0);
+            if c.vqa_correct == Some(1) {
+                m.correct += 1;
+                any = true;
+            }
+            if let Some(x) = c.reward {
+                self.rewards.push(x);
+            }
+        }
+        if any {
+            self.queries_with_correct += 1;
+        }
+    }
 }
 
 /// Adds the numeric fields of `from` to those of `into` (backend counters of
@@ -76,6 +119,10 @@ pub struct Incremental {
     pub vqa_cached: u64,
     /// Candidate sets served from the store instead of the selector.
     pub candidate_sets_cached: u64,
+    /// Output segments copied unchanged from the previous outputs.
+    pub output_segments_copied: u64,
+    /// Output segments written or copied.
+    pub output_segments: u64,
 }
 
 impl Summary {
@@ -111,28 +158,29 @@ impl Summary {
         i.queries_reused += j.queries_reused;
         i.vqa_cached += j.vqa_cached;
         i.candidate_sets_cached += j.candidate_sets_cached;
+        i.output_segments_copied += j.output_segments_copied;
+        i.output_segments += j.output_segments;
     }
 
     /// Adds one record.
     pub fn add(&mut self, r: &RlRecord) {
-        self.queries += 1;
-        let mut any = false;
-        for c in &r.pointer_candidates {
-            self.candidates += 1;
-            let m = self.by_method.entry(c.gen_method.clone()).or_default();
-            m.candidates += 1;
-            m.acc_sum += c.vqa_acc_score.unwrap_or(0.0);
-            if c.vqa_correct == Some(1) {
-                m.correct += 1;
-                any = true;
-            }
-            if let Some(x) = c.reward {
-                self.rewards.push(x);
-            }
+        let mut one = RecordStats::default();
+        one.add(r);
+        self.add_stats(&one);
+    }
+
+    /// Adds the counts of a run of records (an output segment).
+    pub fn add_stats(&mut self, s: &RecordStats) {
+        self.queries += s.queries;
+        self.candidates += s.candidates;
+        for (k, m) in &s.by_method {
+            let e = self.by_method.entry(k.clone()).or_default();
+            e.candidates += m.candidates;
+            e.acc_sum += m.acc_sum;
+            e.correct += m.correct;
         }
-        if any {
-            self.queries_with_correct += 1;
-        }
+        self.queries_with_correct += s.queries_with_correct;
+        self.rewards.extend_from_slice(&s.rewards);
     }
 
     /// The 10th, 50th and 90th percentiles of the rewards (nearest rank),
@@ -186,6 +234,8 @@ impl Summary {
             "queries_changed": self.incremental.queries_changed,
             "queries_reused": self.incremental.queries_reused,
             "candidate_sets_cached": self.incremental.candidate_sets_cached,
+            "output_segments_copied": self.incremental.output_segments_copied,
+            "output_segments": self.incremental.output_segments,
             "vqa_backend": self.backend,
         })
     }
@@ -203,6 +253,12 @@ impl Summary {
             i.vqa_cached,
             i.candidate_sets_cached
         );
+        if i.output_segments > 0 {
+            println!(
+                "  outputs            {} of {} segments copied from the previous outputs",
+                i.output_segments_copied, i.output_segments
+            );
+        }
         println!(
             "  time               {:.2}s (load {:.2}s, dataflow {:.2}s, write {:.2}s); {:.0} candidates/s",
             t.total_s,

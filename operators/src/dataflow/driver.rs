@@ -11,6 +11,12 @@ use timely::ExchangeData;
 
 use super::ErrorSlot;
 
+/// How long a worker with nothing to do parks before looking again. A
+/// message (data or progress) wakes it at once; parking instead of spinning
+/// leaves the cores to the workers and threads that have work, and the
+/// bound lets it notice a failed peer process.
+const IDLE_PARK: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// How the source feeds the graph.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -137,14 +143,14 @@ where
                 // Back-pressure: keep at most `max_inflight` batches in flight.
                 while !errors.is_set() && probe.less_than(&next.saturating_sub(config.max_inflight))
                 {
-                    worker.step();
+                    worker.step_or_park(Some(IDLE_PARK));
                 }
             }
         }
     }
     input.close();
     while !probe.done() {
-        worker.step();
+        worker.step_or_park(Some(IDLE_PARK));
     }
     match errors.get() {
         Some(e) => Err(e),

@@ -33,6 +33,40 @@ impl<W> SourceItem<W> {
     }
 }
 
+/// The source of an incremental run: the previous run's (query, key)
+/// pairs (ascending) merged into this run's work items by query index, each
+/// previous pair just before the first current item with an index at least
+/// as large (the rest at the end). When the beam data is in ascending
+/// order, as it usually is, a query's previous and current keys enter the
+/// differential comparison at the same time and an unchanged query produces
+/// no update at all; otherwise the comparison still classifies it
+/// correctly, through transient updates.
+pub fn interleave_previous<W, E>(
+    previous: impl IntoIterator<Item = (u64, Key)>,
+    current: impl IntoIterator<Item = Result<W, E>>,
+    index: fn(&W) -> u64,
+) -> impl Iterator<Item = Result<SourceItem<W>, E>> {
+    let mut previous = previous.into_iter().peekable();
+    let mut current = current.into_iter();
+    let mut pending: Option<Result<W, E>> = None;
+    std::iter::from_fn(move || {
+        if pending.is_none() {
+            pending = current.next();
+        }
+        match &pending {
+            Some(Ok(w)) => {
+                let q = index(w);
+                if let Some((p, k)) = previous.next_if(|(p, _)| *p <= q) {
+                    return Some(Ok(SourceItem::Previous(p, k)));
+                }
+                pending.take().map(|r| r.map(SourceItem::Current))
+            }
+            Some(Err(_)) => pending.take().map(|r| r.map(SourceItem::Current)),
+            None => previous.next().map(|(p, k)| Ok(SourceItem::Previous(p, k))),
+        }
+    })
+}
+
 /// What the planning stage decides for one query of this run.
 #[derive(Debug, Clone)]
 pub struct Planned<W> {

@@ -27,7 +27,7 @@ pub use cluster::{
 };
 pub use diff::InputChange;
 pub use driver::{run_worker, DriverConfig, SinkFn, WorkerOutcome};
-pub use incremental::{incremental_front, Planned, SourceItem};
+pub use incremental::{incremental_front, interleave_previous, Planned, SourceItem};
 
 use std::sync::{Arc, Mutex};
 

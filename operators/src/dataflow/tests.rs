@@ -203,3 +203,28 @@ fn the_differential_comparison_classifies_every_query() {
         assert_eq!(computed, vec![1, 2, 4], "{workers} workers");
     }
 }
+
+#[test]
+fn previous_keys_are_interleaved_by_query_index() {
+    use super::{interleave_previous, SourceItem};
+    let key = |b: u8| [b; 32];
+    let previous = vec![(1, key(1)), (2, key(2)), (5, key(5)), (9, key(9))];
+    let current: Vec<Result<u64, String>> = vec![Ok(2), Ok(3), Ok(7)];
+    let got: Vec<String> = interleave_previous(previous.clone(), current, |w: &u64| *w)
+        .map(|r| match r.unwrap() {
+            SourceItem::Previous(q, _) => format!("p{q}"),
+            SourceItem::Current(w) => format!("c{w}"),
+        })
+        .collect();
+    assert_eq!(got, ["p1", "p2", "c2", "c3", "p5", "c7", "p9"]);
+    // Out-of-order current items: every item still comes exactly once.
+    let current: Vec<Result<u64, String>> = vec![Ok(9), Ok(0), Err("bad".into()), Ok(1)];
+    let got: Vec<String> = interleave_previous(previous, current, |w: &u64| *w)
+        .map(|r| match r {
+            Ok(SourceItem::Previous(q, _)) => format!("p{q}"),
+            Ok(SourceItem::Current(w)) => format!("c{w}"),
+            Err(e) => e,
+        })
+        .collect();
+    assert_eq!(got, ["p1", "p2", "p5", "p9", "c9", "c0", "bad", "c1"]);
+}

@@ -64,6 +64,23 @@ impl AtomicFile {
             .count()
     }
 
+    /// Appends bytes `offset..offset + len` of `src` (in the kernel where
+    /// it can: `copy_file_range` on Linux, no copy through user space).
+    pub fn copy_range_from(&mut self, src: &File, offset: u64, len: u64) -> io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let writer = self.writer.as_mut().ok_or_else(io_other)?;
+        let mut from = src;
+        from.seek(SeekFrom::Start(offset))?;
+        let copied = io::copy(&mut from.take(len), writer)?;
+        if copied != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{copied} of {len} bytes copied"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The final output path.
     pub fn target(&self) -> &Path {
         &self.target

@@ -34,6 +34,10 @@ pub struct JsonSink {
     options: JsonOptions,
     last: Option<u64>,
     buf: Vec<u8>,
+    /// Bytes written so far.
+    written: u64,
+    /// Offset of the last record entry written (after its separator).
+    last_entry_start: u64,
 }
 
 impl JsonSink {
@@ -49,7 +53,102 @@ impl JsonSink {
             options,
             last: None,
             buf: Vec::with_capacity(4096),
+            written: 1,
+            last_entry_start: 1,
         })
+    }
+
+    /// Writes `self.buf`, whose entry starts at `entry_at` (after the
+    /// separator), and counts the bytes.
+    fn put_buf(&mut self, entry_at: usize) -> Result<(), SinkError> {
+        self.out
+            .write_all(&self.buf)
+            .map_err(|e| SinkError::io(&self.path, "writing", e))?;
+        self.last_entry_start = self.written + entry_at as u64;
+        self.written += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far: after the last record, the end of its entry.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Where the last record's entry (`"<idx>": record`, pretty output's
+    /// newline and indent included) starts in the file, after the `,` that
+    /// separates it from the previous one. With [`JsonSink::bytes_written`]
+    /// it delimits a run of entries that [`JsonSink::append_entries`] can
+    /// copy into a later output.
+    pub fn last_entry_start(&self) -> u64 {
+        self.last_entry_start
+    }
+
+    /// [`JsonSink::append_entries`] from bytes `range` of `src` (an earlier
+    /// output of the same options), copied without passing through memory
+    /// where the system allows.
+    pub fn append_entries_from(
+        &mut self,
+        first_query: u64,
+        last_query: u64,
+        src: &File,
+        range: std::ops::Range<u64>,
+    ) -> Result<std::ops::Range<u64>, SinkError> {
+        self.check_follows(first_query, last_query)?;
+        if self.last.is_some() {
+            self.out
+                .write_all(b",")
+                .map_err(|e| SinkError::io(&self.path, "writing", e))?;
+            self.written += 1;
+        }
+        let start = self.written;
+        let len = range.end.saturating_sub(range.start);
+        self.out
+            .copy_range_from(src, range.start, len)
+            .map_err(|e| SinkError::io(&self.path, "copying entries of the previous output", e))?;
+        self.written += len;
+        self.last_entry_start = start;
+        self.last = Some(last_query);
+        Ok(start..self.written)
+    }
+
+    fn check_follows(&self, first_query: u64, last_query: u64) -> Result<(), SinkError> {
+        if self.last.is_some_and(|l| first_query <= l) || last_query < first_query {
+            return Err(SinkError::invalid(
+                &self.path,
+                format!(
+                    "copied queries {first_query}..={last_query} do not follow query {:?}",
+                    self.last
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends already serialised entries (a byte range of an earlier output
+    /// of the same options, from one entry's start to another's end) for
+    /// queries `first_query..=last_query`, which must follow every query
+    /// written so far. Returns the range they occupy in this file.
+    pub fn append_entries(
+        &mut self,
+        first_query: u64,
+        last_query: u64,
+        entries: &[u8],
+    ) -> Result<std::ops::Range<u64>, SinkError> {
+        self.check_follows(first_query, last_query)?;
+        if self.last.is_some() {
+            self.out
+                .write_all(b",")
+                .map_err(|e| SinkError::io(&self.path, "writing", e))?;
+            self.written += 1;
+        }
+        let start = self.written;
+        self.out
+            .write_all(entries)
+            .map_err(|e| SinkError::io(&self.path, "writing", e))?;
+        self.written += entries.len() as u64;
+        self.last_entry_start = start;
+        self.last = Some(last_query);
+        Ok(start..self.written)
     }
 
     /// Serialises `value` into `self.buf` as `"key": value` (preceded by the
@@ -61,6 +160,7 @@ impl JsonSink {
         if self.last.is_some() {
             self.buf.push(b',');
         }
+        let entry_at = self.buf.len();
         let what = || format!("serialising key {key:?}");
         if self.options.pretty {
             self.buf.extend_from_slice(b"\n  ");
@@ -84,9 +184,7 @@ impl JsonSink {
             serde_json::to_writer(&mut self.buf, value)
                 .map_err(|e| SinkError::json(&self.path, what(), e))?;
         }
-        self.out
-            .write_all(&self.buf)
-            .map_err(|e| SinkError::io(&self.path, "writing", e))
+        self.put_buf(entry_at)
     }
 
     /// Writes the record of `query_index` (strictly greater than the previous
@@ -116,14 +214,13 @@ impl JsonSink {
         if self.last.is_some() {
             self.buf.push(b',');
         }
+        let entry_at = self.buf.len();
         self.buf.push(b'"');
         self.buf
             .extend_from_slice(query_index.to_string().as_bytes());
         self.buf.extend_from_slice(b"\":");
         self.buf.extend_from_slice(bytes);
-        self.out
-            .write_all(&self.buf)
-            .map_err(|e| SinkError::io(&self.path, "writing", e))?;
+        self.put_buf(entry_at)?;
         self.last = Some(query_index);
         Ok(())
     }

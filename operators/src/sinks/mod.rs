@@ -33,8 +33,8 @@ pub use self::merge::{
     MergeSummary, ParquetRecordReader, ReadRecord,
 };
 pub use self::parquet::{
-    read_rl_parquet, rows_to_records, visit_rl_parquet, ParquetOptions, ParquetRow, ParquetSink,
-    RlParquet,
+    read_rl_parquet, rows_to_records, segment_of, visit_rl_parquet, ParquetOptions, ParquetRow,
+    ParquetSink, ParquetSource, RlParquet, DEFAULT_SEGMENT_QUERIES,
 };
 pub use self::parts::{
     part_file_name, prepare_dataset_dir, read_dataset, read_manifest, scan_parts, write_manifest,

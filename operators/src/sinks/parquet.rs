@@ -20,13 +20,31 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use leverflow_schemas::{arrow_schema, CandidateRecord, QueryRecord, RlRecord, PARQUET_META_KEY};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowRowGroupWriterFactory};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::column::writer::ColumnCloseResult;
 use parquet::file::metadata::KeyValue;
+use parquet::file::metadata::{
+    PageIndexPolicy, ParquetMetaData, ParquetMetaDataOptions, ParquetMetaDataReader,
+};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::writer::SerializedFileWriter;
 use serde_json::Value;
 
 use super::{AtomicFile, SinkError};
+
+/// Default queries per output segment (see [`ParquetOptions::segment_queries`]):
+/// about 70,000 rows at ~8 candidates per query, a good row-group size for
+/// analytics, while a rerun that adds 1 % new queries re-encodes only the
+/// segments they fall in.
+pub const DEFAULT_SEGMENT_QUERIES: u64 = 8192;
+
+/// The output segment of query `q` with `segment_queries` queries per
+/// segment (0: one segment).
+pub fn segment_of(q: u64, segment_queries: u64) -> u64 {
+    q.checked_div(segment_queries).unwrap_or(0)
+}
 
 /// Options of [`ParquetSink`]; the three flags pick the schema.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +64,13 @@ pub struct ParquetOptions {
     pub batch_rows: usize,
     /// Most rows per row group (the writer holds one row group in memory).
     pub row_group_rows: usize,
+    /// Queries per output segment: a row group never holds queries of two
+    /// segments (segment = query index / `segment_queries`; 0: no segment
+    /// cuts). Segments are the unit a rerun copies unchanged from the
+    /// previous output ([`ParquetSink::copy_row_groups`]), and since they
+    /// depend only on query indices, an output's row groups are the same
+    /// however the run was reached.
+    pub segment_queries: u64,
     /// zstd compression level (1..=22).
     pub zstd_level: i32,
 }
@@ -59,6 +84,7 @@ impl Default for ParquetOptions {
             shared_pool: None,
             batch_rows: 8192,
             row_group_rows: 128 * 1024,
+            segment_queries: DEFAULT_SEGMENT_QUERIES,
             zstd_level: 3,
         }
     }
@@ -263,8 +289,16 @@ impl Columns {
 }
 
 /// Streaming writer of the Parquet output.
+///
+/// Row groups are encoded with parquet's column writers directly (not
+/// `ArrowWriter`) so that already encoded row groups of an earlier output
+/// can be spliced in between freshly written ones
+/// ([`ParquetSink::copy_row_groups`]).
 pub struct ParquetSink {
-    writer: ArrowWriter<AtomicFile>,
+    writer: SerializedFileWriter<AtomicFile>,
+    factory: ArrowRowGroupWriterFactory,
+    /// The row group being encoded.
+    group: Option<OpenGroup>,
     schema: SchemaRef,
     columns: Columns,
     options: ParquetOptions,
@@ -273,6 +307,58 @@ pub struct ParquetSink {
     path: PathBuf,
     last: Option<u64>,
     positions: Vec<u64>,
+}
+
+/// The column writers of the row group being encoded.
+struct OpenGroup {
+    writers: Vec<ArrowColumnWriter>,
+    rows: usize,
+}
+
+/// An earlier Parquet output opened for copying row groups
+/// ([`ParquetSink::copy_row_groups`]): the file and its footer, page
+/// indexes included.
+pub struct ParquetSource {
+    file: std::fs::File,
+    meta: ParquetMetaData,
+    path: PathBuf,
+}
+
+impl ParquetSource {
+    /// Opens `path` and reads its footer and page indexes.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, SinkError> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| SinkError::io(&path, "opening", e))?;
+        // Everything the writer put in each column chunk's metadata is kept
+        // (page encoding statistics in full, not as the reader's default
+        // bitmask), so a copied row group is described exactly as when it
+        // was encoded.
+        let meta = ParquetMetaDataReader::new()
+            .with_page_index_policy(PageIndexPolicy::Optional)
+            .with_metadata_options(Some(
+                ParquetMetaDataOptions::new().with_encoding_stats_as_mask(false),
+            ))
+            .parse_and_finish(&file)
+            .map_err(|e| SinkError::Parquet {
+                path: path.clone(),
+                what: "reading the footer".into(),
+                source: e,
+            })?;
+        Ok(Self { file, meta, path })
+    }
+
+    /// Number of row groups.
+    pub fn num_row_groups(&self) -> usize {
+        self.meta.num_row_groups()
+    }
+
+    /// Rows of row group `i`.
+    pub fn row_group_rows(&self, i: usize) -> Option<u64> {
+        self.meta
+            .row_groups()
+            .get(i)
+            .map(|rg| rg.num_rows().max(0) as u64)
+    }
 }
 
 impl ParquetSink {
@@ -316,15 +402,21 @@ impl ParquetSink {
             .set_max_row_group_row_count(Some(options.row_group_rows))
             .build();
         let out = AtomicFile::create(&path)?;
-        let writer = ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(|e| {
-            SinkError::Parquet {
-                path: path.clone(),
-                what: "creating writer".into(),
-                source: e,
-            }
-        })?;
+        let pq = |what: &str| {
+            let path = path.clone();
+            let what = what.to_string();
+            move |source| SinkError::Parquet { path, what, source }
+        };
+        // ArrowWriter sets up the Parquet schema and the embedded Arrow
+        // schema; the row groups are then written through its parts.
+        let (writer, factory) = ArrowWriter::try_new(out, schema.clone(), Some(props))
+            .map_err(pq("creating writer"))?
+            .into_serialized_writer()
+            .map_err(pq("creating writer"))?;
         Ok(ParquetSink {
             writer,
+            factory,
+            group: None,
             schema,
             columns: Columns::new(&options),
             options,
@@ -345,6 +437,12 @@ impl ParquetSink {
     /// which is what the `query_id` column stores).
     pub fn write_record(&mut self, query_index: u64, record: &RlRecord) -> Result<(), SinkError> {
         super::check_next(&self.path, self.last, query_index, record)?;
+        if let Some(last) = self.last {
+            let n = self.options.segment_queries;
+            if segment_of(last, n) != segment_of(query_index, n) {
+                self.cut_row_group()?;
+            }
+        }
         let pool = record.candidate_pool_ids.as_deref();
         if pool.is_some() != self.options.per_query_pool {
             return Err(SinkError::invalid(
@@ -468,6 +566,12 @@ impl ParquetSink {
         Ok(())
     }
 
+    fn pq_err(&self, what: &str) -> impl FnOnce(::parquet::errors::ParquetError) -> SinkError {
+        let path = self.path.clone();
+        let what = what.to_string();
+        move |source| SinkError::Parquet { path, what, source }
+    }
+
     fn flush_batch(&mut self) -> Result<(), SinkError> {
         if self.columns.rows == 0 {
             return Ok(());
@@ -479,11 +583,166 @@ impl ParquetSink {
                 what: "building a record batch".into(),
                 source: e,
             })?;
-        self.writer.write(&batch).map_err(|e| SinkError::Parquet {
-            path: self.path.clone(),
-            what: "writing a record batch".into(),
-            source: e,
-        })
+        self.write_batch(batch)
+    }
+
+    /// Encodes `batch` into the open row group, closing it whenever it
+    /// reaches `row_group_rows`.
+    fn write_batch(&mut self, mut rest: RecordBatch) -> Result<(), SinkError> {
+        let cap = self.options.row_group_rows;
+        while rest.num_rows() > 0 {
+            let group = match &mut self.group {
+                Some(g) => g,
+                None => {
+                    let index = self.writer.flushed_row_groups().len();
+                    let writers = self
+                        .factory
+                        .create_column_writers(index)
+                        .map_err(self.pq_err("creating column writers"))?;
+                    self.group.insert(OpenGroup { writers, rows: 0 })
+                }
+            };
+            let take = (cap - group.rows).min(rest.num_rows());
+            let part = rest.slice(0, take);
+            rest = rest.slice(take, rest.num_rows() - take);
+            let mut writers = group.writers.iter_mut();
+            for (field, array) in self.schema.fields().iter().zip(part.columns()) {
+                let leaves = compute_leaves(field, array).map_err({
+                    let path = self.path.clone();
+                    move |source| SinkError::Parquet {
+                        path,
+                        what: "encoding a record batch".into(),
+                        source,
+                    }
+                })?;
+                for leaf in leaves {
+                    let w = writers.next().ok_or_else(|| {
+                        SinkError::invalid(
+                            &self.path,
+                            "internal error: fewer column writers than leaves",
+                        )
+                    })?;
+                    w.write(&leaf).map_err({
+                        let path = self.path.clone();
+                        move |source| SinkError::Parquet {
+                            path,
+                            what: "writing a record batch".into(),
+                            source,
+                        }
+                    })?;
+                }
+            }
+            group.rows += take;
+            if group.rows >= cap {
+                self.close_group()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open row group (if any) into the file.
+    fn close_group(&mut self) -> Result<(), SinkError> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        let err = self.pq_err("closing a row group");
+        let result = (|| {
+            let mut rg = self.writer.next_row_group()?;
+            for w in group.writers {
+                w.close()?.append_to_row_group(&mut rg)?;
+            }
+            rg.close().map(|_| ())
+        })();
+        result.map_err(err)
+    }
+
+    /// Ends the current row group here: rows written after this start a
+    /// new one.
+    pub fn cut_row_group(&mut self) -> Result<(), SinkError> {
+        self.flush_batch()?;
+        self.close_group()
+    }
+
+    /// Row groups completed so far (a row group is completed by
+    /// [`ParquetSink::cut_row_group`], a segment change, the row cap, or a
+    /// copy).
+    pub fn row_groups_written(&self) -> usize {
+        self.writer.flushed_row_groups().len()
+    }
+
+    /// Appends row groups `first..first + count` of `src` as they are (their
+    /// encoded pages, statistics and page indexes; nothing is decoded), for
+    /// queries `first_query..=last_query`, which must follow every query
+    /// written so far. The current row group is closed first. `src` must
+    /// have been written with the same options (schema) as this sink.
+    pub fn copy_row_groups(
+        &mut self,
+        src: &ParquetSource,
+        first: usize,
+        count: usize,
+        first_query: u64,
+        last_query: u64,
+    ) -> Result<(), SinkError> {
+        if self.last.is_some_and(|l| first_query <= l) || last_query < first_query {
+            return Err(SinkError::invalid(
+                &self.path,
+                format!(
+                    "copied queries {first_query}..={last_query} do not follow query {:?}",
+                    self.last
+                ),
+            ));
+        }
+        if src.meta.file_metadata().schema_descr().root_schema()
+            != self.writer.schema_descr().root_schema()
+        {
+            return Err(SinkError::invalid(
+                &src.path,
+                "cannot copy row groups: the schema differs from the output's",
+            ));
+        }
+        if first + count > src.num_row_groups() {
+            return Err(SinkError::invalid(
+                &src.path,
+                format!(
+                    "row groups {first}..{} asked for, the file has {}",
+                    first + count,
+                    src.num_row_groups()
+                ),
+            ));
+        }
+        self.cut_row_group()?;
+        let err = {
+            let path = self.path.clone();
+            let from = src.path.display().to_string();
+            move |source| SinkError::Parquet {
+                path,
+                what: format!("copying row groups from {from}"),
+                source,
+            }
+        };
+        let result = (|| {
+            for i in first..first + count {
+                let rg = &src.meta.row_groups()[i];
+                let page_index = src.meta.page_index_for_row_group(i);
+                let mut out = self.writer.next_row_group()?;
+                for (j, column) in rg.columns().iter().enumerate() {
+                    let close = ColumnCloseResult {
+                        bytes_written: column.compressed_size() as u64,
+                        rows_written: rg.num_rows() as u64,
+                        metadata: column.clone(),
+                        bloom_filter: None,
+                        column_index: page_index.column_index(j).cloned(),
+                        offset_index: page_index.offset_index(j).cloned(),
+                    };
+                    out.append_column(&src.file, close)?;
+                }
+                out.close()?;
+            }
+            Ok(())
+        })();
+        result.map_err(err)?;
+        self.last = Some(last_query);
+        Ok(())
     }
 
     /// Writes the last batch and `_meta` (key-value metadata
@@ -491,17 +750,13 @@ impl ParquetSink {
     /// `meta` must be a JSON object.
     pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
         super::check_meta(&self.path, meta)?;
-        self.flush_batch()?;
+        self.cut_row_group()?;
         let meta_text = serde_json::to_string(meta)
             .map_err(|e| SinkError::json(&self.path, "serialising _meta", e))?;
         self.writer
             .append_key_value_metadata(KeyValue::new(PARQUET_META_KEY.to_string(), meta_text));
-        let path = self.path;
-        let out = self.writer.into_inner().map_err(|e| SinkError::Parquet {
-            path: path.clone(),
-            what: "closing".into(),
-            source: e,
-        })?;
+        let err = self.pq_err("closing");
+        let out = self.writer.into_inner().map_err(err)?;
         out.finish()
     }
 }

@@ -659,3 +659,165 @@ fn throughput_20k_queries() {
 }
 
 mod parts;
+
+/// Writes queries `ids` (ascending) in segments of `n` queries with both
+/// sinks, copying the segments listed in `copy` from `from` (the ranges a
+/// previous call returned). Returns, per segment, (segment, JSON byte
+/// range, first row group, row-group count, first and last query).
+#[allow(clippy::type_complexity)]
+fn write_segmented(
+    dir: &Path,
+    name: &str,
+    records: &BTreeMap<u64, RlRecord>,
+    n: u64,
+    copy: &[u64],
+    from: Option<(&Path, &[(u64, (u64, u64), usize, usize, u64, u64)])>,
+) -> (
+    PathBuf,
+    PathBuf,
+    Vec<(u64, (u64, u64), usize, usize, u64, u64)>,
+) {
+    let json_path = dir.join(format!("{name}.json"));
+    let pq_path = dir.join(format!("{name}.parquet"));
+    let mut opts = options(Case::SharedIdentity, true, true);
+    opts.segment_queries = n;
+    opts.row_group_rows = 20;
+    let mut json = JsonSink::create(&json_path, JsonOptions::default()).unwrap();
+    let mut pq = ParquetSink::create(&pq_path, opts).unwrap();
+    let src = from.map(|(p, ranges)| {
+        (
+            fs::File::open(p.with_extension("json")).unwrap(),
+            ParquetSource::open(p.with_extension("parquet")).unwrap(),
+            ranges,
+        )
+    });
+    let mut out = Vec::new();
+    let mut by_segment: BTreeMap<u64, Vec<(&u64, &RlRecord)>> = BTreeMap::new();
+    for (q, r) in records {
+        by_segment
+            .entry(segment_of(*q, n))
+            .or_default()
+            .push((q, r));
+    }
+    for (seg, recs) in by_segment {
+        let first_q = *recs[0].0;
+        let last_q = *recs[recs.len() - 1].0;
+        if copy.contains(&seg) {
+            let (file, source, ranges) = src.as_ref().unwrap();
+            let &(_, (start, end), rg, count, f, l) = ranges.iter().find(|r| r.0 == seg).unwrap();
+            assert_eq!(
+                (f, l),
+                (first_q, last_q),
+                "copied segment {seg} has other queries"
+            );
+            let mut bytes = vec![0u8; (end - start) as usize];
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, start).unwrap();
+            let range = json.append_entries(first_q, last_q, &bytes).unwrap();
+            let rg0 = pq.row_groups_written();
+            pq.copy_row_groups(source, rg, count, first_q, last_q)
+                .unwrap();
+            out.push((seg, (range.start, range.end), rg0, count, first_q, last_q));
+        } else {
+            let rg0 = pq.row_groups_written();
+            let mut start = None;
+            for (q, r) in &recs {
+                json.write_record(**q, r).unwrap();
+                start.get_or_insert(json.last_entry_start());
+                pq.write_record(**q, r).unwrap();
+            }
+            pq.cut_row_group().unwrap();
+            let count = pq.row_groups_written() - rg0;
+            out.push((
+                seg,
+                (start.unwrap(), json.bytes_written()),
+                rg0,
+                count,
+                first_q,
+                last_q,
+            ));
+        }
+    }
+    let meta = json!({"format": "leverflow"});
+    json.finish(&meta).unwrap();
+    pq.finish(&meta).unwrap();
+    (json_path, pq_path, out)
+}
+
+#[test]
+fn copied_segments_give_the_same_bytes_as_writing_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = |q: u64| make_record(Case::SharedIdentity, q, true, true);
+    // The previous outputs: queries 0..30.
+    let old: BTreeMap<u64, RlRecord> = (0..30).map(|q| (q, rec(q))).collect();
+    let (old_json, _, old_ranges) = write_segmented(dir.path(), "old", &old, 8, &[], None);
+    // Row groups never span segments; the row cap still splits them.
+    let src = ParquetSource::open(dir.path().join("old.parquet")).unwrap();
+    assert!(
+        src.num_row_groups() > old_ranges.len(),
+        "the 20-row cap splits segments"
+    );
+    // This run: query 13 changed, 30..40 added, 5 removed.
+    let mut new: BTreeMap<u64, RlRecord> =
+        (0..40).filter(|&q| q != 5).map(|q| (q, rec(q))).collect();
+    new.get_mut(&13).unwrap().query.question = "changed".into();
+    let (scratch_json, scratch_pq, _) = write_segmented(dir.path(), "scratch", &new, 8, &[], None);
+    // Segment 2 (16..24) is unchanged: copy it; 0 lost query 5, 1 changed,
+    // 3 and 4 have new queries: write them.
+    let (json, pq, ranges) = write_segmented(
+        dir.path(),
+        "rerun",
+        &new,
+        8,
+        &[2],
+        Some((&old_json, &old_ranges)),
+    );
+    assert_eq!(fs::read(&json).unwrap(), fs::read(&scratch_json).unwrap());
+    assert_eq!(fs::read(&pq).unwrap(), fs::read(&scratch_pq).unwrap());
+    // And a copy of a copy: every segment from the rerun's outputs.
+    let all: Vec<u64> = ranges.iter().map(|r| r.0).collect();
+    let (json2, pq2, _) =
+        write_segmented(dir.path(), "again", &new, 8, &all, Some((&json, &ranges)));
+    assert_eq!(fs::read(&json2).unwrap(), fs::read(&scratch_json).unwrap());
+    assert_eq!(fs::read(&pq2).unwrap(), fs::read(&scratch_pq).unwrap());
+    let (_meta, rows) = read_rl_parquet(&pq2).unwrap();
+    assert_eq!(rows_to_records(rows).len(), 39);
+}
+
+#[test]
+fn copies_that_do_not_follow_or_do_not_fit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = |q: u64| make_record(Case::SharedIdentity, q, true, true);
+    let old: BTreeMap<u64, RlRecord> = (0..10).map(|q| (q, rec(q))).collect();
+    let (old_json, old_pq, _) = write_segmented(dir.path(), "old", &old, 8, &[], None);
+    let _ = old_json;
+    let src = ParquetSource::open(&old_pq).unwrap();
+    let mut opts = options(Case::SharedIdentity, true, true);
+    opts.segment_queries = 8;
+    let mut pq = ParquetSink::create(dir.path().join("x.parquet"), opts.clone()).unwrap();
+    pq.write_record(3, &rec(3)).unwrap();
+    let err = pq
+        .copy_row_groups(&src, 0, 1, 0, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not follow"), "{err}");
+    let err = pq
+        .copy_row_groups(&src, 0, 99, 8, 9)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row groups 0..99"), "{err}");
+    // Another schema (no prompts) cannot take these row groups.
+    opts.with_prompts = false;
+    let mut other = ParquetSink::create(dir.path().join("y.parquet"), opts).unwrap();
+    let err = other
+        .copy_row_groups(&src, 0, 1, 0, 7)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("schema differs"), "{err}");
+    let mut json = JsonSink::create(dir.path().join("x.json"), JsonOptions::default()).unwrap();
+    json.write_record(3, &rec(3)).unwrap();
+    let err = json
+        .append_entries(2, 2, b"\"2\":{}")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not follow"), "{err}");
+}

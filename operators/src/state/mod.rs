@@ -22,6 +22,7 @@
 //! | `inputs` | query index | [`Key`] of that query's inputs in the last *completed* run |
 //! | `candidates` | query index (big-endian) + candidate-set key | postcard of the candidate list |
 //! | `vqa` | query index (big-endian) + prompt key | postcard of the answer |
+//! | `outputs` | `manifest` | what the last completed run wrote to its outputs (per output segment: the queries' keys, byte ranges / row groups, summary counts), so the next run can copy unchanged segments instead of rewriting them; opaque to the store |
 //!
 //! `records` is filled while a run goes (committed every batch, so a killed
 //! run resumes where it stopped); `inputs` changes only when a run completes,
@@ -52,6 +53,8 @@ const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 const INPUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("inputs");
 const CANDIDATES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("candidates");
 const VQA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vqa");
+const OUTPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("outputs");
+const OUTPUT_MANIFEST: &str = "manifest";
 
 /// Errors of the state store. Every message names the file and says how to
 /// recover.
@@ -323,6 +326,9 @@ impl StateStore {
             txn.open_table(INPUTS).map_err(|e| self.unreadable(e))?;
             txn.open_table(CANDIDATES).map_err(|e| self.unreadable(e))?;
             txn.open_table(VQA).map_err(|e| self.unreadable(e))?;
+            // Added after format version 1 shipped; older stores gain the
+            // (empty) table here, which needs no migration.
+            txn.open_table(OUTPUTS).map_err(|e| self.unreadable(e))?;
         }
         txn.commit().map_err(|e| self.unreadable(e))
     }
@@ -395,11 +401,38 @@ impl StateStore {
         txn.commit().map_err(|e| self.unreadable(e))
     }
 
-    /// Completes a run: retracts the records of `removed` queries and makes
+    /// The output manifest the last completed run stored with
+    /// [`StateStore::complete_run`] (its format belongs to the caller).
+    pub fn output_manifest(&self) -> Result<Option<Vec<u8>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let table = txn.open_table(OUTPUTS).map_err(|e| self.unreadable(e))?;
+        let v = table
+            .get(OUTPUT_MANIFEST)
+            .map_err(|e| self.unreadable(e))?
+            .map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
+    /// Completes a run: retracts the records of `removed` queries, makes
     /// `current` (every query of this run with its input key) the previous
-    /// input of the next run. One durable transaction.
-    pub fn complete_run(&self, removed: &[u64], current: &[(u64, Key)]) -> Result<(), StateError> {
+    /// input of the next run, and stores the output manifest (`None`
+    /// removes the previous one: outputs written without a manifest must
+    /// never be described by an older one). One durable transaction.
+    pub fn complete_run(
+        &self,
+        removed: &[u64],
+        current: &[(u64, Key)],
+        manifest: Option<&[u8]>,
+    ) -> Result<(), StateError> {
         let txn = self.db.begin_write().map_err(|e| self.unreadable(e))?;
+        {
+            let mut outputs = txn.open_table(OUTPUTS).map_err(|e| self.unreadable(e))?;
+            match manifest {
+                Some(m) => outputs.insert(OUTPUT_MANIFEST, m),
+                None => outputs.remove(OUTPUT_MANIFEST),
+            }
+            .map_err(|e| self.unreadable(e))?;
+        }
         {
             let mut records = txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
             let mut inputs = txn.open_table(INPUTS).map_err(|e| self.unreadable(e))?;
@@ -574,6 +607,24 @@ fn quiet_redb_panics() {
             }
         }));
     });
+}
+
+/// [`encode_value`], zstd-compressed: for large values such as a run's
+/// output manifest.
+pub fn encode_value_compressed<T: Serialize>(v: &T) -> Vec<u8> {
+    zstd::stream::encode_all(encode_value(v).as_slice(), 3).unwrap_or_default()
+}
+
+/// Decodes a value written by [`encode_value_compressed`] (`None` if it does
+/// not decode as a `T`).
+pub fn decode_value_compressed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    decode_value(&zstd::stream::decode_all(bytes).ok()?)
+}
+
+/// Decodes a value written by [`encode_value`] (`None` if it does not
+/// decode as a `T`).
+pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    postcard::from_bytes(bytes).ok()
 }
 
 /// Encodes a cache value (postcard) for [`QueryUpdate`].

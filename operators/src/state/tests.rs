@@ -72,10 +72,10 @@ fn completing_a_run_retracts_removed_queries_and_records_the_inputs() {
             )
             .unwrap();
         store
-            .complete_run(&[], &[(1, key(1)), (2, key(2)), (3, key(3))])
+            .complete_run(&[], &[(1, key(1)), (2, key(2)), (3, key(3))], None)
             .unwrap();
         store
-            .complete_run(&[2], &[(1, key(1)), (3, key(4))])
+            .complete_run(&[2], &[(1, key(1)), (3, key(4))], Some(b"m"))
             .unwrap();
     }
     // Reopened: the previous inputs persist.
@@ -83,6 +83,15 @@ fn completing_a_run_retracts_removed_queries_and_records_the_inputs() {
     assert_eq!(
         store.previous_inputs().unwrap(),
         vec![(1, key(1)), (3, key(4))]
+    );
+    assert_eq!(store.output_manifest().unwrap().as_deref(), Some(&b"m"[..]));
+    store
+        .complete_run(&[], &[(1, key(1)), (3, key(4))], None)
+        .unwrap();
+    assert_eq!(
+        store.output_manifest().unwrap(),
+        None,
+        "a run without a manifest removes the old one"
     );
     let r = store.reader().unwrap();
     assert!(!r.has_record(2, &key(2)).unwrap());
