@@ -4,9 +4,8 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 
-use leverflow_operators::sinks::{read_rl_parquet, rows_to_records, visit_rl_json};
-use leverflow_operators::vqa::{ReplayIndex, ReplayModel, VqaAnswer, VqaModel};
-use leverflow_schemas::RlRecord;
+use leverflow_operators::sinks::{read_rl_parquet, rows_to_records};
+use leverflow_operators::vqa::{ReplayIndex, ReplayModel, VqaError, VqaModel};
 
 use crate::cli::GenerateArgs;
 use crate::generate::VqaFactory;
@@ -39,45 +38,27 @@ pub fn vqa_factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value
     }
 }
 
-fn add_record(index: &mut ReplayIndex, q: u64, r: &RlRecord) {
-    for c in &r.pointer_candidates {
-        if let Some(raw) = &c.vqa_raw_generation {
-            index.insert(
-                q,
-                c.dataset_indices().to_vec(),
-                VqaAnswer {
-                    raw_generation: raw.clone(),
-                    gt_prob: c.vqa_gt_prob,
-                    prompt_text: c.prompt_text.clone(),
-                },
-            );
-        }
-    }
-}
-
-/// Reads the raw generations of an earlier output (JSON or Parquet, by
-/// extension) into a replay index.
+/// Reads the raw generations of an earlier output into a replay index: a
+/// Parquet file (by extension) is read whole; a JSON file is opened lazily
+/// (scanned at once, each query's record parsed when first needed; see
+/// [`ReplayIndex::open_json`]).
 pub fn load_replay(path: &Path) -> Result<ReplayIndex> {
-    let mut index = ReplayIndex::new(path.to_path_buf());
     let is_parquet = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-    if is_parquet {
-        let (_meta, rows) = read_rl_parquet(path)?;
-        for (q, r) in rows_to_records(rows) {
-            add_record(&mut index, q, &r);
-        }
-    } else {
-        visit_rl_json(path, |q, r| {
-            add_record(&mut index, q, &r);
-            Ok(())
-        })?;
+    if !is_parquet {
+        return Ok(ReplayIndex::open_json(path)?);
     }
-    if index.is_empty() {
-        bail!(
-            "{}: no candidate with `vqa_raw_generation` found; replay needs an output of `leverflow generate`",
-            path.display()
-        );
+    let mut index = ReplayIndex::new(path.to_path_buf());
+    let (_meta, rows) = read_rl_parquet(path)?;
+    for (q, r) in rows_to_records(rows) {
+        index.insert_record(q, &r);
+    }
+    if !index.has_answers() {
+        return Err(VqaError::NotGenerateOutput {
+            path: path.to_path_buf(),
+        }
+        .into());
     }
     Ok(index)
 }

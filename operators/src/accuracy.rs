@@ -39,6 +39,7 @@ pub use normalize::{
 };
 pub use postprocess::postprocess_generation;
 pub use relevance::{relevance, sequence_matcher_ratio, token_f1, Relevance};
+pub(crate) use scoring::typed;
 pub use scoring::{
     load_questions_annotations, score_predictions, score_results, AccuracyError, ScoreReport,
     ScoringIndex,

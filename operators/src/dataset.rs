@@ -14,14 +14,16 @@
 //!   and `COCO_val2014_...` for validation, loaded lazily through [`ImageCache`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use image::RgbImage;
+
+use crate::accuracy::{load_questions_annotations, typed, AccuracyError, ScoringIndex};
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
@@ -113,6 +115,18 @@ pub enum DatasetError {
         /// The name given.
         name: String,
     },
+}
+
+/// Errors of [`VqaDataset::load_with_scoring`]: the dataset's error or the
+/// scoring index's, each exactly as its own loader reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetScoringError {
+    /// From loading the dataset ([`VqaDataset::load`]).
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    /// From loading the scoring index ([`load_questions_annotations`]).
+    #[error(transparent)]
+    Scoring(#[from] AccuracyError),
 }
 
 /// Which dataset (`--dataset`); both load the same way, as in the original.
@@ -334,6 +348,12 @@ impl ImagePattern {
     /// Formats the file name of an item.
     pub fn format(&self, image_id: u64, question_id: u64) -> String {
         let mut out = String::new();
+        self.format_into(&mut out, image_id, question_id);
+        out
+    }
+
+    /// Appends the file name of an item to `out`.
+    fn format_into(&self, out: &mut String, image_id: u64, question_id: u64) {
         for seg in &self.segments {
             match seg {
                 Segment::Literal(s) => out.push_str(s),
@@ -347,15 +367,15 @@ impl ImagePattern {
                         PatternField::QuestionId => question_id,
                     };
                     let w = *width;
-                    if *zero_pad {
-                        out.push_str(&format!("{v:0w$}"));
+                    // Writing into a `String` cannot fail.
+                    let _ = if *zero_pad {
+                        write!(out, "{v:0w$}")
                     } else {
-                        out.push_str(&format!("{v:>w$}"));
-                    }
+                        write!(out, "{v:>w$}")
+                    };
                 }
             }
         }
-        out
     }
 }
 
@@ -378,8 +398,8 @@ impl<'de> Deserialize<'de> for RawAnswer {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawAnswer, A::Error> {
                 let mut answer = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key == "answer" {
+                while let Some(AnswerKey(is_answer)) = map.next_key::<AnswerKey>()? {
+                    if is_answer {
                         if answer.is_some() {
                             return Err(de::Error::duplicate_field("answer"));
                         }
@@ -394,6 +414,26 @@ impl<'de> Deserialize<'de> for RawAnswer {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// A key of an answer object: whether it is `answer` (read without
+/// allocating the key, as answer objects are the bulk of an annotation file).
+struct AnswerKey(bool);
+
+impl<'de> Deserialize<'de> for AnswerKey {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AnswerKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AnswerKey, E> {
+                Ok(AnswerKey(v == "answer"))
+            }
+        }
+        d.deserialize_identifier(V)
     }
 }
 
@@ -425,13 +465,38 @@ struct QuestionFile {
     questions: Vec<RawQuestion>,
 }
 
-/// Reads a JSON file through a buffered reader (no whole-file copy in memory).
+/// Reads a JSON file: the whole file, then parsed from memory (several times
+/// faster than parsing through a reader; the file is dropped right after).
+/// Errors are those of parsing through a reader, as before.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DatasetError> {
-    let file = File::open(path).map_err(|source| DatasetError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_reader(BufReader::with_capacity(1 << 20, file)).map_err(|e| {
+    let open = || {
+        File::open(path).map_err(|source| DatasetError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let mut bytes = Vec::new();
+    let parsed = if open()?.read_to_end(&mut bytes).is_ok() {
+        // Parsing from a `str` skips the per-string UTF-8 checks; a file that
+        // is not all valid UTF-8 is parsed from bytes, which checks the
+        // strings that are read (as the reader-based parse did).
+        let parsed = match std::str::from_utf8(&bytes) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(&bytes),
+        };
+        if let Ok(value) = parsed {
+            return Ok(value);
+        }
+        // A malformed file: parsed again through a reader, whose error
+        // positions are the ones this loader always reported (an in-memory
+        // parse puts some errors one column earlier).
+        serde_json::from_reader(bytes.as_slice())
+    } else {
+        // The file cannot be read (a directory, an I/O error): reported as
+        // the reader-based parse reports it.
+        serde_json::from_reader(BufReader::with_capacity(1 << 20, open()?))
+    };
+    parsed.map_err(|e| {
         let full = e.to_string();
         let suffix = format!(" at line {} column {}", e.line(), e.column());
         DatasetError::Json {
@@ -444,6 +509,16 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DatasetEr
                 .unwrap_or(full),
         }
     })
+}
+
+/// Maps a whole file into memory for one parse (no copy of a large JSON
+/// file); `None` when it cannot be mapped.
+fn map_file(path: &Path) -> Option<memmap2::Mmap> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: the map is read only during one parse, and input files are not
+    // modified while a run loads them (the other mapped inputs assume the
+    // same).
+    unsafe { memmap2::Mmap::map(&file) }.ok()
 }
 
 /// The most common answer; ties go to the one seen first (as Python's
@@ -485,19 +560,145 @@ impl VqaDataset {
             }
             None => None,
         };
-        let mut anns = read_json::<AnnotationFile>(&cfg.annotations)?.annotations;
+        let anns = read_json::<AnnotationFile>(&cfg.annotations)?.annotations;
+        Self::build(cfg, &pattern, questions, anns)
+    }
+
+    /// Loads the split like [`VqaDataset::load`] and, when it has a questions
+    /// file, the official scoring index of the same two files like
+    /// [`load_questions_annotations`], reading and parsing each file once
+    /// for both (the files are large: this halves the loading time of a run).
+    ///
+    /// The result, and the error, is the one of calling the two loaders one
+    /// after the other (the dataset first): files the shared typed parse does
+    /// not take as is (malformed, a repeated key, an unexpected shape) are
+    /// loaded by those loaders themselves.
+    pub fn load_with_scoring(
+        cfg: &DatasetConfig,
+    ) -> Result<(Self, Option<ScoringIndex>), DatasetScoringError> {
+        let Some(qpath) = cfg.questions.as_deref() else {
+            return Ok((Self::load(cfg)?, None));
+        };
+        if let Some(loaded) = Self::load_with_scoring_typed(cfg, qpath) {
+            let (dataset, index) = loaded?;
+            return Ok((dataset, Some(index)));
+        }
+        let dataset = Self::load(cfg)?;
+        let index = load_questions_annotations(qpath, &cfg.annotations)?;
+        Ok((dataset, Some(index)))
+    }
+
+    /// The shared typed parse of [`VqaDataset::load_with_scoring`]; `None`
+    /// when the separate loaders must decide. The dataset and the index are
+    /// built from the parsed records on two threads.
+    pub(crate) fn load_with_scoring_typed(
+        cfg: &DatasetConfig,
+        qpath: &Path,
+    ) -> Option<Result<(Self, ScoringIndex), DatasetError>> {
+        let pattern = ImagePattern::parse(&cfg.image_pattern).ok()?;
+        let q_bytes = map_file(qpath)?;
+        let a_bytes = if qpath == cfg.annotations {
+            None
+        } else {
+            Some(map_file(&cfg.annotations)?)
+        };
+        let q_text = std::str::from_utf8(&q_bytes).ok()?;
+        let a_text = match &a_bytes {
+            Some(b) => std::str::from_utf8(b).ok()?,
+            None => q_text,
+        };
+        let (qfile, afile) = typed::parse_files(q_text, a_text)?;
+        let (dataset, index) = std::thread::scope(|s| {
+            let index = s.spawn(|| {
+                ScoringIndex::from_typed(&qfile, &afile, a_text, qpath, &cfg.annotations)
+            });
+            let dataset = Self::from_typed(cfg, &pattern, &qfile, &afile);
+            (dataset, index.join())
+        });
+        let index = match index {
+            Ok(index) => index,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        match dataset? {
+            Ok(dataset) => Some(Ok((dataset, index?))),
+            // the error `load` gives: its parse reads the same records
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The dataset from the shared typed records: the same records
+    /// [`VqaDataset::load`]'s own parse gives (`None` where it would not
+    /// give them), then the same numbering.
+    fn from_typed(
+        cfg: &DatasetConfig,
+        pattern: &ImagePattern,
+        qfile: &typed::QuestionFile<'_>,
+        afile: &typed::AnnotationFile<'_>,
+    ) -> Option<Result<Self, DatasetError>> {
+        /// An optional string field: absent or `null` is `None`; not a
+        /// string is not taken.
+        fn opt_string(v: &Option<typed::Loose<'_>>) -> Option<Option<String>> {
+            match v {
+                None | Some(typed::Loose::Null) => Some(None),
+                Some(typed::Loose::Str(s)) => Some(Some(s.to_string())),
+                Some(typed::Loose::Other) => None,
+            }
+        }
+        let list = qfile.questions.as_ref()?;
+        let mut questions = HashMap::with_capacity(list.len());
+        for q in list {
+            let Some(typed::Loose::Str(text)) = &q.question else {
+                return None;
+            };
+            questions.insert(q.question_id, text.to_string());
+        }
+        let mut anns = Vec::with_capacity(afile.annotations.len());
+        for a in &afile.annotations {
+            anns.push(RawAnnotation {
+                question_id: a.question_id,
+                image_id: a.image_id.flatten()?,
+                question: opt_string(&a.question)?,
+                answers: afile
+                    .answers_of(a)
+                    .iter()
+                    .map(|x| RawAnswer(String::from(&*x.answer)))
+                    .collect(),
+                multiple_choice_answer: opt_string(&a.multiple_choice_answer)?,
+            });
+        }
+        Some(Self::build(cfg, pattern, Some(questions), anns))
+    }
+
+    /// Sorts the parsed annotations stably by `question_id`, numbers them and
+    /// joins their question texts.
+    fn build(
+        cfg: &DatasetConfig,
+        pattern: &ImagePattern,
+        mut questions: Option<HashMap<u64, String>>,
+        mut anns: Vec<RawAnnotation>,
+    ) -> Result<Self, DatasetError> {
         // Stable: equal question ids keep their file order.
         anns.sort_by_key(|a| a.question_id);
-        let mut items = Vec::with_capacity(anns.len());
+        let mut items: Vec<VqaItem> = Vec::with_capacity(anns.len());
+        let root_len = cfg.image_root.as_os_str().len();
+        let mut name = String::new();
         for (index, a) in anns.into_iter().enumerate() {
-            let question = match (&questions, cfg.questions.as_ref()) {
-                (Some(map), Some(qpath)) => map.get(&a.question_id).cloned().ok_or_else(|| {
-                    DatasetError::MissingQuestion {
-                        question_id: a.question_id,
-                        annotations: cfg.annotations.clone(),
-                        questions: qpath.clone(),
-                    }
-                })?,
+            let question = match (&mut questions, cfg.questions.as_ref()) {
+                // The text is moved out of the map; annotations repeating a
+                // question id are adjacent after the sort and copy it from
+                // the previous item.
+                (Some(map), Some(qpath)) => match map.remove(&a.question_id) {
+                    Some(q) => q,
+                    None => items
+                        .last()
+                        .filter(|prev| prev.question_id == a.question_id)
+                        .map(|prev| prev.question.clone())
+                        .ok_or_else(|| DatasetError::MissingQuestion {
+                            question_id: a.question_id,
+                            annotations: cfg.annotations.clone(),
+                            questions: qpath.clone(),
+                        })?,
+                },
                 _ => a.question.ok_or_else(|| DatasetError::NoQuestionText {
                     question_id: a.question_id,
                     path: cfg.annotations.clone(),
@@ -507,9 +708,12 @@ impl VqaDataset {
             let icd_answer = a
                 .multiple_choice_answer
                 .unwrap_or_else(|| most_common_answer(&answers));
-            let image_path = cfg
-                .image_root
-                .join(pattern.format(a.image_id, a.question_id));
+            // `image_root.join(name)`, allocated once
+            name.clear();
+            pattern.format_into(&mut name, a.image_id, a.question_id);
+            let mut image_path = PathBuf::with_capacity(root_len + 1 + name.len());
+            image_path.push(&cfg.image_root);
+            image_path.push(&name);
             items.push(VqaItem {
                 index: index as u64,
                 question_id: a.question_id,
@@ -738,3 +942,102 @@ impl ImageCache {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod read_json_tests {
+    use std::io::BufReader;
+
+    use super::*;
+
+    /// `read_json` as it was: parsed through a buffered reader.
+    fn read_json_by_reader<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DatasetError> {
+        let file = std::fs::File::open(path).map_err(|source| DatasetError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_reader(BufReader::with_capacity(1 << 20, file)).map_err(|e| {
+            let full = e.to_string();
+            let suffix = format!(" at line {} column {}", e.line(), e.column());
+            DatasetError::Json {
+                path: path.to_path_buf(),
+                line: e.line(),
+                column: e.column(),
+                message: full
+                    .strip_suffix(&suffix)
+                    .map(str::to_string)
+                    .unwrap_or(full),
+            }
+        })
+    }
+
+    fn summary(r: Result<AnnotationFile, DatasetError>) -> String {
+        match r {
+            Ok(f) => f
+                .annotations
+                .iter()
+                .map(|a| {
+                    let answers: Vec<&str> = a.answers.iter().map(|x| x.0.as_str()).collect();
+                    format!(
+                        "{} {} {:?} {:?} {:?}",
+                        a.question_id, a.image_id, a.question, answers, a.multiple_choice_answer
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    /// Parsing the whole file from memory (from a `str` when it is valid
+    /// UTF-8) gives the results and errors of the reader-based parse.
+    #[test]
+    fn read_json_reports_like_the_reader_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let ann = |body: &str| format!(r#"{{"annotations": [{body}]}}"#).into_bytes();
+        let mut cases: Vec<Vec<u8>> = vec![
+            ann(
+                r#"{"question_id": 1, "image_id": 2, "question": "q\u00e9\n", "answers": [{"answer": "a", "answer_id": 1}, "b"], "x": [1e5, null]}"#,
+            ),
+            ann(r#"{"question_id": 1, "image_id": 2, "answers": [{"answer": "\ud83d\ude00"}]}"#),
+            ann(r#"{"question_id": 1, "image_id": 2, "answers": [{"answer": "\ud800"}]}"#),
+            ann(r#"{"question_id": 1, "image_id": 2, "x": "\ud800", "answers": []}"#),
+            ann(r#"{"question_id": 1, "image_id": 2, "answers": [{"answer": 1}]}"#),
+            ann(
+                r#"{"question_id": 1, "image_id": 2, "answers": [{"answer": "a", "answer": "b"}]}"#,
+            ),
+            ann(r#"{"question_id": "1", "image_id": 2}"#),
+            ann(r#"{"question_id": 1}"#),
+            ann("{\"question_id\": 1, \"image_id\": 2, \"question\": \"a\tb\"}"),
+            b"{\"annotations\": [\n  {\"question_id\": 1,\n".to_vec(),
+            b"{\"annotations\": []} x".to_vec(),
+            b"".to_vec(),
+        ];
+        // invalid UTF-8 in a string that is read, and in one that is not
+        for body in [
+            r#"{"question_id": 1, "image_id": 2, "question": "??", "answers": []}"#,
+            r#"{"question_id": 1, "image_id": 2, "x": "??", "answers": []}"#,
+        ] {
+            let mut bytes = ann(body);
+            let at = bytes.iter().position(|&b| b == b'?').unwrap();
+            bytes[at] = 0xff;
+            cases.push(bytes);
+        }
+        for (k, bytes) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("a{k}.json"));
+            std::fs::write(&path, bytes).unwrap();
+            assert_eq!(
+                summary(read_json(&path)),
+                summary(read_json_by_reader(&path)),
+                "case {k}: {}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        // a directory opens but cannot be read; a missing file does not open
+        for path in [dir.path().to_path_buf(), dir.path().join("missing.json")] {
+            assert_eq!(
+                summary(read_json(&path)),
+                summary(read_json_by_reader(&path))
+            );
+        }
+    }
+}

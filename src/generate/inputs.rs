@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use leverflow_operators::accuracy::ScoringIndex;
+use leverflow_operators::accuracy::{load_questions_annotations, AccuracyError, ScoringIndex};
 use leverflow_operators::candidates::CandidateArgs;
-use leverflow_operators::dataset::{DatasetConfig, DatasetKind, VqaDataset};
+use leverflow_operators::dataset::{DatasetConfig, DatasetKind, DatasetScoringError, VqaDataset};
 use leverflow_operators::pointer_selector::{DefaultBackend, PointerSelector, PreparedPool};
 use leverflow_operators::reward::{CorrectnessMode, RewardConfig, RewardMode};
 use leverflow_operators::sinks::OutputFormat;
@@ -121,24 +121,39 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
     let query_emb_path = required(&args.query_emb, "query_emb")?;
     let cand_emb_path = required(&args.cand_emb, "cand_emb")?;
 
-    let mut hashes = BTreeMap::new();
-    for (name, path) in [
-        ("sft_ckpt", Some(sft)),
-        ("beam_data", Some(beam)),
-        ("query_emb", Some(query_emb_path)),
-        ("cand_emb", Some(cand_emb_path)),
-        ("candidate_indices", args.candidate_indices.as_deref()),
-        ("sampler_cache", args.sampler_cache.as_deref()),
-        ("train_ques_path", args.train_ques_path.as_deref()),
-        ("train_ann_path", args.train_ann_path.as_deref()),
-    ] {
-        if let Some(p) = path {
-            hashes.insert(name.to_string(), file_sha256(p)?);
+    let hash_inputs = || -> Result<BTreeMap<String, String>> {
+        let mut hashes = BTreeMap::new();
+        for (name, path) in [
+            ("sft_ckpt", Some(sft)),
+            ("beam_data", Some(beam)),
+            ("query_emb", Some(query_emb_path)),
+            ("cand_emb", Some(cand_emb_path)),
+            ("candidate_indices", args.candidate_indices.as_deref()),
+            ("sampler_cache", args.sampler_cache.as_deref()),
+            ("train_ques_path", args.train_ques_path.as_deref()),
+            ("train_ann_path", args.train_ann_path.as_deref()),
+        ] {
+            if let Some(p) = path {
+                hashes.insert(name.to_string(), file_sha256(p)?);
+            }
         }
-    }
-
-    let dataset = Arc::new(load_dataset(args)?);
-    let scoring = load_scoring(args, with_vqa)?;
+        Ok(hashes)
+    };
+    // The input files are hashed, and the validation scoring index loaded,
+    // on threads of their own while the training split is parsed (the
+    // dataset and its scoring index from one parse). Errors are reported in
+    // the order of the steps: hashes, dataset, scoring.
+    let (hashes, loaded, val) = std::thread::scope(|s| {
+        let hashing = s.spawn(hash_inputs);
+        let val = s.spawn(|| load_val_scoring(args, with_vqa));
+        let loaded = load_dataset(args, with_vqa);
+        let hashes = join(hashing);
+        (hashes, loaded, join(val))
+    });
+    let hashes = hashes?;
+    let (dataset, train_index) = loaded?;
+    let dataset = Arc::new(dataset);
+    let scoring = load_scoring(args, with_vqa, train_index, val)?;
     let strict = !args.no_strict_eval;
     if with_vqa && strict && scoring.is_empty() {
         bail!("strict evaluation needs official annotation files: pass --train_ques_path and --train_ann_path (or --val_*), or --no_strict_eval to allow the fallback match");
@@ -282,7 +297,10 @@ fn dataset_kind(name: &str) -> Result<DatasetKind> {
     }
 }
 
-fn load_dataset(args: &GenerateArgs) -> Result<VqaDataset> {
+/// Loads the training split and, when VQA answers are scored with official
+/// files (`--train_ques_path` and `--train_ann_path`), their scoring index
+/// from the same parse of those files.
+fn load_dataset(args: &GenerateArgs, with_vqa: bool) -> Result<(VqaDataset, Option<ScoringIndex>)> {
     let kind = dataset_kind(&args.dataset)?;
     let (questions, annotations) = match (&args.train_ques_path, &args.train_ann_path, &args.train_path) {
         (q, Some(a), _) => (q.clone(), a.clone()),
@@ -300,32 +318,57 @@ fn load_dataset(args: &GenerateArgs) -> Result<VqaDataset> {
         image_root,
         image_pattern: args.image_pattern.clone(),
     };
-    Ok(VqaDataset::load(&cfg)?)
+    // Here the split's files are exactly the scoring files of `load_scoring`.
+    if with_vqa && args.train_ques_path.is_some() && args.train_ann_path.is_some() {
+        return VqaDataset::load_with_scoring(&cfg).map_err(|e| match e {
+            DatasetScoringError::Dataset(e) => anyhow::Error::from(e),
+            DatasetScoringError::Scoring(e) => anyhow::Error::from(e),
+        });
+    }
+    Ok((VqaDataset::load(&cfg)?, None))
 }
 
+/// The result of a scoped thread (its panic goes on in the caller).
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// The validation scoring index (`--val_ques_path` and `--val_ann_path`),
+/// when VQA answers are scored.
+fn load_val_scoring(
+    args: &GenerateArgs,
+    with_vqa: bool,
+) -> Option<Result<ScoringIndex, AccuracyError>> {
+    match (&args.val_ques_path, &args.val_ann_path) {
+        (Some(q), Some(a)) if with_vqa => Some(load_questions_annotations(q, a)),
+        _ => None,
+    }
+}
+
+/// The official scoring indices, train first: `train` is the index
+/// [`load_dataset`] built with the split (loaded here when it did not), `val`
+/// the result of [`load_val_scoring`].
 fn load_scoring(
     args: &GenerateArgs,
     with_vqa: bool,
+    train: Option<ScoringIndex>,
+    val: Option<Result<ScoringIndex, AccuracyError>>,
 ) -> Result<Vec<(&'static str, Arc<ScoringIndex>)>> {
     let mut out = Vec::new();
     if !with_vqa {
         return Ok(out);
     }
     if let (Some(q), Some(a)) = (&args.train_ques_path, &args.train_ann_path) {
-        out.push((
-            "train",
-            Arc::new(leverflow_operators::accuracy::load_questions_annotations(
-                q, a,
-            )?),
-        ));
+        let index = match train {
+            Some(index) => index,
+            None => load_questions_annotations(q, a)?,
+        };
+        out.push(("train", Arc::new(index)));
     }
-    if let (Some(q), Some(a)) = (&args.val_ques_path, &args.val_ann_path) {
-        out.push((
-            "val",
-            Arc::new(leverflow_operators::accuracy::load_questions_annotations(
-                q, a,
-            )?),
-        ));
+    if let Some(val) = val {
+        out.push(("val", Arc::new(val?)));
     }
     Ok(out)
 }

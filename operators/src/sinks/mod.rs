@@ -17,6 +17,7 @@
 
 pub mod atomic;
 pub mod json;
+pub mod json_scan;
 pub mod merge;
 pub mod parquet;
 pub mod parts;
