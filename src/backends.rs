@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use leverflow_operators::sinks::{read_rl_parquet, rows_to_records};
+use leverflow_operators::state::FileDigests;
 use leverflow_operators::vqa::{ReplayIndex, ReplayModel, VqaError, VqaModel};
 
 use crate::cli::GenerateArgs;
@@ -12,7 +13,10 @@ use crate::generate::VqaFactory;
 
 /// Builds the factory of per-worker backend instances and the backend's
 /// identity for `_meta`.
-pub fn vqa_factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value)> {
+pub fn vqa_factory(
+    args: &GenerateArgs,
+    digests: &FileDigests,
+) -> Result<(VqaFactory, serde_json::Value)> {
     match args.vqa_backend.as_str() {
         "replay" => {
             let path = args
@@ -23,17 +27,15 @@ pub fn vqa_factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value
             let mut identity = ReplayModel::new(Arc::clone(&index)).identity();
             // The recorded answers are the model: identify them by content.
             if let serde_json::Value::Object(m) = &mut identity {
-                m.insert(
-                    "sha256".into(),
-                    leverflow_operators::tensor_io::file_sha256(path)?.into(),
-                );
+                m.insert("sha256".into(), digests.sha256(path)?.into());
             }
+            tracing::debug!("replay backend loaded");
             let f: VqaFactory = Arc::new(move |_worker: usize| {
                 Ok(Box::new(ReplayModel::new(Arc::clone(&index))) as Box<dyn VqaModel>)
             });
             Ok((f, identity))
         }
-        "qwen2_5_vl" | "qwen2.5_vl" => crate::qwen::factory(args),
+        "qwen2_5_vl" | "qwen2.5_vl" => crate::qwen::factory(args, digests),
         other => bail!("--vqa_backend {other}: expected qwen2_5_vl or replay"),
     }
 }

@@ -29,12 +29,16 @@ fn main() {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            // colours only on a terminal, not in a redirected log
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+    tracing::debug!("started");
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+    tracing::debug!("finished");
 }
 
 fn real_main() -> Result<()> {

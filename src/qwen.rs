@@ -13,6 +13,7 @@ use leverflow_operators::qwen2_5_vl::model::{Qwen25Vl, QwenVqa};
 use leverflow_operators::qwen2_5_vl::processor::{
     ImageSource, PromptRequest, VqaExample, VqaQuery,
 };
+use leverflow_operators::state::FileDigests;
 use leverflow_operators::vqa::VqaModel;
 
 use crate::cli::{BenchArgs, GenerateArgs, VqaArgs};
@@ -103,13 +104,18 @@ where
 }
 
 /// The per-worker factory for `--vqa_backend qwen2_5_vl`.
-pub fn factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value)> {
+/// `digests` serves the checkpoint files' hashes (remembered by earlier runs
+/// while the files are unchanged).
+pub fn factory(
+    args: &GenerateArgs,
+    digests: &FileDigests,
+) -> Result<(VqaFactory, serde_json::Value)> {
     let dir = PathBuf::from(&args.vqa_model);
     if !dir.is_dir() {
         bail!("--vqa_model {}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...). leverflow never downloads models at run time.", args.vqa_model);
     }
     let over = overrides(args);
-    let files = checkpoint_hashes(&dir)?;
+    let files = checkpoint_hashes(&dir, digests)?;
     let with_files = |(f, mut id): (VqaFactory, serde_json::Value)| {
         if let serde_json::Value::Object(m) = &mut id {
             m.insert("files_sha256".into(), files.clone());
@@ -166,7 +172,7 @@ pub fn factory(args: &GenerateArgs) -> Result<(VqaFactory, serde_json::Value)> {
 /// SHA-256 of every file of a checkpoint directory that defines the model's
 /// behaviour (configs, tokenizer, chat template, weights): part of the
 /// model's identity, so stored answers are reused only for the same model.
-fn checkpoint_hashes(dir: &std::path::Path) -> Result<serde_json::Value> {
+fn checkpoint_hashes(dir: &std::path::Path, digests: &FileDigests) -> Result<serde_json::Value> {
     let mut names: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
         .with_context(|| format!("reading the checkpoint directory {}", dir.display()))?
         .flatten()
@@ -181,7 +187,7 @@ fn checkpoint_hashes(dir: &std::path::Path) -> Result<serde_json::Value> {
     names.sort();
     let mut out = serde_json::Map::new();
     for (name, path) in names {
-        let h = leverflow_operators::tensor_io::file_sha256(&path)?;
+        let h = digests.sha256(&path)?;
         out.insert(name, serde_json::Value::String(h));
     }
     Ok(serde_json::Value::Object(out))

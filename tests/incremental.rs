@@ -543,3 +543,62 @@ fn two_runs_cannot_share_a_state_dir_and_bad_modes_are_refused() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `run_replay` with `LEVERFLOW_LOG=leverflow=debug`: the counts and the
+/// `served=` / `remembered=` numbers of the input-digest diagnostic.
+fn run_replay_digests(r: &Replayed, beam: &Path, out: &Path, state: &Path) -> (Value, u64, u64) {
+    let mut args = with_flag(
+        replay_args(&r.replay, out),
+        "--beam_data",
+        &beam.display().to_string(),
+    );
+    args = with_flag(args, "--state_dir", &state.display().to_string());
+    let output = Command::new(env!("CARGO_BIN_EXE_leverflow"))
+        .args(&args)
+        .env("LEVERFLOW_LOG", "leverflow=debug")
+        .output()
+        .unwrap();
+    ok(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("input file digests"))
+        .unwrap_or_else(|| panic!("no digest diagnostic in:\n{stderr}"));
+    let field = |name: &str| -> u64 {
+        let rest = &line[line.find(name).unwrap_or_else(|| panic!("{line}")) + name.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap()
+    };
+    (counts(out), field("served="), field("remembered="))
+}
+
+#[test]
+fn unchanged_inputs_are_not_hashed_again_and_edited_ones_are() {
+    let r = replay_fixture();
+    let d = &r.dir;
+    // Digests are remembered only for files that have settled (see
+    // `state::digests`): let the freshly written replay file settle.
+    std::thread::sleep(Duration::from_millis(2100));
+    let all = PathBuf::from(demo("beam_data.json"));
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    let (c1, served, remembered) = run_replay_digests(&r, &all, &out, &state);
+    assert_eq!(served, 0, "a first run has nothing to serve");
+    // checkpoint, beam data, two embeddings, two annotation files, replay
+    assert!(remembered >= 5, "{remembered}");
+    let total = n(&c1, "vqa_calls");
+    assert!(total > 0);
+    let (c2, served, remembered) = run_replay_digests(&r, &all, &out, &state);
+    assert!(served >= 5, "unchanged inputs are served: {served}");
+    assert_eq!(remembered, 0);
+    assert_eq!(n(&c2, "vqa_calls"), 0);
+    // The replay file (the model's identity) edited in place: same path,
+    // same inode, new content. Its digest must be computed again, so every
+    // answer is asked of the model again.
+    let mut text = std::fs::read(&r.replay).unwrap();
+    text.push(b'\n');
+    std::fs::write(&r.replay, text).unwrap();
+    let (c3, served, _) = run_replay_digests(&r, &all, &out, &state);
+    assert_eq!(n(&c3, "vqa_calls"), total, "{c3}");
+    assert!(served >= 4, "the other inputs are still served: {served}");
+}

@@ -13,7 +13,8 @@ use leverflow_operators::pointer_selector::{DefaultBackend, PointerSelector, Pre
 use leverflow_operators::reward::{CorrectnessMode, RewardConfig, RewardMode};
 use leverflow_operators::sinks::OutputFormat;
 use leverflow_operators::source::{load_candidate_indices, load_sampler_cache};
-use leverflow_operators::tensor_io::{file_sha256, load_matrix, Matrix};
+use leverflow_operators::state::FileDigests;
+use leverflow_operators::tensor_io::{load_matrix, Matrix};
 use leverflow_schemas::PointerLayout;
 
 use crate::cli::GenerateArgs;
@@ -70,6 +71,9 @@ pub struct Inputs {
     pub strict: bool,
     /// SHA-256 of each input file, for `_meta`.
     pub hashes: BTreeMap<String, String>,
+    /// Digests of input files (remembered across runs by file identity):
+    /// every file hash of the run goes through it.
+    pub digests: Arc<FileDigests>,
     /// `--query_emb`, for messages.
     pub query_emb_path: PathBuf,
     /// `--beam_data`, for messages.
@@ -108,7 +112,7 @@ pub fn validate_args(args: &GenerateArgs) -> Result<()> {
 }
 
 /// Loads and cross-checks every input.
-pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
+pub fn load(args: &GenerateArgs, with_vqa: bool, digests: Arc<FileDigests>) -> Result<Inputs> {
     validate_args(args)?;
     let formats = OutputFormat::parse_list(&args.format).map_err(anyhow::Error::msg)?;
     let output_path = required(&args.output_path, "output_path")?.to_path_buf();
@@ -134,7 +138,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
             ("train_ann_path", args.train_ann_path.as_deref()),
         ] {
             if let Some(p) = path {
-                hashes.insert(name.to_string(), file_sha256(p)?);
+                hashes.insert(name.to_string(), digests.sha256(p)?);
             }
         }
         Ok(hashes)
@@ -154,6 +158,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
     let (dataset, train_index) = loaded?;
     let dataset = Arc::new(dataset);
     let scoring = load_scoring(args, with_vqa, train_index, val)?;
+    tracing::debug!("dataset, scoring indices and input digests loaded");
     let strict = !args.no_strict_eval;
     if with_vqa && strict && scoring.is_empty() {
         bail!("strict evaluation needs official annotation files: pass --train_ques_path and --train_ann_path (or --val_*), or --no_strict_eval to allow the fallback match");
@@ -178,6 +183,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
         }
     }
 
+    tracing::debug!("embeddings and checkpoint loaded");
     let (pools, layout) = match &args.sampler_cache {
         Some(path) => {
             let cache = load_sampler_cache(path)?;
@@ -268,6 +274,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
         }
     }
     let reward = reward_config(args)?;
+    tracing::debug!("candidate pools ready");
     Ok(Inputs {
         dataset,
         scoring,
@@ -283,6 +290,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool) -> Result<Inputs> {
         parquet_path,
         strict,
         hashes,
+        digests,
         query_emb_path: query_emb_path.to_path_buf(),
         beam_path: beam.to_path_buf(),
         segment_queries: args.segment_queries,

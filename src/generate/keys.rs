@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use leverflow_operators::state::{Key, KeyHasher};
-use leverflow_operators::tensor_io::file_sha256;
 use leverflow_operators::vqa::VqaPrompt;
 
 use super::inputs::{Inputs, Pools};
@@ -113,7 +112,7 @@ impl RunKeys {
             .str(&hash("train_ann_path"));
         for p in [&args.train_path, &args.val_ques_path, &args.val_ann_path] {
             match p {
-                Some(p) => r.str(&file_sha256(p)?),
+                Some(p) => r.str(&inputs.digests.sha256(p)?),
                 None => r.str(""),
             };
         }

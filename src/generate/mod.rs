@@ -35,7 +35,9 @@ use leverflow_operators::dataflow::{
 };
 use leverflow_operators::sinks::{AtomicFile, OutputConfig, ParquetSink};
 use leverflow_operators::source::{count_records, BeamReader};
-use leverflow_operators::state::{Key, QueryUpdate, StateStore, StoreWriter, StoredOutcome};
+use leverflow_operators::state::{
+    FileDigests, Key, QueryUpdate, StateStore, StoreWriter, StoredOutcome, STATE_FILE,
+};
 use leverflow_operators::vqa::VqaModel;
 use leverflow_schemas::RlRecord;
 
@@ -64,13 +66,37 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let style = ProgressStyle::parse(&args.progress, args.quiet)?;
     inputs::validate_args(&args)?;
     let with_vqa = job == Job::Generate;
+    let (cluster, _devices) = args.cluster()?;
+    let multi = cluster.is_multi_process();
+    let output_path = args
+        .output_path
+        .clone()
+        .context("missing --output_path (see `leverflow generate --help`)")?;
+    // Each process keeps its own store (its queries are routed to it).
+    let state_dir = match multi {
+        true => state_dir(&args, &output_path).join(format!("process-{}", cluster.process_index)),
+        false => state_dir(&args, &output_path),
+    };
+    // The store of an earlier run is opened before anything loads: it
+    // remembers the digests of input files, which need not be read again
+    // while they are unchanged. A first run creates its store only once its
+    // inputs have loaded (bad inputs leave nothing behind).
+    let earlier_store = match state_dir.join(STATE_FILE).is_file() {
+        true => Some(StateStore::open(&state_dir)?),
+        false => None,
+    };
+    let digests = Arc::new(match &earlier_store {
+        Some(store) => store.file_digests()?,
+        None => FileDigests::default(),
+    });
 
     // The VQA backend (model weights or a replay file) loads on its own
     // thread while the dataset, embeddings and checkpoint load here.
     let backend = with_vqa.then(|| {
         progress::phase(style, "loading the VQA backend");
         let a = args.clone();
-        std::thread::spawn(move || crate::backends::vqa_factory(&a))
+        let digests = Arc::clone(&digests);
+        std::thread::spawn(move || crate::backends::vqa_factory(&a, &digests))
     });
     // Counting the beam records (for progress) reads the whole file: do it
     // while the inputs load.
@@ -79,7 +105,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         .clone()
         .map(|p| std::thread::spawn(move || count_records(&p)));
     progress::phase(style, "loading inputs (dataset, embeddings, checkpoint)");
-    let inputs = inputs::load(&args, with_vqa);
+    let inputs = inputs::load(&args, with_vqa, Arc::clone(&digests));
     let backend = match backend {
         Some(h) => Some(
             h.join()
@@ -96,6 +122,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         None => (None, serde_json::Value::Null),
     };
     let load_s = started.elapsed().as_secs_f64();
+    tracing::debug!(load_s, "inputs loaded");
 
     let beam_path = args.beam_data.clone().context("missing --beam_data")?;
     let counters = Arc::new(Counters::default());
@@ -117,19 +144,20 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
                 .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
         }
     }
-    let (cluster, _devices) = args.cluster()?;
-    let multi = cluster.is_multi_process();
     if multi && args.output_mode == "delta" {
         anyhow::bail!("--output_mode delta needs a single-process run (the part files of a multi-process run are the delta's granularity already)");
     }
-    // Each process keeps its own store (its queries are routed to it).
-    let state_dir = match multi {
-        true => {
-            state_dir(&args, &inputs.output_path).join(format!("process-{}", cluster.process_index))
-        }
-        false => state_dir(&args, &inputs.output_path),
+    let store = match earlier_store {
+        Some(store) => store,
+        None => StateStore::open(&state_dir)?,
     };
-    let store = Arc::new(StateStore::open(&state_dir)?);
+    tracing::debug!(
+        served = digests.served(),
+        remembered = digests.fresh().len(),
+        "input file digests (served: unchanged since an earlier run, not read)"
+    );
+    store.remember_file_digests(&digests)?;
+    let store = Arc::new(store);
     if multi && cluster.process_index == 0 {
         leverflow_operators::sinks::prepare_dataset_dir(&inputs.parquet_path)?;
     }
@@ -422,6 +450,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     }
     let writer_stats = committed?;
     let dataflow_s = dataflow_started.elapsed().as_secs_f64();
+    tracing::debug!(dataflow_s, "dataflow finished");
 
     let Classified {
         current,
@@ -431,6 +460,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     } = classify(&inputs, &current, &changes, &counters)?;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
 
+    tracing::debug!("queries classified");
     progress::phase(style, "writing outputs");
     let write_started = Instant::now();
     let out_cfg = output_config(&inputs, with_vqa, save_prompts);
@@ -471,8 +501,10 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         );
         write_delta(d, &store, &out_cfg, &delta_rows, &removed, &meta)?;
     }
+    tracing::debug!("outputs written");
     // Last: this run's input becomes the previous input of the next run.
     store.complete_run(&removed, &current, Some(&written.manifest))?;
+    tracing::debug!("run completed in the store");
     summary.print(&inputs, &timings, with_vqa);
     if let Some(d) = &delta {
         println!("  delta Parquet      {}", d.parquet.display());

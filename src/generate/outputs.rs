@@ -25,7 +25,8 @@ use leverflow_operators::sinks::{
     segment_of, JsonSink, OutputConfig, ParquetSink, ParquetSource, SinkError,
 };
 use leverflow_operators::state::{
-    decode_value_compressed, encode_value_compressed, Key, KeyHasher, StateStore, StoredOutcome,
+    decode_value_compressed, encode_value_compressed, FileIdentity, Key, KeyHasher, StateStore,
+    StoredOutcome,
 };
 use leverflow_schemas::RlRecord;
 
@@ -34,47 +35,6 @@ use super::summary::{RecordStats, Summary};
 /// Version of [`OutputManifest`]'s encoding; another version is ignored
 /// (the outputs are then rewritten in full).
 const MANIFEST_VERSION: u32 = 1;
-
-/// What identifies an output file as the one a manifest describes: an
-/// atomic rename gives every written output a new inode, and any edit in
-/// place changes its size or modification time, and its status-change time
-/// (which, unlike the modification time, cannot be set back).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileIdentity {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_s: i64,
-    mtime_ns: i64,
-    ctime_s: i64,
-    ctime_ns: i64,
-}
-
-impl FileIdentity {
-    /// The identity of the file at `path` (`None`: missing, or not a Unix
-    /// system, where outputs are always rewritten).
-    pub fn of(path: &Path) -> Option<Self> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let m = std::fs::metadata(path).ok()?;
-            Some(Self {
-                dev: m.dev(),
-                ino: m.ino(),
-                len: m.size(),
-                mtime_s: m.mtime(),
-                mtime_ns: m.mtime_nsec(),
-                ctime_s: m.ctime(),
-                ctime_ns: m.ctime_nsec(),
-            })
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = path;
-            None
-        }
-    }
-}
 
 /// One output segment as written by a run.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -101,7 +61,12 @@ pub struct OutputManifest {
     version: u32,
     /// Digest of the output settings (paths, formats, writer options).
     options: Key,
+    /// Identity of the JSON output as written: an atomic rename gives every
+    /// written output a new inode, and an edit in place changes its size or
+    /// times (its status-change time cannot be set back), so a file with
+    /// this identity is the one described here.
     json: Option<FileIdentity>,
+    /// Identity of the Parquet output as written (as `json`).
     parquet: Option<FileIdentity>,
     segments: Vec<SegmentEntry>,
 }
@@ -412,6 +377,7 @@ pub fn write_outputs(
     };
     // Reading and decompressing the stored records runs on its own thread,
     // overlapping with parsing and writing here.
+    tracing::debug!(segments = plans.len(), "output segments planned");
     let (rx, reader) = stream_records(Arc::clone(store), to_read);
     let mut summary = Summary::default();
     let mut skipped_all = Vec::new();
@@ -475,12 +441,16 @@ pub fn write_outputs(
         copied,
         total: plans.len(),
     };
+    tracing::debug!(copied, "output segments written or copied");
     let meta = meta(&summary, &skipped_all, counts);
     if let Some(j) = json.take() {
         j.finish(&meta)?;
+        tracing::debug!("JSON output finished");
     }
+
     if let Some((sink, _)) = parquet_done {
         sink.finish(&meta)?;
+        tracing::debug!("Parquet output finished");
     }
     let manifest = OutputManifest {
         version: MANIFEST_VERSION,
@@ -489,10 +459,12 @@ pub fn write_outputs(
         parquet: cfg.parquet.as_deref().and_then(FileIdentity::of),
         segments: entries,
     };
+    let manifest = encode_value_compressed(&manifest);
+    tracing::debug!(bytes = manifest.len(), "output manifest encoded");
     Ok(Written {
         summary,
         skipped: skipped_all,
-        manifest: encode_value_compressed(&manifest),
+        manifest,
         segments: counts,
     })
 }

@@ -22,6 +22,7 @@
 //! | `inputs` | query index | [`Key`] of that query's inputs in the last *completed* run |
 //! | `candidates` | query index (big-endian) + candidate-set key | postcard of the candidate list |
 //! | `vqa` | query index (big-endian) + prompt key | postcard of the answer |
+//! | `file_digests` | absolute path of an input file | its identity when hashed and its SHA-256 ([`digests`]: unchanged inputs are not hashed again) |
 //! | `outputs` | `manifest` | what the last completed run wrote to its outputs (per output segment: the queries' keys, byte ranges / row groups, summary counts), so the next run can copy unchanged segments instead of rewriting them; opaque to the store |
 //!
 //! `records` is filled while a run goes (committed every batch, so a killed
@@ -29,6 +30,7 @@
 //! which makes it "the previous run's input" that the next run's
 //! differential comparison starts from.
 
+pub mod digests;
 pub mod keys;
 mod writer;
 
@@ -39,6 +41,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+pub use digests::{FileDigests, FileIdentity, StoredDigest};
 pub use keys::{key_hex, Key, KeyHasher};
 pub use writer::{StoreWriter, WriterHandle, WriterMsg, WriterStats};
 
@@ -55,6 +58,7 @@ const CANDIDATES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("candidat
 const VQA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vqa");
 const OUTPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("outputs");
 const OUTPUT_MANIFEST: &str = "manifest";
+const FILE_DIGESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_digests");
 
 /// Errors of the state store. Every message names the file and says how to
 /// recover.
@@ -329,6 +333,51 @@ impl StateStore {
             // Added after format version 1 shipped; older stores gain the
             // (empty) table here, which needs no migration.
             txn.open_table(OUTPUTS).map_err(|e| self.unreadable(e))?;
+            txn.open_table(FILE_DIGESTS)
+                .map_err(|e| self.unreadable(e))?;
+        }
+        txn.commit().map_err(|e| self.unreadable(e))
+    }
+
+    /// The input-file digests remembered by earlier runs (see
+    /// [`digests`]), ready to serve this run's.
+    pub fn file_digests(&self) -> Result<FileDigests, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
+        let table = txn
+            .open_table(FILE_DIGESTS)
+            .map_err(|e| self.unreadable(e))?;
+        let mut known = std::collections::HashMap::new();
+        for item in table.iter().map_err(|e| self.unreadable(e))? {
+            let (k, v) = item.map_err(|e| self.unreadable(e))?;
+            let path = path_from_key(k.value());
+            let stored: StoredDigest = postcard::from_bytes(v.value()).map_err(|e| {
+                self.corrupt("file_digests", path.display().to_string(), e.to_string())
+            })?;
+            known.insert(path, stored);
+        }
+        Ok(FileDigests::with_known(known))
+    }
+
+    /// Remembers the digests this run computed ([`FileDigests::fresh`]) for
+    /// the next runs. One durable transaction; nothing when there are none.
+    pub fn remember_file_digests(&self, digests: &FileDigests) -> Result<(), StateError> {
+        let fresh = digests.fresh();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.unreadable(e))?;
+        {
+            let mut table = txn
+                .open_table(FILE_DIGESTS)
+                .map_err(|e| self.unreadable(e))?;
+            for (path, stored) in &fresh {
+                let value = postcard::to_stdvec(stored).map_err(|e| {
+                    self.corrupt("file_digests", path.display().to_string(), e.to_string())
+                })?;
+                table
+                    .insert(path.as_os_str().as_encoded_bytes(), value.as_slice())
+                    .map_err(|e| self.unreadable(e))?;
+            }
         }
         txn.commit().map_err(|e| self.unreadable(e))
     }
@@ -630,4 +679,18 @@ pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 /// Encodes a cache value (postcard) for [`QueryUpdate`].
 pub fn encode_value<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_stdvec(v).unwrap_or_default()
+}
+
+/// The path of a `file_digests` key (the bytes of an absolute path as this
+/// platform encodes it; written by this platform only).
+fn path_from_key(bytes: &[u8]) -> PathBuf {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+    }
+    #[cfg(not(unix))]
+    {
+        PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
+    }
 }

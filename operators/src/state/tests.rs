@@ -183,3 +183,36 @@ fn updates_survive_the_exchange_encoding() {
     assert_eq!(QueryUpdate::decode(&u.encode()).unwrap(), u);
     assert!(QueryUpdate::decode(&[1, 2]).is_err());
 }
+
+#[test]
+fn remembered_file_digests_survive_reopening_and_serve_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.bin");
+    std::fs::write(&input, b"beam data").unwrap();
+    // Only a settled file's digest is remembered.
+    std::thread::sleep(digests::SETTLE + std::time::Duration::from_millis(50));
+    let state = dir.path().join("state");
+    {
+        let store = StateStore::open(&state).unwrap();
+        let first = store.file_digests().unwrap();
+        let sha = first.sha256(&input).unwrap();
+        assert_eq!(first.served(), 0);
+        store.remember_file_digests(&first).unwrap();
+        // Nothing new: no transaction, no change.
+        store
+            .remember_file_digests(&FileDigests::default())
+            .unwrap();
+        assert_eq!(sha.len(), 64);
+    }
+    let store = StateStore::open(&state).unwrap();
+    let next = store.file_digests().unwrap();
+    let sha = next.sha256(&input).unwrap();
+    assert_eq!(next.served(), 1);
+    assert_eq!(sha, crate::tensor_io::file_sha256(&input).unwrap());
+    assert!(next.fresh().is_empty());
+    // An edited input is read again.
+    std::fs::write(&input, b"beam dat!").unwrap();
+    let after = store.file_digests().unwrap();
+    assert_ne!(after.sha256(&input).unwrap(), sha);
+    assert_eq!(after.served(), 0);
+}
