@@ -48,14 +48,17 @@ pub struct FileIdentity {
 }
 
 impl FileIdentity {
-    /// The identity of the file at `path` (`None`: missing, or not a Unix
-    /// system, where the identity is not available and callers must read
-    /// the file).
+    /// The identity of the regular file at `path` (`None`: missing, not a
+    /// regular file, such as a pipe whose content the identity cannot
+    /// describe, or not a Unix system; callers must then read the file).
     pub fn of(path: &Path) -> Option<Self> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
             let m = std::fs::metadata(path).ok()?;
+            if !m.is_file() {
+                return None;
+            }
             Some(Self {
                 dev: m.dev(),
                 ino: m.ino(),
@@ -219,6 +222,9 @@ mod tests {
 
         let missing = FileDigests::default();
         assert!(missing.sha256(&dir.path().join("none")).is_err());
+        // Only regular files have an identity.
+        assert!(FileIdentity::of(dir.path()).is_none());
+        assert!(FileIdentity::of(&path).is_some());
     }
 
     #[test]
