@@ -1661,7 +1661,7 @@ mod typed_tests {
                 ))
             );
             for pred in raw.iter().chain(&["yes", "no", "2", "Blue.", ""]) {
-                let want = eager.accuracy(&norm.normalize(pred).to_owned());
+                let want = eager.accuracy(norm.normalize(pred));
                 assert_eq!(typed.evaluate(qid, pred, &mut norm), Some(want));
                 assert_eq!(general.evaluate(qid, pred, &mut norm), Some(want));
             }
