@@ -512,13 +512,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DatasetEr
 }
 
 /// Maps a whole file into memory for one parse (no copy of a large JSON
-/// file); `None` when it cannot be mapped.
+/// file); `None` when it cannot be mapped (the separate loaders then report
+/// why).
 fn map_file(path: &Path) -> Option<memmap2::Mmap> {
-    let file = std::fs::File::open(path).ok()?;
-    // SAFETY: the map is read only during one parse, and input files are not
-    // modified while a run loads them (the other mapped inputs assume the
-    // same).
-    unsafe { memmap2::Mmap::map(&file) }.ok()
+    crate::tensor_io::map_readonly(path, false).ok()
 }
 
 /// The most common answer; ties go to the one seen first (as Python's

@@ -10,7 +10,6 @@
 //! original.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -247,17 +246,10 @@ fn parse_record(bytes: &[u8], range: &Range<usize>) -> Result<RlRecord, RecordEr
     })
 }
 
-/// Maps `path` into memory (an empty file maps to an empty slice).
+/// Maps `path` into memory, all pages up front: the whole file is scanned
+/// at once.
 fn map_file(path: &Path) -> Result<memmap2::Mmap, VqaError> {
-    let file = File::open(path).map_err(|e| SinkError::io(path, "opening", e))?;
-    // SAFETY: read-only map of a file we only read; we assume it is not
-    // truncated concurrently (as any memory-mapped reader does; leverflow
-    // replaces its outputs by rename, never in place).  The whole file is
-    // scanned at once, so its pages are mapped up front (`populate`: fewer
-    // page faults than touching them one by one).
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
-        .map_err(|e| SinkError::io(path, "mapping", e))?;
-    Ok(map)
+    crate::tensor_io::map_readonly(path, true).map_err(|e| SinkError::io(path, "reading", e).into())
 }
 
 /// Query index and value range of every record of `bytes`, in file order;

@@ -295,11 +295,25 @@ fn safetensors_tensor(
     })
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap, TensorIoError> {
-    let file = File::open(path).map_err(|e| TensorIoError::io(path, e))?;
+/// Maps the file at `path` read-only, the one way every reader of large
+/// input files in this crate maps them. `populate` faults every page in up
+/// front, for a reader about to scan the whole file (fewer page faults than
+/// touching the pages one by one).
+pub(crate) fn map_readonly(path: &Path, populate: bool) -> std::io::Result<memmap2::Mmap> {
+    let file = File::open(path)?;
+    let mut options = memmap2::MmapOptions::new();
+    if populate {
+        options.populate();
+    }
     // SAFETY: read-only map of a file we only read; we assume it is not
-    // truncated concurrently (as any memory-mapped reader does).
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TensorIoError::io(path, e))
+    // truncated concurrently, as any memory-mapped reader does (input files
+    // are not modified while a run reads them, and leverflow replaces its
+    // own outputs by rename, never in place).
+    unsafe { options.map(&file) }
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap, TensorIoError> {
+    map_readonly(path, false).map_err(|e| TensorIoError::io(path, e))
 }
 
 fn load_matrix_safetensors(path: &Path) -> Result<Matrix, TensorIoError> {
