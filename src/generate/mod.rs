@@ -510,6 +510,10 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         println!("  delta Parquet      {}", d.parquet.display());
         println!("  retracted ids      {}", d.retracted.display());
     }
+    if let Some(release) = written.release {
+        let _ = release.join();
+        tracing::debug!("previous outputs released");
+    }
     Ok(())
 }
 

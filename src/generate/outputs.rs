@@ -90,6 +90,12 @@ pub struct Written {
     pub manifest: Vec<u8>,
     /// Segments copied and written.
     pub segments: SegmentCounts,
+    /// Closes the previous outputs' last handles on its own thread: they
+    /// are unlinked by then, and the file system frees their blocks as the
+    /// last handle closes (0.3 s for a 379 MB JSON on a file system mounted
+    /// with `discard`), which need not hold up the store's commit. Join it
+    /// before the run returns.
+    pub release: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How many output segments a run copied from the previous outputs.
@@ -358,6 +364,12 @@ pub fn write_outputs(
         Some(p) => (p.json, p.parquet),
         None => (None, None),
     };
+    // A handle on the previous Parquet output outlives its reader (which
+    // the writer thread consumes), so that it too is freed in `release`.
+    let prev_parquet_file = match (&prev_parquet, &cfg.parquet) {
+        (Some(_), Some(p)) => std::fs::File::open(p).ok(),
+        _ => None,
+    };
     let to_read: Vec<(u64, Key)> = plans
         .iter()
         .filter(|p| p.reuse.is_none())
@@ -416,6 +428,24 @@ pub fn write_outputs(
     })();
     drop(rx);
     let _ = reader.join();
+    // The JSON output is completed and fsynced while the Parquet writer
+    // thread may still be copying row groups; neither output is published
+    // (renamed into place) before both are complete.
+    summary.skipped = skipped_all.len() as u64;
+    let counts = SegmentCounts {
+        copied,
+        total: plans.len(),
+    };
+    tracing::debug!(copied, "output segments written or copied");
+    let meta = result.is_ok().then(|| meta(&summary, &skipped_all, counts));
+    let json_sealed = match (&meta, json.take()) {
+        (Some(m), Some(j)) => {
+            let sealed = j.seal(m);
+            tracing::debug!("JSON output sealed");
+            Some(sealed)
+        }
+        _ => None,
+    };
     let parquet_done = match parquet.take() {
         Some((tx, handle)) => {
             drop(tx);
@@ -428,6 +458,8 @@ pub fn write_outputs(
         None => None,
     };
     result?;
+    let meta = meta.context("internal error: no _meta for a run without errors")?;
+    let json_sealed = json_sealed.transpose()?;
     if let Some((_, ranges)) = &parquet_done {
         if ranges.len() != entries.len() {
             anyhow::bail!("internal error: the Parquet writer saw a different segment count");
@@ -436,22 +468,17 @@ pub fn write_outputs(
             e.parquet = Some(*r);
         }
     }
-    summary.skipped = skipped_all.len() as u64;
-    let counts = SegmentCounts {
-        copied,
-        total: plans.len(),
+    let parquet_sealed = match parquet_done {
+        Some((sink, _)) => Some(sink.seal(&meta)?),
+        None => None,
     };
-    tracing::debug!(copied, "output segments written or copied");
-    let meta = meta(&summary, &skipped_all, counts);
-    if let Some(j) = json.take() {
-        j.finish(&meta)?;
-        tracing::debug!("JSON output finished");
+    tracing::debug!("Parquet output sealed");
+    for sealed in [json_sealed, parquet_sealed].into_iter().flatten() {
+        sealed.publish()?;
     }
-
-    if let Some((sink, _)) = parquet_done {
-        sink.finish(&meta)?;
-        tracing::debug!("Parquet output finished");
-    }
+    tracing::debug!("outputs published");
+    let previous: Vec<std::fs::File> = prev_json.into_iter().chain(prev_parquet_file).collect();
+    let release = (!previous.is_empty()).then(|| std::thread::spawn(move || drop(previous)));
     let manifest = OutputManifest {
         version: MANIFEST_VERSION,
         options: options_digest(cfg),
@@ -466,6 +493,7 @@ pub fn write_outputs(
         skipped: skipped_all,
         manifest,
         segments: counts,
+        release,
     })
 }
 

@@ -93,25 +93,73 @@ impl AtomicFile {
 
     /// Flushes, fsyncs, renames the temporary file over the target and fsyncs
     /// the directory.  On error the temporary file is removed.
-    pub fn finish(mut self) -> Result<(), SinkError> {
+    pub fn finish(self) -> Result<(), SinkError> {
+        self.seal()?.publish()
+    }
+
+    /// Flushes and fsyncs the temporary file: its content is durable but not
+    /// yet at the target ([`SealedFile::publish`] moves it there).  Sealing
+    /// several outputs before publishing any lets their fsyncs overlap other
+    /// work, and no output appears until all of them are complete.  On error
+    /// the temporary file is removed.
+    pub fn seal(mut self) -> Result<SealedFile, SinkError> {
         let Some(writer) = self.writer.take() else {
             return Err(SinkError::io(&self.tmp, "finishing", io_other()));
         };
-        let result = (|| {
-            let file = writer
-                .into_inner()
-                .map_err(|e| SinkError::io(&self.tmp, "flushing", e.into_error()))?;
-            file.sync_all()
-                .map_err(|e| SinkError::io(&self.tmp, "fsync", e))?;
-            drop(file);
-            fs::rename(&self.tmp, &self.target)
-                .map_err(|e| SinkError::io(&self.target, "renaming temporary file over", e))?;
-            sync_dir(&self.target)
-        })();
+        let tmp = std::mem::take(&mut self.tmp);
+        let target = std::mem::take(&mut self.target);
+        let sealed = writer
+            .into_inner()
+            .map_err(|e| SinkError::io(&tmp, "flushing", e.into_error()))
+            .and_then(|file| file.sync_all().map_err(|e| SinkError::io(&tmp, "fsync", e)));
+        match sealed {
+            Ok(()) => Ok(SealedFile {
+                target,
+                tmp: Some(tmp),
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A complete, fsynced temporary output waiting to be moved to its target.
+/// Dropping it without [`SealedFile::publish`] removes the temporary file.
+#[derive(Debug)]
+pub struct SealedFile {
+    target: PathBuf,
+    tmp: Option<PathBuf>,
+}
+
+impl SealedFile {
+    /// The final output path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Renames the temporary file over the target and fsyncs the directory.
+    /// On error the temporary file is removed.
+    pub fn publish(mut self) -> Result<(), SinkError> {
+        let Some(tmp) = self.tmp.take() else {
+            return Err(SinkError::io(&self.target, "publishing", io_other()));
+        };
+        let result = fs::rename(&tmp, &self.target)
+            .map_err(|e| SinkError::io(&self.target, "renaming temporary file over", e))
+            .and_then(|()| sync_dir(&self.target));
         if result.is_err() {
-            let _ = fs::remove_file(&self.tmp);
+            let _ = fs::remove_file(&tmp);
         }
         result
+    }
+}
+
+impl Drop for SealedFile {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
     }
 }
 
@@ -226,6 +274,38 @@ mod tests {
         };
         f.finish().unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_sealed_file_appears_only_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.json");
+        fs::write(&target, b"old").unwrap();
+        let mut f = AtomicFile::create(&target).unwrap();
+        f.write_all(b"new").unwrap();
+        let sealed = f.seal().unwrap();
+        assert_eq!(sealed.target(), target.as_path());
+        assert_eq!(
+            fs::read(&target).unwrap(),
+            b"old",
+            "sealed, not yet published"
+        );
+        assert_eq!(temps(dir.path()).len(), 1);
+        sealed.publish().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_sealed_file_dropped_unpublished_leaves_the_old_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.parquet");
+        fs::write(&target, b"old").unwrap();
+        let mut f = AtomicFile::create(&target).unwrap();
+        f.write_all(b"new").unwrap();
+        drop(f.seal().unwrap());
+        assert_eq!(fs::read(&target).unwrap(), b"old");
+        assert!(temps(dir.path()).is_empty());
     }
 
     #[test]

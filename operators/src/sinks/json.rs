@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use leverflow_schemas::{RlRecord, META_KEY};
 use serde_json::Value;
 
-use super::{AtomicFile, SinkError};
+use super::{AtomicFile, SealedFile, SinkError};
 
 /// Options of [`JsonSink`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -227,7 +227,13 @@ impl JsonSink {
 
     /// Writes `"_meta": meta`, closes the object and moves the file into place.
     /// `meta` must be a JSON object.
-    pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
+    pub fn finish(self, meta: &Value) -> Result<(), SinkError> {
+        self.seal(meta)?.publish()
+    }
+
+    /// Like [`JsonSink::finish`], but leaves the complete, fsynced file under
+    /// its temporary name until [`SealedFile::publish`].
+    pub fn seal(mut self, meta: &Value) -> Result<SealedFile, SinkError> {
         super::check_meta(&self.path, meta)?;
         self.entry(META_KEY, meta)?;
         let end: &[u8] = if self.options.pretty {
@@ -238,7 +244,7 @@ impl JsonSink {
         self.out
             .write_all(end)
             .map_err(|e| SinkError::io(&self.path, "writing", e))?;
-        self.out.finish()
+        self.out.seal()
     }
 }
 

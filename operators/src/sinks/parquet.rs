@@ -32,7 +32,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::writer::SerializedFileWriter;
 use serde_json::Value;
 
-use super::{AtomicFile, SinkError};
+use super::{AtomicFile, SealedFile, SinkError};
 
 /// Default queries per output segment (see [`ParquetOptions::segment_queries`]):
 /// about 70,000 rows at ~8 candidates per query, a good row-group size for
@@ -748,7 +748,13 @@ impl ParquetSink {
     /// Writes the last batch and `_meta` (key-value metadata
     /// [`PARQUET_META_KEY`]), closes the file and moves it into place.
     /// `meta` must be a JSON object.
-    pub fn finish(mut self, meta: &Value) -> Result<(), SinkError> {
+    pub fn finish(self, meta: &Value) -> Result<(), SinkError> {
+        self.seal(meta)?.publish()
+    }
+
+    /// Like [`ParquetSink::finish`], but leaves the complete, fsynced file
+    /// under its temporary name until [`SealedFile::publish`].
+    pub fn seal(mut self, meta: &Value) -> Result<SealedFile, SinkError> {
         super::check_meta(&self.path, meta)?;
         self.cut_row_group()?;
         let meta_text = serde_json::to_string(meta)
@@ -757,7 +763,7 @@ impl ParquetSink {
             .append_key_value_metadata(KeyValue::new(PARQUET_META_KEY.to_string(), meta_text));
         let err = self.pq_err("closing");
         let out = self.writer.into_inner().map_err(err)?;
-        out.finish()
+        out.seal()
     }
 }
 
