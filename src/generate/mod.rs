@@ -510,10 +510,8 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         println!("  delta Parquet      {}", d.parquet.display());
         println!("  retracted ids      {}", d.retracted.display());
     }
-    if let Some(release) = written.release {
-        let _ = release.join();
-        tracing::debug!("previous outputs released");
-    }
+    drop(written.previous);
+    tracing::debug!("previous outputs released");
     Ok(())
 }
 
