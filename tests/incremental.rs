@@ -602,3 +602,75 @@ fn unchanged_inputs_are_not_hashed_again_and_edited_ones_are() {
     assert_eq!(n(&c3, "vqa_calls"), total, "{c3}");
     assert!(served >= 4, "the other inputs are still served: {served}");
 }
+
+/// `generate` with the replay backend and `LEVERFLOW_LOG=leverflow=debug`:
+/// the debug log.
+fn run_replay_logged(args: &[String]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_leverflow"))
+        .args(args)
+        .env("LEVERFLOW_LOG", "leverflow=debug")
+        .output()
+        .unwrap();
+    ok(&output);
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_rerun_restores_the_parsed_split_and_an_edited_file_is_parsed_again() {
+    let r = replay_fixture();
+    let d = &r.dir;
+    let ann = d.join("annotations.json");
+    std::fs::copy(demo("data/annotations.json"), &ann).unwrap();
+    // Snapshots are keyed by remembered digests, which need settled files.
+    std::thread::sleep(Duration::from_millis(2100));
+    let state = d.join("state");
+    let out = d.join("rl.json");
+    let args = with_flag(
+        with_flag(
+            replay_args(&r.replay, &out),
+            "--train_ann_path",
+            &ann.display().to_string(),
+        ),
+        "--state_dir",
+        &state.display().to_string(),
+    );
+    let first_log = run_replay_logged(&args);
+    assert!(!first_log.contains("restored from the dataset snapshot"));
+    assert!(state.join("dataset.snapshot").is_file(), "{first_log}");
+    let first = d.join("first.json");
+    std::fs::copy(&out, &first).unwrap();
+    std::fs::copy(
+        out.with_extension("parquet"),
+        first.with_extension("parquet"),
+    )
+    .unwrap();
+
+    let log = run_replay_logged(&args);
+    assert!(
+        log.contains("training split restored from the dataset snapshot"),
+        "{log}"
+    );
+    same_outputs(&first, &out);
+
+    // Every answer edited: the snapshot must not be used, and the result is
+    // the one a run from scratch on the edited file gives.
+    let mut v = read_json(&ann);
+    for a in v["annotations"].as_array_mut().unwrap() {
+        a["multiple_choice_answer"] = "zzz".into();
+        for x in a["answers"].as_array_mut().unwrap() {
+            x["answer"] = "zzz".into();
+        }
+    }
+    std::fs::write(&ann, serde_json::to_string(&v).unwrap()).unwrap();
+    let log = run_replay_logged(&args);
+    assert!(!log.contains("restored from the dataset snapshot"), "{log}");
+    let fresh = d.join("fresh.json");
+    let scratch = with_flag(
+        with_flag(args.clone(), "--output_path", &fresh.display().to_string()),
+        "--state_dir",
+        &d.join("fresh.state").display().to_string(),
+    );
+    ok(&leverflow(&scratch));
+    same_outputs(&fresh, &out);
+    assert_ne!(without_meta(&first), without_meta(&out), "the edit matters");
+}

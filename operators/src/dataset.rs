@@ -130,7 +130,7 @@ pub enum DatasetScoringError {
 }
 
 /// Which dataset (`--dataset`); both load the same way, as in the original.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 pub enum DatasetKind {
     /// OK-VQA (`okvqa_local`).
     OkvqaLocal,
@@ -225,7 +225,7 @@ impl DatasetConfig {
 }
 
 /// One dataset item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct VqaItem {
     /// Dataset index: position after the stable sort by `question_id`.
     pub index: u64,
@@ -533,7 +533,8 @@ pub fn most_common_answer(answers: &[String]) -> String {
 }
 
 /// One split of the VQA dataset, items ordered by dataset index.
-#[derive(Debug, Clone)]
+/// Serialisable for the parsed-dataset snapshot ([`snapshot`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct VqaDataset {
     kind: DatasetKind,
     items: Vec<VqaItem>,
@@ -936,6 +937,8 @@ impl ImageCache {
         self.lock().entries.contains_key(path)
     }
 }
+
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;

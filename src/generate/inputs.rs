@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use leverflow_operators::accuracy::{load_questions_annotations, AccuracyError, ScoringIndex};
 use leverflow_operators::candidates::CandidateArgs;
+use leverflow_operators::dataset::snapshot::{self, ParsedSplit, SNAPSHOT_FILE};
 use leverflow_operators::dataset::{DatasetConfig, DatasetKind, DatasetScoringError, VqaDataset};
 use leverflow_operators::pointer_selector::{DefaultBackend, PointerSelector, PreparedPool};
 use leverflow_operators::reward::{CorrectnessMode, RewardConfig, RewardMode};
@@ -80,6 +81,93 @@ pub struct Inputs {
     pub beam_path: PathBuf,
     /// `--segment_queries`: queries per output segment.
     pub segment_queries: u64,
+    /// How the training split was read.
+    pub split: SplitSource,
+}
+
+/// How the training split was read: parsed from its files, or restored from
+/// the state directory's snapshot of an earlier parse
+/// (`leverflow_operators::dataset::snapshot`).
+#[derive(Debug, Clone)]
+pub struct SplitSource {
+    /// The split's files and settings.
+    pub cfg: DatasetConfig,
+    /// Whether the split's scoring index is part of the parse.
+    pub with_scoring: bool,
+    /// Restored from the snapshot (then there is nothing to write).
+    pub from_snapshot: bool,
+}
+
+impl SplitSource {
+    /// The snapshot key of this split, from remembered digests only (`None`
+    /// when a file would have to be read to know it).
+    fn remembered_key(&self, digests: &FileDigests) -> Option<leverflow_operators::state::Key> {
+        let q = match &self.cfg.questions {
+            Some(p) => Some(digests.remembered(p)?),
+            None => None,
+        };
+        let a = digests.remembered(&self.cfg.annotations)?;
+        Some(snapshot::snapshot_key(
+            &self.cfg,
+            self.with_scoring,
+            q.as_deref(),
+            &a,
+        ))
+    }
+}
+
+/// Writes the snapshot of the split `inputs` parsed into `state_dir` (in the
+/// background: a first run does not wait for it, see [`SnapshotWriter`]).
+/// Nothing when the split came from the snapshot.
+pub fn write_split_snapshot(inputs: &Arc<Inputs>, state_dir: &Path) -> SnapshotWriter {
+    if inputs.split.from_snapshot {
+        return SnapshotWriter(None);
+    }
+    let inputs = Arc::clone(inputs);
+    let path = state_dir.join(SNAPSHOT_FILE);
+    leverflow_operators::sinks::AtomicFile::remove_stale_temps(&path);
+    SnapshotWriter(Some(std::thread::spawn(move || {
+        let split = &inputs.split;
+        let key = (|| -> Result<_> {
+            let q = match &split.cfg.questions {
+                Some(p) => Some(inputs.digests.sha256(p)?),
+                None => None,
+            };
+            let a = inputs.digests.sha256(&split.cfg.annotations)?;
+            Ok(snapshot::snapshot_key(
+                &split.cfg,
+                split.with_scoring,
+                q.as_deref(),
+                &a,
+            ))
+        })();
+        let index = split
+            .with_scoring
+            .then(|| inputs.scoring.iter().find(|(name, _)| *name == "train"))
+            .flatten()
+            .map(|(_, index)| &**index);
+        let written = key.and_then(|key| {
+            snapshot::write_snapshot(&path, &key, &inputs.dataset, index).map_err(Into::into)
+        });
+        match written {
+            Ok(()) => tracing::debug!(path = %path.display(), "dataset snapshot written"),
+            // A cache: the next run parses the files instead.
+            Err(e) => tracing::warn!("dataset snapshot not written: {e:#}"),
+        }
+    })))
+}
+
+/// The background write of a dataset snapshot; dropping it waits for the
+/// write to finish, so the process never exits with half of one (which the
+/// temporary name would hide anyway).
+pub struct SnapshotWriter(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn required<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a Path> {
@@ -111,8 +199,14 @@ pub fn validate_args(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads and cross-checks every input.
-pub fn load(args: &GenerateArgs, with_vqa: bool, digests: Arc<FileDigests>) -> Result<Inputs> {
+/// Loads and cross-checks every input. `state_dir`: the state directory of
+/// an earlier run, whose dataset snapshot is used when it matches.
+pub fn load(
+    args: &GenerateArgs,
+    with_vqa: bool,
+    digests: Arc<FileDigests>,
+    state_dir: Option<&Path>,
+) -> Result<Inputs> {
     validate_args(args)?;
     let formats = OutputFormat::parse_list(&args.format).map_err(anyhow::Error::msg)?;
     let output_path = required(&args.output_path, "output_path")?.to_path_buf();
@@ -150,12 +244,12 @@ pub fn load(args: &GenerateArgs, with_vqa: bool, digests: Arc<FileDigests>) -> R
     let (hashes, loaded, val) = std::thread::scope(|s| {
         let hashing = s.spawn(hash_inputs);
         let val = s.spawn(|| load_val_scoring(args, with_vqa));
-        let loaded = load_dataset(args, with_vqa);
+        let loaded = load_dataset(args, with_vqa, &digests, state_dir);
         let hashes = join(hashing);
         (hashes, loaded, join(val))
     });
     let hashes = hashes?;
-    let (dataset, train_index) = loaded?;
+    let ((dataset, train_index), split) = loaded?;
     let dataset = Arc::new(dataset);
     let scoring = load_scoring(args, with_vqa, train_index, val)?;
     tracing::debug!("dataset, scoring indices and input digests loaded");
@@ -294,6 +388,7 @@ pub fn load(args: &GenerateArgs, with_vqa: bool, digests: Arc<FileDigests>) -> R
         query_emb_path: query_emb_path.to_path_buf(),
         beam_path: beam.to_path_buf(),
         segment_queries: args.segment_queries,
+        split,
     })
 }
 
@@ -308,7 +403,12 @@ fn dataset_kind(name: &str) -> Result<DatasetKind> {
 /// Loads the training split and, when VQA answers are scored with official
 /// files (`--train_ques_path` and `--train_ann_path`), their scoring index
 /// from the same parse of those files.
-fn load_dataset(args: &GenerateArgs, with_vqa: bool) -> Result<(VqaDataset, Option<ScoringIndex>)> {
+fn load_dataset(
+    args: &GenerateArgs,
+    with_vqa: bool,
+    digests: &FileDigests,
+    state_dir: Option<&Path>,
+) -> Result<(ParsedSplit, SplitSource)> {
     let kind = dataset_kind(&args.dataset)?;
     let (questions, annotations) = match (&args.train_ques_path, &args.train_ann_path, &args.train_path) {
         (q, Some(a), _) => (q.clone(), a.clone()),
@@ -327,13 +427,41 @@ fn load_dataset(args: &GenerateArgs, with_vqa: bool) -> Result<(VqaDataset, Opti
         image_pattern: args.image_pattern.clone(),
     };
     // Here the split's files are exactly the scoring files of `load_scoring`.
-    if with_vqa && args.train_ques_path.is_some() && args.train_ann_path.is_some() {
-        return VqaDataset::load_with_scoring(&cfg).map_err(|e| match e {
+    let with_scoring = with_vqa && args.train_ques_path.is_some() && args.train_ann_path.is_some();
+    let mut split = SplitSource {
+        cfg,
+        with_scoring,
+        from_snapshot: false,
+    };
+    let key = state_dir.and_then(|_| split.remembered_key(digests));
+    if state_dir.is_some() && key.is_none() {
+        tracing::debug!(
+            "dataset snapshot not used: the split's files changed since they were hashed"
+        );
+    }
+    if let (Some(key), Some(dir)) = (key, state_dir) {
+        let path = dir.join(SNAPSHOT_FILE);
+        let started = std::time::Instant::now();
+        match snapshot::read_snapshot(&path, &key) {
+            Ok(parsed) if parsed.1.is_some() == with_scoring => {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::debug!(secs, "training split restored from the dataset snapshot");
+                split.from_snapshot = true;
+                return Ok((parsed, split));
+            }
+            Ok(_) => tracing::debug!("dataset snapshot without the scoring index: not used"),
+            Err(miss) => tracing::debug!(?miss, "dataset snapshot not used"),
+        }
+    }
+    let parsed = if with_scoring {
+        VqaDataset::load_with_scoring(&split.cfg).map_err(|e| match e {
             DatasetScoringError::Dataset(e) => anyhow::Error::from(e),
             DatasetScoringError::Scoring(e) => anyhow::Error::from(e),
-        });
-    }
-    Ok((VqaDataset::load(&cfg)?, None))
+        })?
+    } else {
+        (VqaDataset::load(&split.cfg)?, None)
+    };
+    Ok((parsed, split))
 }
 
 /// The result of a scoped thread (its panic goes on in the caller).

@@ -412,6 +412,9 @@ pub fn write_outputs(
                     parquet.as_ref(),
                 )?,
             };
+            if let Some(j) = json.as_mut() {
+                j.start_writeback()?;
+            }
             if let Some((tx, _)) = &parquet {
                 if tx.send(ParquetMsg::EndSegment).is_err() {
                     return Ok(()); // the thread's error is reported below

@@ -137,7 +137,7 @@ fn opt_str(
 /// The raw answers are kept as loaded and normalised on first use
 /// ([`Entry::gt`]): a run that scores a few questions does not pay for
 /// normalising every answer of the file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Entry {
     /// The raw answers, concatenated in annotation order.
     raw: Box<str>,
@@ -151,7 +151,9 @@ struct Entry {
     answer_type: Arc<str>,
     multiple_choices: Option<Box<[Box<str>]>>,
     /// The answers normalised once (a freshly loaded evaluator), prepared on
-    /// first use; the index is shared by threads, hence a `OnceLock`.
+    /// first use; the index is shared by threads, hence a `OnceLock`. Not
+    /// part of a snapshot: prepared again on first use.
+    #[serde(skip)]
     gt: OnceLock<GtAnswers>,
 }
 
@@ -278,7 +280,10 @@ fn exclusions(answers: &[String], rest_ids: Option<&[u32]>) -> Vec<u32> {
 /// The index is meant to be shared (`Arc`) by the threads that score: the
 /// lazily prepared ground truth of a question is computed once, by whichever
 /// thread asks first.
-#[derive(Debug, Clone)]
+///
+/// Serialisable for the parsed-dataset snapshot
+/// ([`crate::dataset::snapshot`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ScoringIndex {
     questions_path: PathBuf,
     annotations_path: PathBuf,

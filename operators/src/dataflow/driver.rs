@@ -17,11 +17,23 @@ use super::ErrorSlot;
 /// bound lets it notice a failed peer process.
 const IDLE_PARK: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// A source batch that passed through the graph faster than this grows
+/// (see [`DriverConfig::max_source_batch`]); one slower than
+/// `4 × FAST_BATCH` shrinks again.
+const FAST_BATCH: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// How the source feeds the graph.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
     /// Records sent per source batch (one timely time per batch).
     pub source_batch: usize,
+    /// The largest source batch. While batches take under 2 ms each (cheap
+    /// work, such as a rerun's queries whose stored records are reused),
+    /// the batch doubles up to this size, since each timely time costs
+    /// progress messages and wake-ups between workers whatever its size;
+    /// when batches get slow (real work) it halves back to
+    /// `source_batch`. Batch boundaries never change the results.
+    pub max_source_batch: usize,
     /// How many source batches may be in flight (not yet through the sink)
     /// before the source waits: bounds memory however large the input is.
     pub max_inflight: u64,
@@ -34,6 +46,7 @@ impl Default for DriverConfig {
     fn default() -> Self {
         Self {
             source_batch: 256,
+            max_source_batch: 256,
             max_inflight: 4,
             sink_worker: 0,
         }
@@ -119,7 +132,10 @@ where
 
     let mut outcome = WorkerOutcome::default();
     if let Some(records) = source {
-        let batch = config.source_batch.max(1);
+        let min_batch = config.source_batch.max(1);
+        let max_batch = config.max_source_batch.max(min_batch);
+        let mut batch = min_batch;
+        let mut batch_started = std::time::Instant::now();
         let mut pending = 0usize;
         for record in records {
             if errors.is_set() {
@@ -144,6 +160,13 @@ where
                 while !errors.is_set() && probe.less_than(&next.saturating_sub(config.max_inflight))
                 {
                     worker.step_or_park(Some(IDLE_PARK));
+                }
+                let took = batch_started.elapsed();
+                batch_started = std::time::Instant::now();
+                if took < FAST_BATCH {
+                    batch = (batch * 2).min(max_batch);
+                } else if took > 4 * FAST_BATCH {
+                    batch = (batch / 2).max(min_batch);
                 }
             }
         }

@@ -21,8 +21,10 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
                 Ok(())
             }) as SinkFn
         });
+        // Cheap work: the source batches grow from 7 up to 64 records.
         let config = DriverConfig {
             source_batch: 7,
+            max_source_batch: 64,
             max_inflight: 2,
             sink_worker: 0,
         };
@@ -127,6 +129,7 @@ fn classify(
             worker,
             &DriverConfig {
                 source_batch: 2,
+                max_source_batch: 2,
                 max_inflight: 2,
                 sink_worker: 0,
             },

@@ -111,6 +111,14 @@ impl JsonSink {
         Ok(start..self.written)
     }
 
+    /// Starts writing what the sink has produced so far to disk (see
+    /// [`AtomicFile::start_writeback`]); call between segments.
+    pub fn start_writeback(&mut self) -> Result<(), SinkError> {
+        self.out
+            .start_writeback()
+            .map_err(|e| SinkError::io(&self.path, "writing", e))
+    }
+
     fn check_follows(&self, first_query: u64, last_query: u64) -> Result<(), SinkError> {
         if self.last.is_some_and(|l| first_query <= l) || last_query < first_query {
             return Err(SinkError::invalid(

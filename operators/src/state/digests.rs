@@ -127,6 +127,12 @@ impl FileDigests {
                 return Ok(stored.sha256.clone());
             }
         }
+        if let (Some(id), Ok(fresh)) = (before, self.fresh.lock()) {
+            // Hashed earlier in this run (another input names the same file).
+            if let Some(stored) = fresh.get(&key).filter(|s| s.identity == id) {
+                return Ok(stored.sha256.clone());
+            }
+        }
         let started = SystemTime::now();
         let sha256 = file_sha256(path)?;
         // Remember it only when the file did not change while it was read
@@ -148,6 +154,19 @@ impl FileDigests {
             }
         }
         Ok(sha256)
+    }
+
+    /// The digest of `path` remembered by an earlier run, when the file's
+    /// identity is still the one it was hashed with; `None` otherwise. Never
+    /// reads the file (for caches that are worth using only when their key
+    /// costs nothing, such as the dataset snapshot).
+    pub fn remembered(&self, path: &Path) -> Option<String> {
+        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let id = FileIdentity::of(path)?;
+        self.known
+            .get(&key)
+            .filter(|stored| stored.identity == id)
+            .map(|stored| stored.sha256.clone())
     }
 
     /// Digests computed by this run that may be remembered (files whose
@@ -195,11 +214,14 @@ mod tests {
         assert_eq!(digests.sha256(&path).unwrap(), "remembered");
         assert_eq!(digests.served(), 1);
         assert!(digests.fresh().is_empty());
+        assert_eq!(digests.remembered(&path).as_deref(), Some("remembered"));
+        assert_eq!(digests.remembered(&dir.path().join("none")), None);
 
         // Rewritten with the same size: new times, so it is read again.
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&path, b"secnd").unwrap();
         let digests = FileDigests::with_known(known.clone());
+        assert_eq!(digests.remembered(&path), None, "another identity");
         assert_eq!(digests.sha256(&path).unwrap(), hash_of(b"secnd"));
         assert_eq!(digests.served(), 0);
         // Just written: not settled, so not remembered.

@@ -19,12 +19,14 @@
 //! |---|---|---|
 //! | `meta` | name | `format_version` (u32 LE), ... |
 //! | `records` | query index | [`Key`] of the inputs it was computed from, then the finished record ([`StoredOutcome`]) |
+//! | `record_keys` | query index | the same [`Key`] alone (since format version 2): a rerun asks "is the stored record still valid?" for every query, and reading the 32-byte keys from their own small table touches a few hundred pages instead of one page of record bytes per query |
 //! | `inputs` | query index | [`Key`] of that query's inputs in the last *completed* run |
 //! | `candidates` | query index (big-endian) + candidate-set key | postcard of the candidate list |
 //! | `vqa` | query index (big-endian) + prompt key | postcard of the answer |
 //! | `file_digests` | absolute path of an input file | its identity when hashed and its SHA-256 ([`digests`]: unchanged inputs are not hashed again) |
 //! | `outputs` | `manifest` | what the last completed run wrote to its outputs (per output segment: the queries' keys, byte ranges / row groups, summary counts), so the next run can copy unchanged segments instead of rewriting them; opaque to the store |
 //!
+//! `records` and `record_keys` always change in the same transaction.
 //! `records` is filled while a run goes (committed every batch, so a killed
 //! run resumes where it stopped); `inputs` changes only when a run completes,
 //! which makes it "the previous run's input" that the next run's
@@ -46,13 +48,18 @@ pub use keys::{key_hex, Key, KeyHasher};
 pub use writer::{StoreWriter, WriterHandle, WriterMsg, WriterStats};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+///
+/// * 1: the first format.
+/// * 2: adds `record_keys`; a version-1 store is migrated when opened (the
+///   table is built from `records` in the opening transaction).
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 /// The store's file inside the state directory.
 pub const STATE_FILE: &str = "state.redb";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+const RECORD_KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("record_keys");
 const INPUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("inputs");
 const CANDIDATES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("candidates");
 const VQA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vqa");
@@ -307,6 +314,14 @@ impl StateStore {
                         .map_err(|e| self.unreadable(e))?;
                 }
                 Some(v) if v == STATE_FORMAT_VERSION => {}
+                Some(1) => {
+                    self.migrate_v1(&txn)?;
+                    meta.insert(
+                        "format_version",
+                        STATE_FORMAT_VERSION.to_le_bytes().as_slice(),
+                    )
+                    .map_err(|e| self.unreadable(e))?;
+                }
                 Some(v) if v > STATE_FORMAT_VERSION => {
                     return Err(StateError::TooNew {
                         path: self.path.clone(),
@@ -317,7 +332,7 @@ impl StateStore {
                     })
                 }
                 // Version 1 is the first format: an older one cannot exist.
-                // Future versions migrate here, inside this transaction.
+                // Later versions migrate above, inside this transaction.
                 Some(v) => {
                     return Err(self.corrupt(
                         "meta",
@@ -327,6 +342,8 @@ impl StateStore {
                 }
             }
             txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+            txn.open_table(RECORD_KEYS)
+                .map_err(|e| self.unreadable(e))?;
             txn.open_table(INPUTS).map_err(|e| self.unreadable(e))?;
             txn.open_table(CANDIDATES).map_err(|e| self.unreadable(e))?;
             txn.open_table(VQA).map_err(|e| self.unreadable(e))?;
@@ -337,6 +354,26 @@ impl StateStore {
                 .map_err(|e| self.unreadable(e))?;
         }
         txn.commit().map_err(|e| self.unreadable(e))
+    }
+
+    /// Format 1 -> 2: fills `record_keys` from the keys at the head of every
+    /// stored record (inside the opening transaction: a crash leaves a
+    /// version-1 store behind, which is migrated again next time).
+    fn migrate_v1(&self, txn: &redb::WriteTransaction) -> Result<(), StateError> {
+        let records = txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+        let mut keys = txn
+            .open_table(RECORD_KEYS)
+            .map_err(|e| self.unreadable(e))?;
+        for item in records.iter().map_err(|e| self.unreadable(e))? {
+            let (k, v) = item.map_err(|e| self.unreadable(e))?;
+            let q = k.value();
+            let key = v
+                .value()
+                .get(..32)
+                .ok_or_else(|| self.corrupt("records", q.to_string(), "value too short"))?;
+            keys.insert(q, key).map_err(|e| self.unreadable(e))?;
+        }
+        Ok(())
     }
 
     /// The input-file digests remembered by earlier runs (see
@@ -405,7 +442,9 @@ impl StateStore {
         let txn = self.db.begin_read().map_err(|e| self.unreadable(e))?;
         let open = |name| self.unreadable(format!("cannot open table {name}"));
         Ok(StateReader {
-            records: txn.open_table(RECORDS).map_err(|_| open("records"))?,
+            record_keys: txn
+                .open_table(RECORD_KEYS)
+                .map_err(|_| open("record_keys"))?,
             candidates: txn.open_table(CANDIDATES).map_err(|_| open("candidates"))?,
             vqa: txn.open_table(VQA).map_err(|_| open("vqa"))?,
             store: self,
@@ -427,6 +466,9 @@ impl StateStore {
         }
         {
             let mut records = txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+            let mut record_keys = txn
+                .open_table(RECORD_KEYS)
+                .map_err(|e| self.unreadable(e))?;
             let mut cands = txn.open_table(CANDIDATES).map_err(|e| self.unreadable(e))?;
             let mut vqa = txn.open_table(VQA).map_err(|e| self.unreadable(e))?;
             for u in updates {
@@ -444,6 +486,9 @@ impl StateStore {
                         u.query_index,
                         enc_record(&u.input_key, &u.outcome).as_slice(),
                     )
+                    .map_err(|e| self.unreadable(e))?;
+                record_keys
+                    .insert(u.query_index, u.input_key.as_slice())
                     .map_err(|e| self.unreadable(e))?;
             }
         }
@@ -484,9 +529,13 @@ impl StateStore {
         }
         {
             let mut records = txn.open_table(RECORDS).map_err(|e| self.unreadable(e))?;
+            let mut record_keys = txn
+                .open_table(RECORD_KEYS)
+                .map_err(|e| self.unreadable(e))?;
             let mut inputs = txn.open_table(INPUTS).map_err(|e| self.unreadable(e))?;
             for q in removed {
                 records.remove(*q).map_err(|e| self.unreadable(e))?;
+                record_keys.remove(*q).map_err(|e| self.unreadable(e))?;
                 inputs.remove(*q).map_err(|e| self.unreadable(e))?;
             }
             for (q, k) in current {
@@ -588,7 +637,7 @@ impl StateStore {
 
 /// A read view of the store (one per batch on each worker).
 pub struct StateReader<'a> {
-    records: redb::ReadOnlyTable<u64, &'static [u8]>,
+    record_keys: redb::ReadOnlyTable<u64, &'static [u8]>,
     candidates: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     vqa: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     store: &'a StateStore,
@@ -599,10 +648,10 @@ impl StateReader<'_> {
     /// with key `input_key` (then it can be reused as is).
     pub fn has_record(&self, query_index: u64, input_key: &Key) -> Result<bool, StateError> {
         let v = self
-            .records
+            .record_keys
             .get(query_index)
             .map_err(|e| self.store.unreadable(e))?;
-        Ok(v.is_some_and(|v| v.value().get(..32) == Some(input_key.as_slice())))
+        Ok(v.is_some_and(|v| v.value() == input_key.as_slice()))
     }
 
     /// A stored candidate set of a query.

@@ -130,6 +130,65 @@ fn a_newer_format_version_is_refused_with_advice() {
     assert!(err.contains(STATE_FILE), "{err}");
 }
 
+/// Writes a store as format version 1 wrote it: records without their
+/// `record_keys` entries, `format_version` 1.
+fn write_version_1_store(dir: &Path, records: &[QueryUpdate]) {
+    let store = StateStore::open(dir).unwrap();
+    let txn = store.db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        meta.insert("format_version", 1u32.to_le_bytes().as_slice())
+            .unwrap();
+        let mut table = txn.open_table(RECORDS).unwrap();
+        for u in records {
+            table
+                .insert(
+                    u.query_index,
+                    enc_record(&u.input_key, &u.outcome).as_slice(),
+                )
+                .unwrap();
+        }
+    }
+    txn.delete_table(RECORD_KEYS).unwrap();
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_version_1_store_is_migrated_and_its_records_stay_reusable() {
+    let dir = tempfile::tempdir().unwrap();
+    write_version_1_store(dir.path(), &[update(4, 1, "a"), update(9, 2, "b")]);
+    let store = StateStore::open(dir.path()).unwrap();
+    let r = store.reader().unwrap();
+    assert!(r.has_record(4, &key(1)).unwrap());
+    assert!(r.has_record(9, &key(2)).unwrap());
+    assert!(!r.has_record(9, &key(1)).unwrap());
+    drop(r);
+    let txn = store.db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    let v = meta
+        .get("format_version")
+        .unwrap()
+        .unwrap()
+        .value()
+        .to_vec();
+    assert_eq!(v, STATE_FORMAT_VERSION.to_le_bytes());
+}
+
+#[test]
+fn record_keys_follow_rewritten_and_removed_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.commit_updates(&[update(5, 1, "a")], false).unwrap();
+    // A later batch recomputes query 5 from other inputs.
+    store.commit_updates(&[update(5, 2, "b")], false).unwrap();
+    let r = store.reader().unwrap();
+    assert!(!r.has_record(5, &key(1)).unwrap());
+    assert!(r.has_record(5, &key(2)).unwrap());
+    drop(r);
+    store.complete_run(&[5], &[], None).unwrap();
+    assert!(!store.reader().unwrap().has_record(5, &key(2)).unwrap());
+}
+
 #[test]
 fn truncated_or_garbage_files_are_reported_with_the_file_and_the_fix() {
     for damage in ["truncate", "garbage"] {
