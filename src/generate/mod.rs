@@ -177,6 +177,29 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     }
     let previous = Arc::new(store.previous_inputs()?);
     let run_keys = Arc::new(keys::RunKeys::new(&args, &inputs, &model_identity, job)?);
+    let changes: Arc<Mutex<HashMap<(u64, InputChange), isize>>> = Arc::default();
+    // A rerun copies the previous JSON output's unchanged segments while
+    // the dataflow runs (single process; a cluster writes part files).
+    let prefetch = match multi {
+        true => None,
+        false => {
+            let seen = Arc::clone(&changes);
+            let per_segment = inputs.segment_queries;
+            outputs::Prefetch::start(
+                &store,
+                &output_config(&inputs, with_vqa, args.save_prompts),
+                move |segment| {
+                    seen.lock().map_or(true, |m| {
+                        m.iter().any(|((q, _), diff)| {
+                            *diff != 0
+                                && leverflow_operators::sinks::segment_of(*q, per_segment)
+                                    == segment
+                        })
+                    })
+                },
+            )?
+        }
+    };
 
     let reporter = Reporter::start(
         style,
@@ -186,7 +209,6 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let dataflow_started = Instant::now();
     let writer = StoreWriter::start(Arc::clone(&store), 2048, Duration::from_secs(1));
     let current: Arc<Mutex<Vec<(u64, Key)>>> = Arc::default();
-    let changes: Arc<Mutex<HashMap<(u64, InputChange), isize>>> = Arc::default();
     let backend_stats: stages::BackendStats = Arc::default();
     let workers = args.workers;
     let vqa_cfg = VqaStageConfig {
@@ -482,17 +504,23 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         store_s: writer_stats.commit_s,
         total_s: 0.0,
     };
-    let written = outputs::write_outputs(&store, &out_cfg, &current, |summary, skipped, seg| {
-        let mut summary = summary.clone();
-        summary.vqa_calls = vqa_calls;
-        summary.backend = backend.clone();
-        summary.incremental = incremental.clone();
-        summary.incremental.output_segments_copied = seg.copied as u64;
-        summary.incremental.output_segments = seg.total as u64;
-        timings.write_s = write_started.elapsed().as_secs_f64();
-        timings.total_s = started.elapsed().as_secs_f64();
-        meta::build(&args, &inputs, &summary, skipped, &timings, &model_identity)
-    })?;
+    let written = outputs::write_outputs(
+        &store,
+        &out_cfg,
+        &current,
+        prefetch,
+        |summary, skipped, seg| {
+            let mut summary = summary.clone();
+            summary.vqa_calls = vqa_calls;
+            summary.backend = backend.clone();
+            summary.incremental = incremental.clone();
+            summary.incremental.output_segments_copied = seg.copied as u64;
+            summary.incremental.output_segments = seg.total as u64;
+            timings.write_s = write_started.elapsed().as_secs_f64();
+            timings.total_s = started.elapsed().as_secs_f64();
+            meta::build(&args, &inputs, &summary, skipped, &timings, &model_identity)
+        },
+    )?;
     let mut summary = written.summary;
     summary.vqa_calls = vqa_calls;
     summary.backend = backend;

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use leverflow_operators::sinks::{
-    segment_of, JsonSink, OutputConfig, ParquetSink, ParquetSource, SinkError,
+    segment_of, JsonMark, JsonSink, OutputConfig, ParquetSink, ParquetSource, SinkError,
 };
 use leverflow_operators::state::{
     decode_value_compressed, encode_value_compressed, FileIdentity, Key, KeyHasher, StateStore,
@@ -326,6 +326,111 @@ fn spawn_parquet(mut sink: ParquetSink, src: Option<ParquetSource>) -> ParquetTh
     (tx, handle)
 }
 
+/// Copying the previous JSON output's segments into this run's JSON output
+/// while the dataflow still runs (a rerun's dataflow waits on messages
+/// between workers much of the time, and the copy is the longest step of
+/// writing the outputs). Segments are copied in order until one is not
+/// copyable, `stop` is set, or `changed(segment)` says the dataflow has
+/// seen a changed, added or removed query in it. [`write_outputs`] then
+/// keeps the copied prefix that its own plan would have copied, cuts the
+/// rest away ([`JsonSink::rollback`]) and goes on from there, so the output
+/// is exactly the one it would have written without the head start.
+pub struct Prefetch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Result<Prefetched, SinkError>>>,
+}
+
+/// What the prefetch copied: the sink, where it stood before the first
+/// segment, and each copied segment with its range and the sink's mark
+/// after it.
+struct Prefetched {
+    sink: JsonSink,
+    start: JsonMark,
+    segments: Vec<(u64, Key, Option<(u64, u64)>, JsonMark)>,
+}
+
+impl Prefetch {
+    /// Starts copying, when the store describes previous outputs that can be
+    /// copied from and the run writes JSON. Call only while holding the
+    /// store (the run's lock), after stale temporary files were removed.
+    pub fn start(
+        store: &StateStore,
+        cfg: &OutputConfig,
+        changed: impl Fn(u64) -> bool + Send + 'static,
+    ) -> Result<Option<Self>> {
+        let Some(path) = cfg.json.clone() else {
+            return Ok(None);
+        };
+        let Some(prev) = previous_outputs(store.output_manifest()?, cfg) else {
+            return Ok(None);
+        };
+        if prev.json.is_none() {
+            return Ok(None);
+        }
+        let mut sink = JsonSink::create(&path, cfg.json_options.clone())?;
+        let pretty = cfg.json_options.pretty;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_copying = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let start = sink.mark();
+            let mut order: Vec<&SegmentEntry> = prev.segments.values().collect();
+            order.sort_by_key(|e| e.segment);
+            let mut segments = Vec::new();
+            for e in order {
+                if stop_copying.load(std::sync::atomic::Ordering::Relaxed)
+                    || changed(e.segment)
+                    || !copyable(e, &prev, pretty)
+                {
+                    break;
+                }
+                let range = match (e.records, e.json, prev.json.as_ref()) {
+                    (Some((first, last)), Some((a, b)), Some(file)) => {
+                        let r = sink.append_entries_from(first, last, file, a..b)?;
+                        sink.start_writeback()?;
+                        Some((r.start, r.end))
+                    }
+                    _ => None,
+                };
+                segments.push((e.segment, e.digest, range, sink.mark()));
+            }
+            Ok(Prefetched {
+                sink,
+                start,
+                segments,
+            })
+        });
+        Ok(Some(Prefetch {
+            stop,
+            handle: Some(handle),
+        }))
+    }
+
+    /// Stops copying and takes what was copied (`None` after an error: the
+    /// outputs are then written without it).
+    fn finish(mut self) -> Option<Prefetched> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let done = self.handle.take()?.join().ok()?;
+        match done {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::debug!("copying the previous JSON output ahead failed: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    /// A run that fails before writing its outputs stops the copy and
+    /// removes its temporary file (the sink's own drop).
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Streams the stored records of `queries` (ascending) from a thread.
 type RecordStream = (
     std::sync::mpsc::Receiver<Result<(u64, StoredOutcome)>>,
@@ -352,14 +457,43 @@ fn stream_records(store: Arc<StateStore>, queries: Vec<(u64, Key)>) -> RecordStr
 /// store, copying unchanged segments from the previous outputs, then
 /// `_meta` from `meta` (given the summary and the skipped queries). Nothing
 /// appears at an output path unless every output is complete.
+///
+/// `prefetch`: the JSON segments copied while the dataflow ran (see
+/// [`Prefetch`]); the prefix of them that this plan copies is kept.
 pub fn write_outputs(
     store: &Arc<StateStore>,
     cfg: &OutputConfig,
     current: &[(u64, Key)],
+    prefetch: Option<Prefetch>,
     meta: impl FnOnce(&Summary, &[(u64, String)], SegmentCounts) -> serde_json::Value,
 ) -> Result<Written> {
     let prev = previous_outputs(store.output_manifest()?, cfg);
     let plans = plan(current, cfg, prev.as_ref());
+    // The leading segments the prefetch copied exactly as planned here.
+    let mut prefetched = prefetch.and_then(Prefetch::finish);
+    let mut ahead: Vec<Option<(u64, u64)>> = Vec::new();
+    if let Some(p) = prefetched.as_mut() {
+        let kept = plans
+            .iter()
+            .zip(&p.segments)
+            .take_while(|(plan, (segment, digest, _, _))| {
+                plan.reuse
+                    .as_ref()
+                    .is_some_and(|old| old.segment == *segment && old.digest == *digest)
+            })
+            .count();
+        let mark = match kept {
+            0 => p.start,
+            k => p.segments[k - 1].3,
+        };
+        p.sink.rollback(mark)?;
+        ahead = p.segments[..kept].iter().map(|s| s.2).collect();
+        tracing::debug!(
+            copied_ahead = p.segments.len(),
+            kept,
+            "JSON segments copied while the dataflow ran"
+        );
+    }
     let (prev_json, prev_parquet) = match prev {
         Some(p) => (p.json, p.parquet),
         None => (None, None),
@@ -377,9 +511,10 @@ pub fn write_outputs(
         .flat_map(|p| current[p.queries.clone()].iter().copied())
         .collect();
 
-    let mut json = match &cfg.json {
-        Some(p) => Some(JsonSink::create(p, cfg.json_options.clone())?),
-        None => None,
+    let mut json = match (&cfg.json, prefetched) {
+        (Some(_), Some(p)) => Some(p.sink),
+        (Some(p), None) => Some(JsonSink::create(p, cfg.json_options.clone())?),
+        (None, _) => None,
     };
     let mut parquet = match &cfg.parquet {
         Some(p) => Some(spawn_parquet(
@@ -397,8 +532,15 @@ pub fn write_outputs(
     let mut entries = Vec::with_capacity(plans.len());
     let mut copied = 0;
     let result = (|| -> Result<()> {
-        for p in &plans {
+        for (i, p) in plans.iter().enumerate() {
             let entry = match &p.reuse {
+                // Its JSON entries are in the output already.
+                Some(old) if i < ahead.len() => {
+                    copied += 1;
+                    let mut entry = copy_segment(old, None, None, parquet.as_ref())?;
+                    entry.json = ahead[i];
+                    entry
+                }
                 Some(old) => {
                     copied += 1;
                     copy_segment(old, json.as_mut(), prev_json.as_ref(), parquet.as_ref())?

@@ -180,7 +180,12 @@ mod tests {
         assert_eq!(d2, dataset);
         assert_eq!(d2.len(), 2);
         let i2 = i2.unwrap();
-        assert_eq!(format!("{i2:?}"), format!("{index:?}"));
+        assert_eq!(i2.len(), index.len());
+        assert_eq!(i2.questions_path(), index.questions_path());
+        assert_eq!(i2.annotations_path(), index.annotations_path());
+        for qid in [10, 20, 30] {
+            assert_eq!(i2.types(qid), index.types(qid), "question {qid}");
+        }
         // The restored index scores like the parsed one.
         let mut norm = crate::accuracy::Normalizer::default();
         for qid in [10, 20, 30] {

@@ -81,6 +81,17 @@ impl AtomicFile {
         Ok(())
     }
 
+    /// Cuts the file back to its first `len` bytes and continues writing
+    /// there (to drop what was written speculatively).
+    pub fn truncate(&mut self, len: u64) -> io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let writer = self.writer.as_mut().ok_or_else(io_other)?;
+        writer.flush()?;
+        writer.get_ref().set_len(len)?;
+        writer.get_mut().seek(SeekFrom::Start(len))?;
+        Ok(())
+    }
+
     /// Hands everything written so far to the kernel and starts writing it
     /// to disk without waiting (`sync_file_range` on Linux; elsewhere only
     /// the buffer is flushed). Durability still comes from the fsync of

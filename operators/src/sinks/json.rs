@@ -40,6 +40,14 @@ pub struct JsonSink {
     last_entry_start: u64,
 }
 
+/// A position in a [`JsonSink`]'s output (see [`JsonSink::mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JsonMark {
+    last: Option<u64>,
+    written: u64,
+    last_entry_start: u64,
+}
+
 impl JsonSink {
     /// Opens the output (a temporary file until [`JsonSink::finish`]).
     pub fn create(path: impl AsRef<Path>, options: JsonOptions) -> Result<Self, SinkError> {
@@ -109,6 +117,34 @@ impl JsonSink {
         self.last_entry_start = start;
         self.last = Some(last_query);
         Ok(start..self.written)
+    }
+
+    /// Where the sink stands now, to come back to with [`JsonSink::rollback`].
+    pub fn mark(&self) -> JsonMark {
+        JsonMark {
+            last: self.last,
+            written: self.written,
+            last_entry_start: self.last_entry_start,
+        }
+    }
+
+    /// Drops everything written after `mark` (taken from this sink): the
+    /// file is cut back and writing continues from there as if nothing had
+    /// followed it.
+    pub fn rollback(&mut self, mark: JsonMark) -> Result<(), SinkError> {
+        if mark.written > self.written {
+            return Err(SinkError::invalid(
+                &self.path,
+                "internal error: rollback to a mark ahead of the output",
+            ));
+        }
+        self.out
+            .truncate(mark.written)
+            .map_err(|e| SinkError::io(&self.path, "cutting back", e))?;
+        self.last = mark.last;
+        self.written = mark.written;
+        self.last_entry_start = mark.last_entry_start;
+        Ok(())
     }
 
     /// Starts writing what the sink has produced so far to disk (see

@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 use leverflow_schemas::RlRecord;
 
 pub use self::atomic::{AtomicFile, SealedFile};
-pub use self::json::{read_rl_json, visit_rl_json, JsonOptions, JsonSink, RlJson, RlJsonReader};
+pub use self::json::{
+    read_rl_json, visit_rl_json, JsonMark, JsonOptions, JsonSink, RlJson, RlJsonReader,
+};
 pub use self::merge::{
     merge, merged_meta, resolve_inputs, InputMeta, MergeFile, MergeInputs, MergeOutputs,
     MergeSummary, ParquetRecordReader, ReadRecord,
