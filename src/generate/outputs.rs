@@ -346,8 +346,12 @@ pub struct Prefetch {
 struct Prefetched {
     sink: JsonSink,
     start: JsonMark,
-    segments: Vec<(u64, Key, Option<(u64, u64)>, JsonMark)>,
+    segments: Vec<CopiedAhead>,
 }
+
+/// A segment the prefetch copied: its number and digest, its byte range in
+/// the new JSON output, and the sink's mark after it.
+type CopiedAhead = (u64, Key, Option<(u64, u64)>, JsonMark);
 
 impl Prefetch {
     /// Starts copying, when the store describes previous outputs that can be
