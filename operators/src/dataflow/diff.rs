@@ -50,6 +50,16 @@ fn stamp<'s, D: Clone + 'static>(
     )
 }
 
+/// Updates waiting for their time to complete: per time, its capability
+/// and the summed weight of each (query, key).
+type Stash = std::collections::BTreeMap<
+    u64,
+    (
+        timely::dataflow::operators::Capability<u64>,
+        std::collections::HashMap<(u64, Key), isize>,
+    ),
+>;
+
 /// Sums equal updates of the same time on this worker and drops those that
 /// cancel, before they reach differential's arrangement. In a rerun almost
 /// every query's previous and current keys are equal and arrive at the same
@@ -63,13 +73,7 @@ fn cancel_equal_updates<'s>(
         Pipeline,
         "CancelEqualUpdates",
         move |_cap, _info| {
-            let mut stash: std::collections::BTreeMap<
-                u64,
-                (
-                    timely::dataflow::operators::Capability<u64>,
-                    std::collections::HashMap<(u64, Key), isize>,
-                ),
-            > = std::collections::BTreeMap::new();
+            let mut stash: Stash = std::collections::BTreeMap::new();
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     if let Some(cap) = cap.retain_least(output.output_index()) {
