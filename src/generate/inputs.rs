@@ -99,14 +99,17 @@ pub struct SplitSource {
 }
 
 impl SplitSource {
-    /// The snapshot key of this split, from remembered digests only (`None`
-    /// when a file would have to be read to know it).
-    fn remembered_key(&self, digests: &FileDigests) -> Option<leverflow_operators::state::Key> {
+    /// The snapshot key of this split, given each file's SHA-256 (`None`
+    /// when `digest` has none for one of the files).
+    fn key_with(
+        &self,
+        digest: impl Fn(&Path) -> Option<String>,
+    ) -> Option<leverflow_operators::state::Key> {
         let q = match &self.cfg.questions {
-            Some(p) => Some(digests.remembered(p)?),
+            Some(p) => Some(digest(p)?),
             None => None,
         };
-        let a = digests.remembered(&self.cfg.annotations)?;
+        let a = digest(&self.cfg.annotations)?;
         Some(snapshot::snapshot_key(
             &self.cfg,
             self.with_scoring,
@@ -128,19 +131,9 @@ pub fn write_split_snapshot(inputs: &Arc<Inputs>, state_dir: &Path) -> SnapshotW
     leverflow_operators::sinks::AtomicFile::remove_stale_temps(&path);
     SnapshotWriter(Some(std::thread::spawn(move || {
         let split = &inputs.split;
-        let key = (|| -> Result<_> {
-            let q = match &split.cfg.questions {
-                Some(p) => Some(inputs.digests.sha256(p)?),
-                None => None,
-            };
-            let a = inputs.digests.sha256(&split.cfg.annotations)?;
-            Ok(snapshot::snapshot_key(
-                &split.cfg,
-                split.with_scoring,
-                q.as_deref(),
-                &a,
-            ))
-        })();
+        let key = split
+            .key_with(|p| inputs.digests.sha256(p).ok())
+            .context("a file of the split could not be hashed");
         let index = split
             .with_scoring
             .then(|| inputs.scoring.iter().find(|(name, _)| *name == "train"))
@@ -433,13 +426,15 @@ fn load_dataset(
         with_scoring,
         from_snapshot: false,
     };
-    let key = state_dir.and_then(|_| split.remembered_key(digests));
-    if state_dir.is_some() && key.is_none() {
+    // Only remembered digests: reading the files to key the snapshot would
+    // cost what the snapshot saves.
+    let key = state_dir.map(|dir| (dir, split.key_with(|p| digests.remembered(p))));
+    if let Some((_, None)) = key {
         tracing::debug!(
             "dataset snapshot not used: the split's files changed since they were hashed"
         );
     }
-    if let (Some(key), Some(dir)) = (key, state_dir) {
+    if let Some((dir, Some(key))) = key {
         let path = dir.join(SNAPSHOT_FILE);
         let started = std::time::Instant::now();
         match snapshot::read_snapshot(&path, &key) {

@@ -558,7 +558,8 @@ pub fn write_outputs(
                     parquet.as_ref(),
                 )?,
             };
-            if let Some(j) = json.as_mut() {
+            if let Some(j) = json.as_mut().filter(|_| i >= ahead.len()) {
+                // (The prefetch already did it for the segments it copied.)
                 j.start_writeback()?;
             }
             if let Some((tx, _)) = &parquet {

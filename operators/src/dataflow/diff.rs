@@ -93,13 +93,12 @@ fn cancel_equal_updates<'s>(
                         break;
                     }
                     if let Some((cap, sums)) = stash.remove(&t) {
-                        let mut left: Vec<((u64, Key), isize)> =
-                            sums.into_iter().filter(|(_, d)| *d != 0).collect();
-                        // A fixed order: the output does not depend on hashing.
-                        left.sort_unstable();
-                        output
-                            .session(&cap)
-                            .give_iterator(left.into_iter().map(|(d, diff)| (d, t, diff)));
+                        // In any order: the arrangement sorts its input.
+                        output.session(&cap).give_iterator(
+                            sums.into_iter()
+                                .filter(|(_, diff)| *diff != 0)
+                                .map(|(d, diff)| (d, t, diff)),
+                        );
                     }
                 }
             }
