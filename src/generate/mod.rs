@@ -180,25 +180,23 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     let changes: Arc<Mutex<HashMap<(u64, InputChange), isize>>> = Arc::default();
     // A rerun copies the previous JSON output's unchanged segments while
     // the dataflow runs (single process; a cluster writes part files).
-    let prefetch = match multi {
-        true => None,
-        false => {
-            let seen = Arc::clone(&changes);
-            let per_segment = inputs.segment_queries;
-            outputs::Prefetch::start(
-                &store,
-                &output_config(&inputs, with_vqa, args.save_prompts),
-                move |segment| {
-                    seen.lock().map_or(true, |m| {
-                        m.iter().any(|((q, _), diff)| {
-                            *diff != 0
-                                && leverflow_operators::sinks::segment_of(*q, per_segment)
-                                    == segment
-                        })
+    let prefetch = if multi {
+        None
+    } else {
+        let seen = Arc::clone(&changes);
+        let per_segment = inputs.segment_queries;
+        outputs::Prefetch::start(
+            &store,
+            &output_config(&inputs, with_vqa, args.save_prompts),
+            move |segment| {
+                seen.lock().map_or(true, |m| {
+                    m.iter().any(|((q, _), diff)| {
+                        *diff != 0
+                            && leverflow_operators::sinks::segment_of(*q, per_segment) == segment
                     })
-                },
-            )?
-        }
+                })
+            },
+        )?
     };
 
     let reporter = Reporter::start(

@@ -337,7 +337,7 @@ fn spawn_parquet(mut sink: ParquetSink, src: Option<ParquetSource>) -> ParquetTh
 /// is exactly the one it would have written without the head start.
 pub struct Prefetch {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<Prefetched, SinkError>>>,
+    handle: Option<std::thread::JoinHandle<Result<Prefetched>>>,
 }
 
 /// What the prefetch copied: the sink, where it stood before the first
@@ -387,14 +387,10 @@ impl Prefetch {
                 {
                     break;
                 }
-                let range = match (e.records, e.json, prev.json.as_ref()) {
-                    (Some((first, last)), Some((a, b)), Some(file)) => {
-                        let r = sink.append_entries_from(first, last, file, a..b)?;
-                        sink.start_writeback()?;
-                        Some((r.start, r.end))
-                    }
-                    _ => None,
-                };
+                // The JSON half of the copy `write_outputs` makes (Parquet is
+                // copied there, in order with the segments it writes).
+                let range = copy_segment(e, Some(&mut sink), prev.json.as_ref(), None)?.json;
+                sink.start_writeback()?;
                 segments.push((e.segment, e.digest, range, sink.mark()));
             }
             Ok(Prefetched {
@@ -417,7 +413,7 @@ impl Prefetch {
         match done {
             Ok(p) => Some(p),
             Err(e) => {
-                tracing::debug!("copying the previous JSON output ahead failed: {e}");
+                tracing::debug!("copying the previous JSON output ahead failed: {e:#}");
                 None
             }
         }
