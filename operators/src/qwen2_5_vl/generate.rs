@@ -437,37 +437,42 @@ fn beam_search<B: Backend>(
         // prompt's k best are then the k best of its beams' lists (the
         // same (score desc, index asc) order, so the same selection as one
         // scan over all its beams).
+        // Before the first token, beams 1.. are copies of beam 0 held at
+        // -1e9 (HF's way to start from one hypothesis): they are ranked only
+        // when beam 0 alone cannot fill the k candidates (below).
+        let placeholder = |j: usize| step == 0 && j > 0;
         let beams: Vec<(usize, usize)> = states
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.done)
             .flat_map(|(p, s)| (0..s.running.len()).map(move |j| (p, j)))
+            .filter(|&(_, j)| !placeholder(j))
             .collect();
-        let per_beam: Vec<TopK> = beams
-            .par_iter()
-            .map(|&(p, j)| {
-                let beam = &states[p].running[j];
-                let row = &host[beam.row * v..(beam.row + 1) * v];
-                let (max, log_sum) = stats[beam.row].unwrap_or_else(|| row_stats(row));
-                let lp = |x: f32| log_prob(x, max, log_sum);
-                // HF applies the processors to the log-probs: the repetition
-                // penalty over prompt + beam tokens, then the EOS mask.
-                let processed = if penalty != 1.0 || !masked.is_empty() {
-                    let mut seen = prompt_seen[p].clone();
-                    seen.extend_from_slice(&beam.tokens);
-                    processed_entries(v, &seen, penalty, masked, |t| lp(row[t]))
-                } else {
-                    Vec::new()
-                };
-                let score = beam.score;
-                let mut top = TopK::new(k);
-                top.push_row(row, &processed, j * v, |x| lp(x) + score, |s| s + score);
-                top
-            })
-            .collect();
+        let rank_beam = |p: usize, j: usize| {
+            let beam = &states[p].running[j];
+            let row = &host[beam.row * v..(beam.row + 1) * v];
+            let (max, log_sum) = stats[beam.row].unwrap_or_else(|| row_stats(row));
+            let lp = |x: f32| log_prob(x, max, log_sum);
+            // HF applies the processors to the log-probs: the repetition
+            // penalty over prompt + beam tokens, then the EOS mask.
+            let processed = if penalty != 1.0 || !masked.is_empty() {
+                let mut seen = prompt_seen[p].clone();
+                seen.extend_from_slice(&beam.tokens);
+                processed_entries(v, &seen, penalty, masked, |t| lp(row[t]))
+            } else {
+                Vec::new()
+            };
+            let score = beam.score;
+            let mut top = TopK::new(k);
+            top.push_row(row, &processed, j * v, |x| lp(x) + score, |s| s + score);
+            top
+        };
+        let per_beam: Vec<TopK> = beams.par_iter().map(|&(p, j)| rank_beam(p, j)).collect();
         let mut per_beam = beams.iter().map(|&(p, _)| p).zip(per_beam).peekable();
-        for (p, st) in states.iter_mut().enumerate() {
+        let mut tops: Vec<Option<TopK>> = Vec::with_capacity(n_prompts);
+        for (p, st) in states.iter().enumerate() {
             if st.done {
+                tops.push(None);
                 continue;
             }
             let mut top = TopK::new(k);
@@ -476,6 +481,23 @@ fn beam_search<B: Backend>(
                     top.push(s, idx);
                 }
             }
+            // A placeholder's candidates score at most -1e9 and come after
+            // beam 0's in index order, so they can enter only if beam 0's
+            // k-th candidate is below -1e9 or missing.
+            let filled = top.items.len() == k && top.items.last().is_some_and(|c| c.0 >= -1.0e9);
+            if !filled {
+                for j in (0..st.running.len()).filter(|&j| placeholder(j)) {
+                    for &(s, idx) in &rank_beam(p, j).items {
+                        top.push(s, idx);
+                    }
+                }
+            }
+            tops.push(Some(top));
+        }
+        for (st, top) in states.iter_mut().zip(tops) {
+            let Some(top) = top else {
+                continue;
+            };
             let cands: Vec<(f32, usize, u32, bool)> = top
                 .items
                 .iter()

@@ -19,6 +19,8 @@ use burn::tensor::{backend::Backend, Tensor, TensorData, TensorPrimitive};
 use ndarray::ArrayViewD;
 use rayon::prelude::*;
 
+use super::logprobs::softmax_weights;
+
 /// A zero-copy handle on the f32 storage of an ndarray-backend tensor.
 pub(crate) struct HostF32(NdArrayTensor);
 
@@ -403,6 +405,26 @@ pub(crate) fn apply_linear<B: Backend, const D: usize>(
     }
 }
 
+/// Dot product over 8 independent lanes (so it vectorises; the lanes are
+/// added in a fixed order, the same on every machine).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ta.iter().zip(tb) {
+        sum += x * y;
+    }
+    sum
+}
+
 /// Scaled dot-product attention on the host for one layer.
 ///
 /// `q` [b, heads, lq, hd] and `k`, `v` [b, kv_heads, t, hd] (any strides);
@@ -452,15 +474,14 @@ pub(crate) fn attention<B: Backend>(
                 let g = h / rep;
                 let kbase = (r * kv_heads + g) * t * hd;
                 let qrow = &qd[((r * heads + h) * lq + i) * hd..][..hd];
+                let scores = &mut scores[..visible];
                 let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores[..visible].iter_mut().enumerate() {
-                    if !valid[j] {
-                        *s = f32::NEG_INFINITY;
-                        continue;
-                    }
-                    let krow = &kd[kbase + j * hd..][..hd];
-                    let dot: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
-                    *s = dot * scale;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s = if valid[j] {
+                        dot(qrow, &kd[kbase + j * hd..][..hd]) * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
                     if *s > max {
                         max = *s;
                     }
@@ -468,14 +489,13 @@ pub(crate) fn attention<B: Backend>(
                 if max == f32::NEG_INFINITY {
                     continue;
                 }
-                let mut sum = 0f32;
+                // Scores become weights in place (0 where masked).
+                let sum = softmax_weights(scores, max);
                 acc.iter_mut().for_each(|a| *a = 0.0);
-                for (j, &s) in scores[..visible].iter().enumerate() {
-                    if s == f32::NEG_INFINITY {
+                for (j, &p) in scores.iter().enumerate() {
+                    if p == 0.0 {
                         continue;
                     }
-                    let p = (s - max).exp();
-                    sum += p;
                     let vrow = &vd[kbase + j * hd..][..hd];
                     for (a, &x) in acc.iter_mut().zip(vrow) {
                         *a += p * x;

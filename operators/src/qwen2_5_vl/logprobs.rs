@@ -6,18 +6,25 @@
 //! (151,936 entries for Qwen2.5), and none of it is shared between rows, so
 //! this is the part of decoding that batching cannot amortise. A row is read
 //! three times: the maximum, the sum of `exp(x - max)`, and one ranking scan
-//! that skips 8-entry chunks which cannot enter the top k. The few entries a
+//! that skips 64-entry blocks which cannot enter the top k (once the top k's
+//! floor is an entry of the row, by one vectorised max and a comparison of
+//! raw values). The few entries a
 //! processor changes are passed as a sorted list of `(token, new value)` and
 //! ranked separately instead of editing a copy of the row.
 //!
 //! The exponential is a branch-free polynomial (Cephes-style range reduction
 //! to `[-ln2/2, ln2/2]`, about 1 ulp) so the sum vectorises; the sum is
 //! accumulated in f64 over 8 fixed lanes, so the result does not depend on
-//! the instruction set the loop is compiled for.
+//! the instruction set the loop is compiled for. Attention's softmax weights
+//! ([`softmax_weights`]) use the same exponential.
 
 /// Lanes of the vectorised loops (fixed, so sums add in the same order on
 /// every machine).
 const LANES: usize = 8;
+
+/// Entries per block of the ranking scan: a block whose maximum cannot
+/// enter the top k is skipped after one vectorised max.
+const SCAN_BLOCK: usize = 64;
 
 /// `exp(x)` for `x <= 0`, clamped below at -87 (where `exp` leaves the
 /// normal f32 range; such terms are negligible next to the maximum's 1).
@@ -89,6 +96,47 @@ fn max_avx2(row: &[f32]) -> f32 {
 #[target_feature(enable = "avx2")]
 fn exp_sum_avx2(row: &[f32], max: f32) -> f64 {
     exp_sum_generic(row, max)
+}
+
+#[inline(always)]
+fn softmax_weights_generic(xs: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            let e = exp_nonpositive(*x - max);
+            *x = if *x == f32::NEG_INFINITY { 0.0 } else { e };
+            *a += *x;
+        }
+    }
+    for (a, x) in acc.iter_mut().zip(chunks.into_remainder()) {
+        *x = if *x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp_nonpositive(*x - max)
+        };
+        *a += *x;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn softmax_weights_avx2(xs: &mut [f32], max: f32) -> f32 {
+    softmax_weights_generic(xs, max)
+}
+
+/// Replaces every score `x` (all `<= max`; -inf = masked) by its unnormalised
+/// softmax weight `exp(x - max)` (0 where masked) and returns their sum:
+/// the exponentials of one attention row, vectorised, summed over 8 fixed
+/// lanes so the result does not depend on the instruction set.
+pub(crate) fn softmax_weights(xs: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { softmax_weights_avx2(xs, max) };
+    }
+    softmax_weights_generic(xs, max)
 }
 
 /// Maximum and `ln(sum(exp(x - max)))` of one row: `x - max - log_sum` is
@@ -206,29 +254,63 @@ impl TopK {
         self.items.truncate(self.k);
     }
 
-    /// Offers `f(x)` with index `base + i` for every entry `x` of `slice`,
+    /// The raw entry of `row` (indices `base + t`) that holds the floor, when
+    /// the floor is an entry of `row` offered as `f(row[t])`: every entry
+    /// `x <= raw` has `f(x) <= floor`, since `f` is non-decreasing.
+    #[inline]
+    fn raw_floor(&self, row: &[f32], base: usize, f: &impl Fn(f32) -> f32) -> Option<f32> {
+        let floor = self.floor()?;
+        let &(_, idx) = self.items.last()?;
+        let raw = *row.get(idx.checked_sub(base)?)?;
+        (f(raw) <= floor).then_some(raw)
+    }
+
+    /// Offers `f(row[t])` with index `base + t` for every `t` in `range`,
     /// where `f` is non-decreasing. Entries must come in increasing index
     /// order and after every item already held (so an equal value never
-    /// wins); whole chunks whose maximum cannot enter are skipped.
+    /// wins). Blocks of [`SCAN_BLOCK`] entries whose maximum cannot enter
+    /// are skipped: once the floor is an entry of this row, the test is a
+    /// comparison of raw values, so a skipped block costs one vectorised
+    /// max. The entries offered, and so the result, are those of offering
+    /// every entry one by one.
     #[inline]
-    fn push_monotone(&mut self, slice: &[f32], base: usize, f: &impl Fn(f32) -> f32) {
-        let mut i = 0;
-        for c in slice.chunks(LANES) {
+    fn push_monotone(
+        &mut self,
+        row: &[f32],
+        range: std::ops::Range<usize>,
+        base: usize,
+        f: &impl Fn(f32) -> f32,
+    ) {
+        let mut raw_floor = self.raw_floor(row, base, f);
+        let mut t = range.start;
+        while t < range.end {
+            let stop = (t + SCAN_BLOCK).min(range.end);
+            let block = &row[t..stop];
             if let Some(floor) = self.floor() {
-                let m = c.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if f(m) <= floor || f(m).is_nan() {
-                    i += c.len();
+                let m = max_generic(block);
+                let skip = match raw_floor {
+                    Some(raw) => m <= raw,
+                    None => {
+                        let fm = f(m);
+                        fm <= floor || fm.is_nan()
+                    }
+                };
+                if skip {
+                    t = stop;
                     continue;
                 }
             }
-            for &x in c {
+            for (i, &x) in block.iter().enumerate() {
                 let v = f(x);
                 match self.floor() {
                     Some(floor) if v <= floor || v.is_nan() => {}
-                    _ => self.push(v, base + i),
+                    _ => {
+                        self.push(v, base + t + i);
+                        raw_floor = self.raw_floor(row, base, f);
+                    }
                 }
-                i += 1;
             }
+            t = stop;
         }
     }
 
@@ -246,12 +328,12 @@ impl TopK {
         let mut start = 0;
         for &(t, _) in processed {
             if t > start {
-                self.push_monotone(&row[start..t], base + start, &f);
+                self.push_monotone(row, start..t.min(row.len()), base, &f);
             }
             start = t + 1;
         }
         if start < row.len() {
-            self.push_monotone(&row[start..], base + start, &f);
+            self.push_monotone(row, start..row.len(), base, &f);
         }
         for &(t, v) in processed {
             self.push(g(v), base + t);
@@ -378,6 +460,73 @@ mod tests {
             }
         }
         assert_eq!(fast.items, slow.items);
+    }
+
+    #[test]
+    fn block_skipping_scan_equals_offering_every_entry() {
+        // Long rows (many skipped blocks), coarse values (exact ties), beam
+        // scores that make f collapse distinct entries into equal values
+        // (-1e9: every entry rounds to the same score), processed entries
+        // inside blocks, and one TopK shared by all rows as in a merge.
+        let v = 20_003;
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|r| {
+                (0..v)
+                    .map(|i| match r {
+                        0 => ((i * 7919 + 13) % 1009) as f32 * 0.01 - 5.0,
+                        1 => ((i * 31) % 17) as f32,
+                        _ => (((i * 131 + r * 7) % 4001) as f32 * 0.37).sin() * 3.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let seen = [0u32, 64, 127, 128, 5000, 20_002];
+        let scores = [0.0f32, -1.0e9, -3.7, -1.0e-3];
+        for k in [1usize, 6, 9, 70] {
+            let mut fast = TopK::new(k);
+            let mut slow = TopK::new(k);
+            for (j, row) in rows.iter().enumerate() {
+                let (max, ls) = row_stats(row);
+                let lp = |x: f32| log_prob(x, max, ls);
+                let entries = processed_entries(v, &seen, 1.05, &[], |t| lp(row[t]));
+                let f = |x: f32| lp(x) + scores[j];
+                fast.push_row(row, &entries, j * v, f, |p| p + scores[j]);
+                let mut fresh = TopK::new(k);
+                fresh.push_row(row, &entries, j * v, f, |p| p + scores[j]);
+                let mut alone = TopK::new(k);
+                for (t, &x) in row.iter().enumerate() {
+                    let s = match entries.binary_search_by_key(&t, |e| e.0) {
+                        Ok(e) => entries[e].1 + scores[j],
+                        Err(_) => f(x),
+                    };
+                    slow.push(s, j * v + t);
+                    alone.push(s, j * v + t);
+                }
+                assert_eq!(fresh.items, alone.items, "row {j}, k {k}");
+            }
+            assert_eq!(fast.items, slow.items, "k {k}");
+        }
+    }
+
+    #[test]
+    fn softmax_weights_are_the_shifted_exponentials() {
+        let mut xs: Vec<f32> = (0..37).map(|i| -(i as f32) * 0.7).collect();
+        xs[5] = f32::NEG_INFINITY;
+        xs[36] = f32::NEG_INFINITY;
+        let want: Vec<f64> = xs.iter().map(|&x| ((x as f64) - 0.5).exp()).collect();
+        let mut generic = xs.clone();
+        let sum = softmax_weights(&mut xs, 0.5);
+        let generic_sum = softmax_weights_generic(&mut generic, 0.5);
+        assert_eq!((sum, &xs), (generic_sum, &generic));
+        assert_eq!((xs[5], xs[36]), (0.0, 0.0));
+        for (&got, &w) in xs.iter().zip(&want) {
+            assert!(
+                (got as f64 - w).abs() <= 3e-7 * w.max(1e-30),
+                "{got} vs {w}"
+            );
+        }
+        let total: f64 = want.iter().sum();
+        assert!((sum as f64 - total).abs() < 1e-6 * total);
     }
 
     #[test]
