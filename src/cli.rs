@@ -3,11 +3,17 @@
 //! (`--sft-ckpt`), plus leverflow's own.
 
 use clap::{Args, Parser, Subcommand};
-use leverflow_operators::dataflow::{
-    devices_for_workers, parse_devices, ClusterConfig, ClusterTimeouts,
+use leverflow_operators::config::{
+    CorrectnessMode, Formats, MissingImagePolicy, OutputMode, ProgressMode, RewardMode, RunConfig,
+    VqaBackend, VqaErrorPolicy,
 };
 use serde::Serialize;
 use std::path::PathBuf;
+
+/// The library's defaults, which the flags' defaults are.
+fn d() -> RunConfig {
+    RunConfig::default()
+}
 
 /// Builds reinforcement-learning data for in-context example selection in
 /// VQA, as a timely dataflow.
@@ -150,11 +156,11 @@ pub struct GenerateArgs {
     #[arg(
         long = "vqa_model",
         visible_alias = "vqa-model",
-        default_value = "qwen2.5_vl_3B"
+        default_value_t = d().vqa_model
     )]
     pub vqa_model: String,
     /// Dataset kind: okvqa_local or vqav2_local.
-    #[arg(long, default_value = "okvqa_local")]
+    #[arg(long, default_value_t = d().dataset)]
     pub dataset: String,
     /// Training questions (official VQA format).
     #[arg(
@@ -250,13 +256,14 @@ pub struct GenerateArgs {
     pub seed: u64,
 
     // ---- VQA ----
-    /// VQA backend: qwen2_5_vl or replay.
+    /// VQA backend.
     #[arg(
         long = "vqa_backend",
         visible_alias = "vqa-backend",
-        default_value = "qwen2_5_vl"
+        value_enum,
+        default_value_t = d().vqa_backend
     )]
-    pub vqa_backend: String,
+    pub vqa_backend: VqaBackend,
     /// Earlier leverflow output (JSON or Parquet) whose raw generations the replay backend answers with.
     #[arg(
         long = "replay_from",
@@ -311,13 +318,14 @@ pub struct GenerateArgs {
         default_value_t = 512
     )]
     pub vision_cache_mb: usize,
-    /// What to do when an image is missing: error or skip (the query is recorded as skipped).
+    /// What to do when an image is missing: error, or skip (the query is recorded as skipped).
     #[arg(
         long = "on_missing_image",
         visible_alias = "on-missing-image",
-        default_value = "error"
+        value_enum,
+        default_value_t = d().on_missing_image
     )]
-    pub on_missing_image: String,
+    pub on_missing_image: MissingImagePolicy,
     /// System prompt (default: the original's).
     #[arg(long = "system_prompt", visible_alias = "system-prompt")]
     pub system_prompt: Option<String>,
@@ -338,14 +346,14 @@ pub struct GenerateArgs {
     pub save_prompts: bool,
 
     // ---- rewards ----
-    /// Reward mode (hard_plus_soft, hard_plus_soft_v2, separated, hard_only, soft_only,
-    /// hard01_plus_gtprob, hard01_plus_gtprob_separated, hard_plus_gtprob_plus_rel, legacy).
+    /// Reward mode (the original's modes).
     #[arg(
         long = "reward_mode",
         visible_alias = "reward-mode",
-        default_value = "hard_plus_soft"
+        value_enum,
+        default_value_t = d().reward_mode
     )]
-    pub reward_mode: String,
+    pub reward_mode: RewardMode,
     /// Weight of the hard (0/1) correctness.
     #[arg(
         long = "hard_weight",
@@ -381,9 +389,10 @@ pub struct GenerateArgs {
     #[arg(
         long = "correctness_mode",
         visible_alias = "correctness-mode",
-        default_value = "01"
+        value_enum,
+        default_value_t = d().correctness_mode
     )]
-    pub correctness_mode: String,
+    pub correctness_mode: CorrectnessMode,
     /// Legacy mode: use -logprob_score as the quality term.
     #[arg(long = "use_logprob", visible_alias = "use-logprob")]
     pub use_logprob: bool,
@@ -424,9 +433,9 @@ pub struct GenerateArgs {
         default_value_t = 60
     )]
     pub connect_timeout: u64,
-    /// Output formats: json, parquet or both.
-    #[arg(long, default_value = "json,parquet")]
-    pub format: String,
+    /// Output formats: json, parquet or both (comma separated).
+    #[arg(long, default_value_t = d().format)]
+    pub format: Formats,
     /// Parquet output path (default: the output path with `.parquet`).
     #[arg(
         long = "parquet_path",
@@ -445,9 +454,10 @@ pub struct GenerateArgs {
     #[arg(
         long = "output_mode",
         visible_alias = "output-mode",
-        default_value = "full"
+        value_enum,
+        default_value_t = d().output_mode
     )]
-    pub output_mode: String,
+    pub output_mode: OutputMode,
     /// Queries per output segment (query index / N): a Parquet row group
     /// never spans two segments, and a rerun copies every segment whose
     /// queries are unchanged from the previous outputs instead of
@@ -456,7 +466,7 @@ pub struct GenerateArgs {
     #[arg(
         long = "segment_queries",
         visible_alias = "segment-queries",
-        default_value_t = leverflow_operators::sinks::DEFAULT_SEGMENT_QUERIES,
+        default_value_t = d().segment_queries,
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub segment_queries: u64,
@@ -464,34 +474,28 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Progress style: bar, json (one JSON line per update) or none.
-    #[arg(long, default_value = "bar")]
-    pub progress: String,
+    #[arg(long, value_enum, default_value_t = d().progress)]
+    pub progress: ProgressMode,
+    /// What to do when the VQA backend fails on a prompt: error (stop the
+    /// run), or record (the candidate gets `eval_failed = true`, accuracy
+    /// 0 and no answer; a rerun asks the backend again).
+    #[arg(
+        long = "on_vqa_error",
+        visible_alias = "on-vqa-error",
+        value_enum,
+        default_value_t = d().on_vqa_error
+    )]
+    pub on_vqa_error: VqaErrorPolicy,
 }
 
 impl GenerateArgs {
-    /// The cluster configuration of `--processes/--process_index/--hostfile/--workers`
-    /// and the device of each local worker (`--devices`, else `--device`), checked.
-    pub fn cluster(&self) -> anyhow::Result<(ClusterConfig, Vec<String>)> {
-        let config = ClusterConfig::from_flags(
-            self.processes,
-            self.process_index,
-            self.hostfile.as_deref(),
-            self.workers,
-        )?;
-        let list = match &self.devices {
-            Some(spec) => parse_devices(spec)?,
-            None => vec![self.device.clone()],
-        };
-        let devices = devices_for_workers(&list, config.workers, config.process_index);
-        Ok((config, devices))
-    }
-
-    /// The connection deadlines of a multi-process run.
-    pub fn cluster_timeouts(&self) -> ClusterTimeouts {
-        ClusterTimeouts {
-            connect: std::time::Duration::from_secs(self.connect_timeout),
-            ..Default::default()
-        }
+    /// The run's settings. Every flag is a field of [`RunConfig`] of the
+    /// same name and type (the conversion goes through their serialised
+    /// form, so the two cannot drift apart silently: a test converts the
+    /// defaults).
+    pub fn into_config(self) -> anyhow::Result<RunConfig> {
+        let value = serde_json::to_value(self)?;
+        Ok(serde_json::from_value(value)?)
     }
 }
 
@@ -530,8 +534,8 @@ pub struct MergeArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Progress style: bar, json (one JSON line per update) or none.
-    #[arg(long, default_value = "bar")]
-    pub progress: String,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Bar)]
+    pub progress: ProgressMode,
 }
 
 /// Arguments of `score`.
@@ -567,7 +571,7 @@ pub struct StatsArgs {
 pub struct VqaArgs {
     /// Qwen2.5-VL checkpoint directory.
     #[arg(long = "vqa_model", visible_alias = "vqa-model")]
-    pub vqa_model: PathBuf,
+    pub vqa_model: String,
     /// Request JSON (one request or a list).
     #[arg(long)]
     pub request: PathBuf,
@@ -612,4 +616,59 @@ pub struct BenchArgs {
     /// directory, removed at the end.
     #[arg(long = "keep_dir", visible_alias = "keep-dir")]
     pub keep_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generate(flags: &[&str]) -> GenerateArgs {
+        let mut argv = vec!["leverflow", "generate"];
+        argv.extend_from_slice(flags);
+        match Cli::parse_from(argv).command {
+            Command::Generate(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn every_flag_is_a_setting_and_the_defaults_are_the_library_defaults() {
+        assert_eq!(generate(&[]).into_config().unwrap(), RunConfig::default());
+    }
+
+    #[test]
+    fn enum_flags_take_the_original_spellings_and_list_the_valid_ones() {
+        let c = generate(&[
+            "--vqa_backend",
+            "qwen2.5_vl",
+            "--reward-mode",
+            "hard01_plus_gtprob_separated",
+            "--correctness_mode",
+            "pm1",
+            "--on_missing_image",
+            "skip",
+            "--output_mode",
+            "delta",
+            "--progress",
+            "json",
+            "--format",
+            "parquet",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(c.vqa_backend, VqaBackend::Qwen2_5Vl);
+        assert_eq!(c.reward_mode, RewardMode::Hard01PlusGtprobSeparated);
+        assert_eq!(c.correctness_mode, CorrectnessMode::PlusMinusOne);
+        assert_eq!(c.on_missing_image, MissingImagePolicy::Skip);
+        assert_eq!(c.output_mode, OutputMode::Delta);
+        assert_eq!(c.progress, ProgressMode::Json);
+        assert_eq!(c.format.to_string(), "parquet");
+        let err = Cli::try_parse_from(["leverflow", "generate", "--reward_mode", "best"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("hard_plus_soft") && err.contains("legacy"),
+            "{err}"
+        );
+    }
 }

@@ -4,8 +4,8 @@
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
-use crate::cli::GenerateArgs;
-use crate::generate::Job;
+use leverflow_operators::config::{RunConfig, DEFAULT_IMAGE_PATTERN};
+use leverflow_operators::pipeline::Job;
 
 /// The repository root holding `demo/`: the current directory when it has
 /// one, else the source tree this binary was built from.
@@ -31,7 +31,7 @@ fn set(slot: &mut Option<PathBuf>, value: PathBuf) {
 }
 
 /// Fills unset inputs with the demo's files (flags given explicitly win).
-pub fn apply(args: &mut GenerateArgs, job: Job) -> Result<()> {
+pub fn apply(args: &mut RunConfig, job: Job) -> Result<()> {
     let root = demo_root()?;
     let d = |rel: &str| -> PathBuf { root.join("demo").join(rel) };
     set(&mut args.sft_ckpt, d("sft.ckpt"));
@@ -41,7 +41,7 @@ pub fn apply(args: &mut GenerateArgs, job: Job) -> Result<()> {
     set(&mut args.train_ques_path, d("data/questions.json"));
     set(&mut args.train_ann_path, d("data/annotations.json"));
     set(&mut args.train_coco_root, d("data/images"));
-    if args.image_pattern == "COCO_train2014_{image_id:012d}.jpg" {
+    if args.image_pattern == DEFAULT_IMAGE_PATTERN {
         args.image_pattern = "COCO_train2014_{image_id:012d}.png".into();
     }
     let file = match job {
@@ -49,7 +49,7 @@ pub fn apply(args: &mut GenerateArgs, job: Job) -> Result<()> {
         Job::Candidates => "candidates.json",
     };
     set(&mut args.output_path, Path::new("demo-output").join(file));
-    if args.vqa_model == "qwen2.5_vl_3B" {
+    if args.vqa_model == RunConfig::default().vqa_model {
         args.vqa_model = root.join("demo/vlm").display().to_string();
     }
     Ok(())

@@ -1,26 +1,26 @@
 //! `leverflow`: builds reinforcement-learning data for in-context example
 //! selection in VQA as a timely dataflow.
 //!
-//! This binary is the edge: command-line parsing ([`cli`]), `--config` YAML
-//! ([`config`]), run orchestration ([`generate`]), VQA backends
-//! ([`backends`], [`qwen`]), progress ([`progress`]) and benchmarks
-//! ([`bench`]); the stages themselves live in `leverflow-operators`.
+//! This binary is the face of the library `leverflow-operators`: flags
+//! ([`cli`], `--config` YAML in [`config`]) become a typed `RunConfig`,
+//! subcommands are dispatched here, and progress ([`progress`]) and
+//! summaries ([`report`]) are printed; all the work is the library's.
 
-mod backends;
-mod bench;
-mod benches;
 mod cli;
 mod config;
 mod demo;
-mod generate;
+mod errors;
 mod merge;
 mod plot;
 mod progress;
-mod qwen;
+mod report;
 mod stats;
+
+use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Parser;
+use leverflow_operators::pipeline::{Job, Pipeline};
 
 fn main() {
     // Diagnostics for developers and bug reports: `LEVERFLOW_LOG=debug`
@@ -35,7 +35,7 @@ fn main() {
     }
     tracing::debug!("started");
     if let Err(e) = real_main() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", errors::describe(&e));
         std::process::exit(1);
     }
     tracing::debug!("finished");
@@ -45,27 +45,42 @@ fn real_main() -> Result<()> {
     let args = config::expand_config_args(std::env::args().collect())?;
     let cli = cli::Cli::parse_from(args);
     match cli.command {
-        cli::Command::Generate(a) => run_job(*a, generate::Job::Generate),
-        cli::Command::Candidates(a) => run_job(*a, generate::Job::Candidates),
+        cli::Command::Generate(a) => run_job(*a, Job::Generate),
+        cli::Command::Candidates(a) => run_job(*a, Job::Candidates),
         cli::Command::Score(a) => score(&a),
-        cli::Command::Vqa(a) => qwen::run_vqa_command(&a),
-        cli::Command::Bench(a) => benches::run(&a),
+        cli::Command::Vqa(a) => vqa(&a),
+        cli::Command::Bench(a) => bench(&a),
         cli::Command::Stats(a) => stats::run(&a.output, a.json, a.plot.as_deref()),
         cli::Command::Merge(a) => merge::run(&a),
     }
 }
 
-fn run_job(mut args: cli::GenerateArgs, job: generate::Job) -> Result<()> {
-    if args.demo {
-        demo::apply(&mut args, job)?;
+/// `generate` and `candidates`: the pipeline with the parsed settings.
+fn run_job(args: cli::GenerateArgs, job: Job) -> Result<()> {
+    let mut config = args.into_config()?;
+    if config.demo {
+        demo::apply(&mut config, job)?;
     }
-    if args.print_config {
-        print!("{}", serde_yaml::to_string(&args)?);
+    if config.print_config {
+        print!("{}", serde_yaml::to_string(&config)?);
         return Ok(());
     }
-    generate::run(args, job)
+    let style = progress::ProgressStyle::of(config.progress, config.quiet);
+    let run = Pipeline::new(config, job)
+        .with_progress(Arc::new(progress::Terminal::new(style)))
+        .run()?;
+    if run.cluster.as_ref().is_some_and(|c| c.dataset.is_none()) {
+        if style != progress::ProgressStyle::None {
+            let process = run.cluster.as_ref().map_or(0, |c| c.process);
+            eprintln!("process {process}: done; process 0 writes the manifest and the JSON");
+        }
+        return Ok(());
+    }
+    report::print_run(&run);
+    Ok(())
 }
 
+/// `leverflow score`: the official accuracy of a results file.
 fn score(a: &cli::ScoreArgs) -> Result<()> {
     let index =
         leverflow_operators::accuracy::load_questions_annotations(&a.questions, &a.annotations)?;
@@ -74,4 +89,35 @@ fn score(a: &cli::ScoreArgs) -> Result<()> {
     let out = serde_json::json!({"overall": full["overall"], "perQuestion": full["perQuestion"]});
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
+}
+
+/// `leverflow vqa`: answers a request file, printing one JSON line per request.
+fn vqa(a: &cli::VqaArgs) -> Result<()> {
+    use leverflow_operators::backends::{qwen2_5_vl, request};
+    let requests = request::read_requests(&a.request)?;
+    let device = a
+        .device
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
+    for line in qwen2_5_vl::answer_requests(&a.vqa_model, device, &requests)? {
+        println!("{}", serde_json::to_string(&line)?);
+    }
+    Ok(())
+}
+
+/// `leverflow bench`: the library's benchmarks, run on this binary.
+fn bench(a: &cli::BenchArgs) -> Result<()> {
+    let settings = leverflow_operators::bench::BenchSettings {
+        pool: a.pool,
+        queries: a.queries,
+        reps: a.reps,
+        workers: a.workers,
+        vqa_model: a.vqa_model.clone(),
+        batch_size: a.batch_size,
+        synthetic_3b_layers: a.synthetic_3b_layers,
+        keep_dir: a.keep_dir.clone(),
+        exe: std::env::current_exe()?,
+        repo: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    };
+    Ok(leverflow_operators::bench::run(&a.what, &settings)?)
 }

@@ -1,14 +1,14 @@
 //! `leverflow merge`: Parquet outputs (a multi-process dataset directory, or
 //! `--start_idx/--end_idx` shards) → the single JSON the original training
 //! code reads, and optionally one merged Parquet file.  The work is
-//! [`leverflow_operators::sinks::merge`]; this is the edge: flags, progress
+//! [`leverflow_operators::outputs::merge`]; this is the edge: flags, progress
 //! on stderr, error context.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use leverflow_operators::sinks::{merge, resolve_inputs, JsonOptions, MergeOutputs};
+use leverflow_operators::outputs::{merge, resolve_inputs, JsonOptions, MergeOutputs};
 
 use crate::cli::MergeArgs;
 use crate::progress::{phase, Counters, ProgressStyle, Reporter};
@@ -21,7 +21,7 @@ pub fn run(a: &MergeArgs) -> Result<()> {
     if a.batch_rows == 0 {
         bail!("--batch_rows must be at least 1");
     }
-    let style = ProgressStyle::parse(&a.progress, a.quiet)?;
+    let style = ProgressStyle::of(a.progress, a.quiet);
     phase(
         style,
         &format!("merge: checking {} input(s)", a.inputs.len()),

@@ -7,9 +7,9 @@ use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use leverflow_operators::sinks::AtomicFile;
+use leverflow_operators::outputs::AtomicFile;
 
-use crate::generate::summary::Summary;
+use leverflow_operators::outputs::Summary;
 
 const W: f64 = 900.0;
 const H: f64 = 380.0;

@@ -3,36 +3,13 @@
 //! Stages bump shared atomic [`Counters`]; a reporter thread renders them a
 //! few times a second, so workers never block on the terminal.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use leverflow_operators::config::ProgressMode;
+pub use leverflow_operators::pipeline::Counters;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// Counters shared by every worker of a run.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Queries whose record is finished.
-    pub queries_done: AtomicU64,
-    /// Candidates finished.
-    pub candidates_done: AtomicU64,
-    /// Prompts sent to the VQA model.
-    pub vqa_calls: AtomicU64,
-    /// Queries expected (0 if unknown).
-    pub queries_total: AtomicU64,
-    /// Queries whose stored record was reused.
-    pub queries_reused: AtomicU64,
-    /// Answers served from the store.
-    pub vqa_cached: AtomicU64,
-    /// Candidate sets served from the store.
-    pub candidate_sets_cached: AtomicU64,
-}
-
-impl Counters {
-    /// Adds `n` to a counter.
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,15 +24,46 @@ pub enum ProgressStyle {
 
 impl ProgressStyle {
     /// From `--progress` and `--quiet`.
-    pub fn parse(progress: &str, quiet: bool) -> anyhow::Result<Self> {
-        if quiet {
-            return Ok(Self::None);
+    pub fn of(progress: ProgressMode, quiet: bool) -> Self {
+        match (quiet, progress) {
+            (true, _) | (_, ProgressMode::None) => Self::None,
+            (_, ProgressMode::Bar) => Self::Bar,
+            (_, ProgressMode::Json) => Self::Json,
         }
-        match progress {
-            "bar" => Ok(Self::Bar),
-            "json" => Ok(Self::Json),
-            "none" => Ok(Self::None),
-            other => anyhow::bail!("--progress {other}: expected bar, json or none"),
+    }
+}
+
+/// A run's progress on stderr, in a [`ProgressStyle`]: phase lines, and a
+/// reporter thread while the dataflow runs.
+pub struct Terminal {
+    style: ProgressStyle,
+    reporter: Mutex<Option<Reporter>>,
+}
+
+impl Terminal {
+    /// Progress in `style`.
+    pub fn new(style: ProgressStyle) -> Self {
+        Self {
+            style,
+            reporter: Mutex::new(None),
+        }
+    }
+}
+
+impl leverflow_operators::pipeline::Progress for Terminal {
+    fn phase(&self, message: &str) {
+        phase(self.style, message);
+    }
+
+    fn started(&self, counters: Arc<Counters>, job: &str) {
+        if let Ok(mut r) = self.reporter.lock() {
+            *r = Some(Reporter::start(self.style, counters, job));
+        }
+    }
+
+    fn finished(&self) {
+        if let Some(r) = self.reporter.lock().ok().and_then(|mut r| r.take()) {
+            r.finish();
         }
     }
 }

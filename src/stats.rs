@@ -4,10 +4,8 @@
 use anyhow::Result;
 use std::path::Path;
 
-use leverflow_operators::sinks::{visit_rl_json, visit_rl_parquet};
+use leverflow_operators::outputs::{visit_rl_json, visit_rl_parquet, Summary};
 use leverflow_schemas::RlRecord;
-
-use crate::generate::summary::Summary;
 
 /// Computes the summary of the output at `path` (Parquet by extension, else
 /// JSON) and the `_meta` it holds.
@@ -67,9 +65,9 @@ pub fn run(path: &Path, json: bool, plot: Option<&Path>) -> Result<()> {
     let with_vqa =
         summary.by_method.is_empty() || summary.rewards.len() as u64 == summary.candidates;
     if json {
-        println!("{}", serde_json::to_string(&summary.to_json())?);
+        println!("{}", serde_json::to_string(&summary.counts())?);
     } else {
-        summary.print_counts(with_vqa, None);
+        crate::report::print_counts(&summary, with_vqa, None);
         println!("  file               {}", path.display());
         if let Some(out) = plot {
             println!("  plot               {}", out.display());

@@ -73,9 +73,9 @@ fn run_cluster(base: &[String], dir: &Path, processes: usize, workers: usize) {
 fn parquet_rows(files: &[PathBuf]) -> Vec<(u64, String)> {
     let mut all = Vec::new();
     for f in files {
-        let (_meta, rows) = leverflow_operators::sinks::read_rl_parquet(f).unwrap();
+        let (_meta, rows) = leverflow_operators::outputs::read_rl_parquet(f).unwrap();
         all.extend(
-            leverflow_operators::sinks::rows_to_records(rows)
+            leverflow_operators::outputs::rows_to_records(rows)
                 .into_iter()
                 .map(|(q, r)| (q, serde_json::to_string(&r).unwrap())),
         );

@@ -472,3 +472,48 @@ fn stats_reads_json_and_parquet_alike() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad.json"));
 }
+
+#[test]
+fn failed_prompts_stop_the_run_or_are_recorded_as_eval_failed() {
+    let r = replay_fixture();
+    // A replay source without the answers of query 5's first two candidates.
+    let mut v = read_json(&r.replay);
+    let dropped: Vec<Value> = {
+        let cands = v["5"]["pointer_candidates"].as_array_mut().unwrap();
+        cands
+            .iter_mut()
+            .take(2)
+            .map(|c| {
+                let pointer = c["pointer"].clone();
+                c.as_object_mut().unwrap().remove("vqa_raw_generation");
+                pointer
+            })
+            .collect()
+    };
+    let partial = r.dir.join("partial.json");
+    std::fs::write(&partial, serde_json::to_string(&v).unwrap()).unwrap();
+    let out = r.dir.join("out").join("rl.json");
+    let args = replay_args(&partial, &out);
+    // By default a failed prompt stops the run, naming the file and query.
+    expect_failure(args.clone(), &out, &["partial.json", "query 5"]);
+    // With `record`, its candidates are marked and the run goes on.
+    let record = with_flag(args, "--on_vqa_error", "record");
+    ok(&leverflow(&record));
+    let v = read_json(&out);
+    let mut failed = Vec::new();
+    for (k, rec) in v.as_object().unwrap().iter().filter(|(k, _)| *k != "_meta") {
+        for c in rec["pointer_candidates"].as_array().unwrap() {
+            if c["eval_failed"] == Value::Bool(true) {
+                assert_eq!(k, "5");
+                assert!(c.get("vqa_raw_generation").is_none());
+                assert_eq!(c["vqa_eval_mode"], "error");
+                assert_eq!(c["vqa_acc_score"], 0.0);
+                failed.push(c["pointer"].clone());
+            } else {
+                assert_eq!(c["eval_failed"], Value::Bool(false));
+            }
+        }
+    }
+    assert_eq!(failed, dropped);
+    assert_eq!(v["_meta"]["args"]["on_vqa_error"], "record");
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use leverflow_operators::sinks::{read_rl_parquet, rows_to_records};
+use leverflow_operators::outputs::{read_rl_parquet, rows_to_records};
 use leverflow_operators::tensor_io::load_matrix;
 
 /// The demo beam data restricted to the queries `keep` accepts.
@@ -525,8 +525,12 @@ fn two_runs_cannot_share_a_state_dir_and_bad_modes_are_refused() {
     args.extend(["--output_mode".to_string(), "partial".to_string()]);
     let o = leverflow(&args);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr)
-        .contains("--output_mode partial: expected full or delta"));
+    // The flag's valid values are listed.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("'partial'") && err.contains("--output_mode") && err.contains("full, delta"),
+        "{err}"
+    );
     // A held store is refused with a clear message.
     let state = d.join("state");
     let _held = leverflow_operators::state::StateStore::open(&state).unwrap();

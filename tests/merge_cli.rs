@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use leverflow_operators::sinks::{
+use leverflow_operators::outputs::{
     write_manifest, JsonOptions, JsonSink, PartOptions, PartWriter, MANIFEST_NAME,
 };
 use leverflow_schemas::{CandidateRecord, PointerLayout, QueryRecord, RlRecord};

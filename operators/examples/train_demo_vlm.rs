@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use burn::backend::{Autodiff, NdArray};
 use clap::Parser;
-use leverflow_operators::demo_vlm::eval::evaluate_demo_data;
-use leverflow_operators::demo_vlm::train::{train, TrainOptions};
-use leverflow_operators::qwen2_5_vl::model::Qwen25Vl;
+use leverflow_operators::models::demo_vlm::eval::evaluate_demo_data;
+use leverflow_operators::models::demo_vlm::train::{train, TrainOptions};
+use leverflow_operators::models::qwen2_5_vl::model::Qwen25Vl;
 
 #[derive(Parser, Debug)]
 #[command(about = "Train the tiny Qwen2.5-VL demo model on easy-VQA")]

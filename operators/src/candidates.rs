@@ -44,7 +44,7 @@ use rand_chacha::ChaCha8Rng;
 
 use burn::tensor::backend::Backend;
 
-use crate::pointer_selector::{
+use crate::models::pointer_selector::{
     PointerSelector, PointerSelectorConfig, PointerSelectorError, PreparedPool, QueryStates,
 };
 
@@ -892,7 +892,7 @@ pub fn score_sequences<B: Backend>(
                 .iter()
                 .zip(s)
                 .map(|(row, &j)| {
-                    crate::pointer_selector::log_softmax_at(row, j, query.exclude_position)
+                    crate::models::pointer_selector::log_softmax_at(row, j, query.exclude_position)
                 })
                 .sum()
         })
@@ -912,7 +912,7 @@ pub fn bench_candidates(
     batch: usize,
     args: &CandidateArgs,
 ) -> Result<BenchResult, CandidateError> {
-    type Bk = crate::pointer_selector::DefaultBackend;
+    type Bk = crate::models::pointer_selector::DefaultBackend;
     let device = Default::default();
     let model = PointerSelectorConfig::new(d_model, hidden, layers).init::<Bk>(&device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -961,7 +961,7 @@ pub struct BenchResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pointer_selector::DefaultBackend as Bk;
+    use crate::models::pointer_selector::DefaultBackend as Bk;
     use crate::tensor_io::{self, Matrix};
     use serde_json::Value;
     use std::path::{Path, PathBuf};

@@ -938,8 +938,6 @@ impl ImageCache {
     }
 }
 
-pub mod snapshot;
-
 #[cfg(test)]
 mod tests;
 

@@ -1,33 +1,64 @@
-//! leverflow's dataflow stages and the models they run.
+//! leverflow's library: the RL-data pipeline for in-context example
+//! selection in VQA, its stages, and the models they run.
 //!
-//! One module per stage of the pipeline, pure logic first; the thin timely
-//! operators that wrap them live in [`dataflow`] (the only place that talks to
-//! timely / differential-dataflow, whose APIs change often).
+//! Data flows one way: a [`config::RunConfig`] goes into a
+//! [`pipeline::Pipeline`], which loads the inputs, wires the
+//! [`dataflow`] graph over the [`stages`], and writes the [`outputs`]; the
+//! stages call the [`models`] through the [`backends`] registry and build
+//! the record types of `leverflow_schemas`.
 //!
-//! | stage | module |
+//! | layer | modules |
 //! |---|---|
-//! | beam records in | [`source`] |
-//! | VQA dataset (questions, annotations, images) | [`dataset`] |
-//! | embeddings and checkpoints on disk | [`tensor_io`] |
-//! | pointer selector model | [`pointer_selector`] |
-//! | candidate pointer sequences | [`candidates`] |
-//! | VQA answering (contract, replay backend) | [`vqa`] |
-//! | Qwen2.5-VL model | [`qwen2_5_vl`] |
-//! | demo VQA model: a tiny Qwen2.5-VL trained on easy-VQA | [`demo_vlm`] |
-//! | official VQA accuracy | [`accuracy`] |
-//! | rewards and advantages | [`reward`] |
-//! | JSON / Parquet outputs | [`sinks`] |
+//! | settings | [`config`] |
+//! | the run | [`pipeline`] |
+//! | the graph (all timely / differential code) | [`dataflow`] |
+//! | stages (plan, candidates, vqa, accuracy, reward, record) | [`stages`] |
+//! | stage logic | [`candidates`] (pointer decoding), [`accuracy`] (official VQA metric), [`reward`] |
+//! | state store and content keys | [`state`] |
+//! | output formats (JSON, Parquet) and their writer | [`outputs`] |
+//! | VQA backends behind one registry | [`backends`] |
+//! | models and their neutral contract | [`models`] |
+//! | benchmarks of `leverflow bench` | [`bench`] |
+//! | input files | [`source`] (beam data), [`dataset`] (VQA files, images), [`tensor_io`] (embeddings, checkpoints) |
+//!
+//! Running the embedded demo through the library (what `leverflow generate
+//! --demo` does; see `examples/pipeline.rs`):
+//!
+//! ```no_run
+//! use leverflow_operators::config::RunConfig;
+//! use leverflow_operators::pipeline::{Job, Pipeline};
+//!
+//! let demo = |p: &str| Some(std::path::PathBuf::from("demo").join(p));
+//! let config = RunConfig {
+//!     sft_ckpt: demo("sft.ckpt"),
+//!     beam_data: demo("beam_data.json"),
+//!     query_emb: demo("query_embeddings.pt"),
+//!     cand_emb: demo("candidate_embeddings.pt"),
+//!     train_ques_path: demo("data/questions.json"),
+//!     train_ann_path: demo("data/annotations.json"),
+//!     train_coco_root: demo("data/images"),
+//!     image_pattern: "COCO_train2014_{image_id:012d}.png".into(),
+//!     vqa_model: "demo/vlm".into(),
+//!     output_path: Some("out/rl_data.json".into()),
+//!     ..RunConfig::default()
+//! };
+//! let run = Pipeline::new(config, Job::Generate).run()?;
+//! println!("{} queries, {} candidates", run.summary.queries, run.summary.candidates);
+//! # Ok::<(), leverflow_operators::pipeline::PipelineError>(())
+//! ```
 
 pub mod accuracy;
+pub mod backends;
+pub mod bench;
 pub mod candidates;
+pub mod config;
 pub mod dataflow;
 pub mod dataset;
-pub mod demo_vlm;
-pub mod pointer_selector;
-pub mod qwen2_5_vl;
+pub mod models;
+pub mod outputs;
+pub mod pipeline;
 pub mod reward;
-pub mod sinks;
 pub mod source;
+pub mod stages;
 pub mod state;
 pub mod tensor_io;
-pub mod vqa;

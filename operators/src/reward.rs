@@ -13,7 +13,12 @@ use std::str::FromStr;
 /// original). With `hard = vqa_correct` (0 when absent), `soft =
 /// vqa_acc_score`, `gtprob = vqa_gt_prob`, `rel = vqa_rel_score` (each 0 when
 /// absent) and weights `hw`, `sw`, `rw`:
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[cfg_attr(feature = "clap", value(rename_all = "snake_case"))]
 pub enum RewardMode {
     /// `hw*hard + sw*soft` (the default).
     #[default]
@@ -103,13 +108,20 @@ impl FromStr for RewardMode {
 }
 
 /// Correctness scale of the legacy mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum CorrectnessMode {
     /// Correctness in {0, 1} (`"01"`, the default).
     #[default]
+    #[serde(rename = "01")]
+    #[cfg_attr(feature = "clap", value(name = "01"))]
     ZeroOne,
     /// Correctness in {-1, +1}: `2*c - 1` (`"pm1"`; the original uses this
     /// for any value other than `"01"`).
+    #[serde(rename = "pm1")]
+    #[cfg_attr(feature = "clap", value(name = "pm1"))]
     PlusMinusOne,
 }
 

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::backend::NdArray;
-use leverflow_operators::demo_vlm::checkpoint::UNK_TOKEN;
-use leverflow_operators::demo_vlm::eval::{evaluate_demo_data, read_vqa_items};
-use leverflow_operators::qwen2_5_vl::model::Qwen25Vl;
+use leverflow_operators::models::demo_vlm::checkpoint::UNK_TOKEN;
+use leverflow_operators::models::demo_vlm::eval::{evaluate_demo_data, read_vqa_items};
+use leverflow_operators::models::qwen2_5_vl::model::Qwen25Vl;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

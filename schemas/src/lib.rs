@@ -4,18 +4,21 @@
 //!   one query's record in the JSON output (the original project's format);
 //! * [`json_schema`]: the JSON Schema (draft 2020-12) of that record, with the
 //!   `_meta` object under `$defs/meta`;
-//! * [`arrow_schema`]: the schema of the Parquet output (one row per candidate).
+//! * [`arrow_schema`]: the schema of the Parquet output (one row per candidate);
+//! * [`Meta`]: the typed `_meta` object written with every output.
 //!
 //! `README.md` beside this crate has a table of every field; [`validate`]
 //! checks JSON values against the schema.
 
 mod arrow_schema;
+pub mod meta;
 mod records;
 pub mod validate;
 
 pub use arrow_schema::{
     arrow_schema, list_u64, list_utf8, vqa_column_names, DESCRIPTION_KEY, PARQUET_META_KEY,
 };
+pub use meta::{Counts, Meta, MethodCounts, SkippedQuery, Timings};
 pub use records::{CandidateRecord, PointerFields, PointerLayout, QueryRecord, RlRecord};
 
 /// Key of the run metadata object in the JSON output.

@@ -142,6 +142,22 @@ pub enum PointerLayout {
     PerQueryPool,
 }
 
+impl PointerLayout {
+    /// The layout's name in `_meta.pointer_layout` (spelled as Rust writes
+    /// the value, which is what earlier outputs hold).
+    pub fn name(self) -> &'static str {
+        match self {
+            PointerLayout::SharedPool {
+                positions_are_indices: true,
+            } => "SharedPool { positions_are_indices: true }",
+            PointerLayout::SharedPool {
+                positions_are_indices: false,
+            } => "SharedPool { positions_are_indices: false }",
+            PointerLayout::PerQueryPool => "PerQueryPool",
+        }
+    }
+}
+
 /// The three pointer fields of a [`CandidateRecord`], filled for a layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PointerFields {

@@ -282,7 +282,7 @@ fn exclusions(answers: &[String], rest_ids: Option<&[u32]>) -> Vec<u32> {
 /// thread asks first.
 ///
 /// Serialisable for the parsed-dataset snapshot
-/// ([`crate::dataset::snapshot`]).
+/// ([`crate::state::snapshot`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ScoringIndex {
     questions_path: PathBuf,

@@ -8,14 +8,14 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::ErrorSlot;
+use super::{ErrorSlot, StageError};
 
 /// A stage's batch function: one output per input, in input order.
 ///
 /// It is built per worker (so it may own non-`Send` state such as a model
-/// instance or a cache) and errors are reported as a message naming the
+/// instance or a cache) and errors are typed ([`StageError`]), naming the
 /// input and the place.
-pub type BatchFn<I, O> = Box<dyn FnMut(Vec<I>) -> Result<Vec<O>, String>>;
+pub type BatchFn<I, O> = Box<dyn FnMut(Vec<I>) -> Result<Vec<O>, StageError>>;
 
 /// Wraps `logic` as a timely operator named `name` that runs it on batches of
 /// at least `batch_size` records, or fewer once the input frontier shows no
@@ -38,6 +38,7 @@ where
 {
     let batch_size = batch_size.max(1);
     let stage = name.to_string();
+    let internal = |message: String| StageError::new("dataflow", None, message);
     stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(
         Pipeline,
         name,
@@ -87,11 +88,11 @@ where
                             output.session(&cap).give_iterator(outputs.by_ref().take(n));
                         }
                     }
-                    Ok(outputs) => errors.set(format!(
+                    Ok(outputs) => errors.set(internal(format!(
                         "internal error in stage `{stage}`: {} outputs for {expected} inputs",
                         outputs.len()
-                    )),
-                    Err(message) => errors.set(message),
+                    ))),
+                    Err(e) => errors.set(e),
                 }
             }
         },

@@ -9,7 +9,7 @@ use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 use timely::worker::Worker;
 use timely::ExchangeData;
 
-use super::ErrorSlot;
+use super::{ErrorSlot, StageError};
 
 /// How long a worker with nothing to do parks before looking again. A
 /// message (data or progress) wakes it at once; parking instead of spinning
@@ -55,7 +55,7 @@ impl Default for DriverConfig {
 
 /// Receives each finished record (query index, serialised bytes) on the
 /// worker that owns the sink ([`DriverConfig::sink_worker`]).
-pub type SinkFn = Box<dyn FnMut(u64, Vec<u8>) -> Result<(), String>>;
+pub type SinkFn = Box<dyn FnMut(u64, Vec<u8>) -> Result<(), StageError>>;
 
 /// What a worker did.
 #[derive(Debug, Clone, Default)]
@@ -84,10 +84,10 @@ pub fn run_worker<W, S, F>(
     build: F,
     sink: Option<SinkFn>,
     errors: ErrorSlot,
-) -> Result<WorkerOutcome, String>
+) -> Result<WorkerOutcome, std::sync::Arc<StageError>>
 where
     W: ExchangeData + Clone,
-    S: Iterator<Item = Result<W, String>>,
+    S: Iterator<Item = Result<W, StageError>>,
     F: for<'s> FnOnce(
         StreamVec<'s, u64, W>,
         &ProbeHandle<u64>,
@@ -106,27 +106,33 @@ where
         let sink_worker = config.sink_worker;
         finished
             .exchange(move |_: &(u64, Vec<u8>)| sink_worker)
-            .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "sink", move |_cap, _info| {
-                move |input, _output| {
-                    input.for_each(|_cap, data| {
-                        for (query_index, bytes) in data.drain(..) {
-                            if sink_errors.is_set() {
-                                continue;
-                            }
-                            match sink.as_mut() {
-                                Some(f) => {
-                                    if let Err(e) = f(query_index, bytes) {
-                                        sink_errors.set(e);
-                                    }
+            .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                Pipeline,
+                "sink",
+                move |_cap, _info| {
+                    move |input, _output| {
+                        input.for_each(|_cap, data| {
+                            for (query_index, bytes) in data.drain(..) {
+                                if sink_errors.is_set() {
+                                    continue;
                                 }
-                                None => sink_errors.set(format!(
-                                    "internal error: record {query_index} reached a worker without a sink"
-                                )),
+                                match sink.as_mut() {
+                                    Some(f) => {
+                                        if let Err(e) = f(query_index, bytes) {
+                                            sink_errors.set(e);
+                                        }
+                                    }
+                                    None => sink_errors.set(StageError::new(
+                                        "sink",
+                                        Some(query_index),
+                                        "internal error: a record reached a worker without a sink",
+                                    )),
+                                }
                             }
-                        }
-                    });
-                }
-            })
+                        });
+                    }
+                },
+            )
             .probe_with(&probe);
     });
 
@@ -179,4 +185,30 @@ where
         Some(e) => Err(e),
         None => Ok(outcome),
     }
+}
+
+/// Sends `report` (from the workers that have one) to worker 0, whose `sink`
+/// receives each: a one-record dataflow every worker of every process takes
+/// part in, so the processes of a run exchange their final reports through
+/// the connections they already have, and nobody waits forever.
+pub fn gather_at_worker_zero(
+    worker: &mut Worker,
+    report: Option<Vec<u8>>,
+    sink: Option<SinkFn>,
+) -> Result<(), std::sync::Arc<StageError>> {
+    run_worker(
+        worker,
+        &DriverConfig {
+            source_batch: 1,
+            max_source_batch: 1,
+            max_inflight: 1,
+            sink_worker: 0,
+        },
+        report.map(|r| std::iter::once(Ok((0u64, r)))),
+        |x: &(u64, Vec<u8>)| x.0,
+        |stream, _probe| stream,
+        sink,
+        ErrorSlot::default(),
+    )
+    .map(|_| ())
 }

@@ -18,6 +18,8 @@ mod batch;
 pub mod cluster;
 pub mod diff;
 mod driver;
+mod error;
+pub mod graph;
 pub mod incremental;
 
 pub use batch::{batched, BatchFn};
@@ -26,44 +28,10 @@ pub use cluster::{
     ClusterTimeouts,
 };
 pub use diff::InputChange;
-pub use driver::{run_worker, DriverConfig, SinkFn, WorkerOutcome};
+pub use driver::{gather_at_worker_zero, run_worker, DriverConfig, SinkFn, WorkerOutcome};
+pub use error::{BoxError, ErrorSlot, StageError};
+pub use graph::{rl_graph, Finished, RecordStages, Stages, Then, VqaStages};
 pub use incremental::{incremental_front, interleave_previous, Planned, SourceItem};
-
-use std::sync::{Arc, Mutex};
-
-/// The first error any stage of any worker raised; later errors are dropped.
-///
-/// Stages never panic on bad input: they record the error here, stop
-/// producing, and the driver stops feeding the source, so the run ends
-/// quickly with that error and no output is written.
-#[derive(Clone, Default, Debug)]
-pub struct ErrorSlot(Arc<Mutex<Option<String>>>);
-
-impl ErrorSlot {
-    /// Records `message` unless an error is already recorded.
-    pub fn set(&self, message: String) {
-        let mut guard = match self.0.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if guard.is_none() {
-            *guard = Some(message);
-        }
-    }
-
-    /// Whether an error has been recorded.
-    pub fn is_set(&self) -> bool {
-        self.get().is_some()
-    }
-
-    /// The recorded error, if any.
-    pub fn get(&self) -> Option<String> {
-        match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-}
 
 /// Runs `build` on `workers` timely worker threads of this process and
 /// returns each worker's result in worker order.

@@ -17,7 +17,9 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
         let seen = Arc::clone(&seen2);
         let sink: Option<SinkFn> = (index == 0).then(|| {
             Box::new(move |q: u64, bytes: Vec<u8>| {
-                seen.lock().map_err(|e| e.to_string())?.push((q, bytes));
+                seen.lock()
+                    .map_err(|e| StageError::new("sink", Some(q), e.to_string()))?
+                    .push((q, bytes));
                 Ok(())
             }) as SinkFn
         });
@@ -42,7 +44,11 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
                         xs.into_iter()
                             .map(|x| {
                                 if Some(x) == fail_at {
-                                    Err(format!("bad record {x}"))
+                                    Err(StageError::new(
+                                        "square",
+                                        Some(x),
+                                        format!("bad record {x}"),
+                                    ))
                                 } else {
                                     Ok((x, x * x))
                                 }
@@ -69,7 +75,7 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
         )
     })?;
     for r in results {
-        r?;
+        r.map_err(|e| e.to_string())?;
     }
     let mut out = seen.lock().map_err(|e| e.to_string())?.clone();
     out.sort();
@@ -90,6 +96,17 @@ fn every_record_reaches_the_sink_for_any_worker_count() {
 fn a_stage_error_stops_the_run() {
     let err = run(2, 1000, Some(17)).unwrap_err();
     assert!(err.contains("bad record 17"), "{err}");
+    // The error keeps its stage, query and typed source.
+    let slot = ErrorSlot::default();
+    slot.set(StageError::new(
+        "vqa",
+        Some(3),
+        std::io::Error::other("disk"),
+    ));
+    slot.set(StageError::new("reward", Some(4), "later"));
+    let e = slot.get().unwrap();
+    assert_eq!((e.stage, e.query), ("vqa", Some(3)));
+    assert!(e.downcast_ref::<std::io::Error>().is_some());
 }
 
 /// Runs the incremental front on `previous` / `current` (query, key byte)
@@ -117,7 +134,9 @@ fn classify(
         let seen = Arc::clone(&s2);
         let sink: Option<SinkFn> = (index == 0).then(|| {
             Box::new(move |q: u64, bytes: Vec<u8>| {
-                seen.lock().map_err(|e| e.to_string())?.push((q, bytes));
+                seen.lock()
+                    .map_err(|e| StageError::new("sink", Some(q), e.to_string()))?
+                    .push((q, bytes));
                 Ok(())
             }) as SinkFn
         });
@@ -136,9 +155,12 @@ fn classify(
             source,
             |s: &SourceItem<u64>| s.query_index(|q| *q),
             move |stream, probe| {
-                let todo = incremental_front(
-                    stream,
-                    Box::new(move |qs: Vec<u64>| {
+                // Test doubles: the plan reads the keys above, the
+                // candidates of a query are its index, its answer the
+                // square, its score the answer plus one; the reward stage
+                // serialises (query, score).
+                let stages = Stages {
+                    plan: Box::new(move |qs: Vec<u64>| {
                         Ok(qs
                             .into_iter()
                             .map(|q| Planned {
@@ -149,18 +171,31 @@ fn classify(
                             })
                             .collect())
                     }),
-                    3,
+                    candidates: Box::new(|qs: Vec<u64>| Ok(qs)),
+                    batch: 3,
+                    then: Then::Vqa(VqaStages {
+                        vqa: Box::new(|qs: Vec<u64>| {
+                            Ok(qs.into_iter().map(|q| (q, q * q)).collect())
+                        }),
+                        vqa_batch: 2,
+                        accuracy: Box::new(|xs: Vec<(u64, u64)>| {
+                            Ok(xs.into_iter().map(|(q, a)| (q, a + 1)).collect())
+                        }),
+                        reward: Box::new(|xs: Vec<(u64, u64)>| {
+                            Ok(xs
+                                .into_iter()
+                                .map(|(q, s)| (q, s.to_string().into_bytes()))
+                                .collect())
+                        }),
+                    }),
+                };
+                rl_graph(
+                    stream,
+                    stages,
                     move |q, change, diff| {
                         *changes.lock().unwrap().entry((q, change)).or_insert(0) += diff;
                     },
                     probe,
-                    e2.clone(),
-                );
-                batched(
-                    todo,
-                    "compute",
-                    2,
-                    Box::new(|qs: Vec<u64>| Ok(qs.into_iter().map(|q| (q, vec![])).collect())),
                     e2,
                 )
             },
@@ -180,9 +215,16 @@ fn classify(
         .map(|(k, _)| *k)
         .collect();
     final_changes.sort();
-    let mut done: Vec<u64> = computed.lock().unwrap().iter().map(|(q, _)| *q).collect();
+    let mut done: Vec<(u64, Vec<u8>)> = computed.lock().unwrap().clone();
     done.sort();
-    (final_changes, done)
+    for (q, bytes) in &done {
+        assert_eq!(
+            bytes,
+            &(q * q + 1).to_string().into_bytes(),
+            "every stage ran on {q}"
+        );
+    }
+    (final_changes, done.into_iter().map(|(q, _)| q).collect())
 }
 
 #[test]

@@ -76,6 +76,45 @@ impl FileIdentity {
         }
     }
 
+    /// The identity of the file at `path` for content keys (images):
+    /// [`FileIdentity::of`] on Unix; elsewhere, the size and modification
+    /// time only. `None`: missing or not a regular file.
+    pub fn stamp(path: &Path) -> Option<Self> {
+        #[cfg(unix)]
+        {
+            Self::of(path)
+        }
+        #[cfg(not(unix))]
+        {
+            let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            Some(Self {
+                dev: 0,
+                ino: 0,
+                len: m.len(),
+                mtime_s: mtime.as_secs() as i64,
+                mtime_ns: mtime.subsec_nanos() as i64,
+                ctime_s: 0,
+                ctime_ns: 0,
+            })
+        }
+    }
+
+    /// Adds every field of the identity to a content key.
+    pub fn add_to(&self, h: &mut super::KeyHasher) {
+        h.u64(self.dev)
+            .u64(self.ino)
+            .u64(self.len)
+            .u64(self.mtime_s as u64)
+            .u64(self.mtime_ns as u64)
+            .u64(self.ctime_s as u64)
+            .u64(self.ctime_ns as u64);
+    }
+
     /// The status-change time as a point in time (`None` before 1970).
     fn changed_at(&self) -> Option<SystemTime> {
         let s = u64::try_from(self.ctime_s).ok()?;

@@ -34,6 +34,7 @@
 
 pub mod digests;
 pub mod keys;
+pub mod snapshot;
 mod writer;
 
 #[cfg(test)]
@@ -44,7 +45,10 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use digests::{FileDigests, FileIdentity, StoredDigest};
-pub use keys::{key_hex, Key, KeyHasher};
+pub use keys::{
+    key_hex, provisional, CandidateSettings, ImageStamp, ImageStamps, Key, KeyHasher,
+    RecordSettings, RunKeys, VqaSettings,
+};
 pub use writer::{StoreWriter, WriterHandle, WriterMsg, WriterStats};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
@@ -52,7 +56,13 @@ pub use writer::{StoreWriter, WriterHandle, WriterMsg, WriterStats};
 /// * 1: the first format.
 /// * 2: adds `record_keys`; a version-1 store is migrated when opened (the
 ///   table is built from `records` in the opening transaction).
-pub const STATE_FORMAT_VERSION: u32 = 2;
+/// * 3: content keys encode every setting field by field (no `Debug`
+///   text) and an image's identity includes its inode and status-change
+///   time (a file replaced with `cp -p` is noticed). Keys of older stores
+///   can never match: opening one empties its result tables (records,
+///   candidate sets, answers) in the opening transaction, and
+///   [`StateStore::migrated_from`] tells the caller, which says so.
+pub const STATE_FORMAT_VERSION: u32 = 3;
 
 /// The store's file inside the state directory.
 pub const STATE_FILE: &str = "state.redb";
@@ -186,6 +196,7 @@ pub struct StateStore {
     db: Database,
     path: PathBuf,
     dir: PathBuf,
+    migrated_from: Option<u32>,
 }
 
 /// The stored key of a cache entry: the query index (big-endian) before
@@ -253,13 +264,34 @@ impl StateStore {
                 return Err(unreadable(format!("damaged file ({why})")));
             }
         };
-        let store = Self {
+        let mut store = Self {
             db,
             path: path.clone(),
             dir: dir.to_path_buf(),
+            migrated_from: None,
         };
-        store.check_version()?;
+        store.migrated_from = store.check_version()?;
         Ok(store)
+    }
+
+    /// The store in `dir` opened without a version check (tests write older
+    /// formats with it).
+    #[cfg(test)]
+    fn open_unchecked(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        Self {
+            db: Database::create(dir.join(STATE_FILE)).unwrap(),
+            path: dir.join(STATE_FILE),
+            dir: dir.to_path_buf(),
+            migrated_from: None,
+        }
+    }
+
+    /// The older format version this store was migrated from when it was
+    /// opened (`None`: it was current, or new). From a version before 3,
+    /// every stored result was dropped: they are recomputed once.
+    pub fn migrated_from(&self) -> Option<u32> {
+        self.migrated_from
     }
 
     /// The state file.
@@ -285,7 +317,10 @@ impl StateStore {
         }
     }
 
-    fn check_version(&self) -> Result<(), StateError> {
+    /// Checks the format version, migrating an older store; returns the
+    /// version migrated from.
+    fn check_version(&self) -> Result<Option<u32>, StateError> {
+        let mut migrated = None;
         let txn = self.db.begin_write().map_err(|e| self.unreadable(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.unreadable(e))?;
@@ -314,13 +349,17 @@ impl StateStore {
                         .map_err(|e| self.unreadable(e))?;
                 }
                 Some(v) if v == STATE_FORMAT_VERSION => {}
-                Some(1) => {
-                    self.migrate_v1(&txn)?;
+                Some(old @ (1 | 2)) => {
+                    if old == 1 {
+                        self.migrate_v1(&txn)?;
+                    }
+                    self.drop_results(&txn)?;
                     meta.insert(
                         "format_version",
                         STATE_FORMAT_VERSION.to_le_bytes().as_slice(),
                     )
                     .map_err(|e| self.unreadable(e))?;
+                    migrated = Some(old);
                 }
                 Some(v) if v > STATE_FORMAT_VERSION => {
                     return Err(StateError::TooNew {
@@ -353,7 +392,22 @@ impl StateStore {
             txn.open_table(FILE_DIGESTS)
                 .map_err(|e| self.unreadable(e))?;
         }
-        txn.commit().map_err(|e| self.unreadable(e))
+        txn.commit().map_err(|e| self.unreadable(e))?;
+        Ok(migrated)
+    }
+
+    /// Format 2 -> 3: the content keys changed, so no stored result can be
+    /// found again; their tables are emptied (space for the new ones).
+    /// `inputs` stays: the next run's comparison then counts every query as
+    /// changed, which is what its records are.
+    fn drop_results(&self, txn: &redb::WriteTransaction) -> Result<(), StateError> {
+        let fail = |e: redb::TableError| self.unreadable(e);
+        txn.delete_table(RECORDS).map_err(fail)?;
+        txn.delete_table(RECORD_KEYS).map_err(fail)?;
+        txn.delete_table(CANDIDATES).map_err(fail)?;
+        txn.delete_table(VQA).map_err(fail)?;
+        txn.delete_table(OUTPUTS).map_err(fail)?;
+        Ok(())
     }
 
     /// Format 1 -> 2: fills `record_keys` from the keys at the head of every

@@ -133,7 +133,7 @@ fn a_newer_format_version_is_refused_with_advice() {
 /// Writes a store as format version 1 wrote it: records without their
 /// `record_keys` entries, `format_version` 1.
 fn write_version_1_store(dir: &Path, records: &[QueryUpdate]) {
-    let store = StateStore::open(dir).unwrap();
+    let store = StateStore::open_unchecked(dir);
     let txn = store.db.begin_write().unwrap();
     {
         let mut meta = txn.open_table(META).unwrap();
@@ -153,25 +153,53 @@ fn write_version_1_store(dir: &Path, records: &[QueryUpdate]) {
     txn.commit().unwrap();
 }
 
+/// Writes a store of an older `version` holding `records` and an input
+/// list (the tables of that version).
+fn write_old_store(dir: &Path, version: u32, records: &[QueryUpdate]) {
+    write_version_1_store(dir, records);
+    let store = StateStore::open_unchecked(dir);
+    let txn = store.db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        meta.insert("format_version", version.to_le_bytes().as_slice())
+            .unwrap();
+        let mut inputs = txn.open_table(INPUTS).unwrap();
+        for u in records {
+            inputs
+                .insert(u.query_index, u.input_key.as_slice())
+                .unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
 #[test]
-fn a_version_1_store_is_migrated_and_its_records_stay_reusable() {
-    let dir = tempfile::tempdir().unwrap();
-    write_version_1_store(dir.path(), &[update(4, 1, "a"), update(9, 2, "b")]);
-    let store = StateStore::open(dir.path()).unwrap();
-    let r = store.reader().unwrap();
-    assert!(r.has_record(4, &key(1)).unwrap());
-    assert!(r.has_record(9, &key(2)).unwrap());
-    assert!(!r.has_record(9, &key(1)).unwrap());
-    drop(r);
-    let txn = store.db.begin_read().unwrap();
-    let meta = txn.open_table(META).unwrap();
-    let v = meta
-        .get("format_version")
-        .unwrap()
-        .unwrap()
-        .value()
-        .to_vec();
-    assert_eq!(v, STATE_FORMAT_VERSION.to_le_bytes());
+fn older_stores_are_migrated_and_their_results_dropped_once() {
+    for version in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        write_old_store(dir.path(), version, &[update(4, 1, "a"), update(9, 2, "b")]);
+        let store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(store.migrated_from(), Some(version));
+        // Their keys cannot match this version's: the results are gone ...
+        let r = store.reader().unwrap();
+        assert!(!r.has_record(4, &key(1)).unwrap());
+        assert!(!r.has_record(9, &key(2)).unwrap());
+        drop(r);
+        // ... the previous run's input list stays (queries count as changed).
+        assert_eq!(store.previous_inputs().unwrap().len(), 2);
+        let txn = store.db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let v = meta
+            .get("format_version")
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(v, STATE_FORMAT_VERSION.to_le_bytes());
+        drop((meta, txn, store));
+        // Once: the next open finds a current store.
+        assert_eq!(StateStore::open(dir.path()).unwrap().migrated_from(), None);
+    }
 }
 
 #[test]

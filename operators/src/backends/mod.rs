@@ -1,0 +1,100 @@
+//! VQA backends behind one registry: how a run's [`VqaBackend`] setting
+//! becomes a model instance on every timely worker.
+//!
+//! A backend is one file here with a `load` function from a
+//! [`BackendContext`] (the run's settings, the device of each local worker
+//! and the input-file digests) to a [`LoadedBackend`]: a factory of
+//! per-worker [`VqaModel`] instances and the identity recorded in
+//! `_meta.vqa_model` (and keyed into every stored answer). Adding a
+//! backend = its file, its variant of [`VqaBackend`] with its flags in
+//! [`RunConfig`], and one arm of [`load`].
+//!
+//! | backend | file | answers with |
+//! |---|---|---|
+//! | `qwen2_5_vl` | [`qwen2_5_vl`] | a Qwen2.5-VL checkpoint in burn (CPU or CUDA) |
+//! | `replay` | [`replay`] | the raw generations of an earlier output |
+
+pub mod device;
+pub mod qwen2_5_vl;
+pub mod replay;
+pub mod request;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use crate::config::VqaBackend;
+use crate::config::{ConfigError, RunConfig};
+use crate::models::contract::VqaModel;
+use crate::models::qwen2_5_vl::model::ModelError;
+use crate::state::FileDigests;
+use crate::tensor_io::TensorIoError;
+pub use device::Device;
+pub use replay::{ReplayError, ReplayIndex, ReplayModel};
+
+/// Makes the VQA model instance of a process's worker (by local worker
+/// index, which picks its device).
+pub type VqaFactory = Arc<dyn Fn(usize) -> Result<Box<dyn VqaModel>, BackendError> + Send + Sync>;
+
+/// A loaded backend.
+pub struct LoadedBackend {
+    /// Makes each worker's instance.
+    pub factory: VqaFactory,
+    /// The model's identity (`_meta.vqa_model`, and part of answer keys).
+    pub identity: serde_json::Value,
+}
+
+/// What a backend is loaded from.
+pub struct BackendContext<'a> {
+    /// The run's settings.
+    pub config: &'a RunConfig,
+    /// The device of each local worker.
+    pub devices: &'a [Device],
+    /// Input-file digests (remembered across runs by file identity).
+    pub digests: &'a FileDigests,
+}
+
+/// Errors of loading a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A setting is missing or wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The model setting does not name a local directory.
+    #[error("{0}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...), e.g. one fetched with `huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir DIR` on a machine with network access. leverflow never downloads models at run time.")]
+    NotADirectory(String),
+    /// CPU and CUDA devices mixed in one process.
+    #[error("a mix of cpu and cuda devices; give only cuda:N devices or only cpu")]
+    MixedDevices,
+    /// A CUDA device asked of a build without CUDA.
+    #[error("this leverflow was built without CUDA support; rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use the cpu device")]
+    NoCuda,
+    /// No device was given.
+    #[error("no device for the VQA model")]
+    NoDevice,
+    /// A file of the model could not be read.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be hashed.
+    #[error(transparent)]
+    Hash(#[from] TensorIoError),
+    /// The Qwen2.5-VL checkpoint failed to load or run.
+    #[error(transparent)]
+    Qwen(#[from] ModelError),
+    /// The replay file is unusable.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+}
+
+/// Loads the backend `ctx.config.vqa_backend` names.
+pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
+    match ctx.config.vqa_backend {
+        VqaBackend::Qwen2_5Vl => qwen2_5_vl::load(ctx),
+        VqaBackend::Replay => replay::load(ctx),
+    }
+}

@@ -1,0 +1,209 @@
+//! The `qwen2_5_vl` backend: a Qwen2.5-VL checkpoint directory answered by
+//! the burn model, on the CPU (`ndarray` with leverflow's host kernels) or
+//! on CUDA devices (the `cuda` feature). The weights load once per distinct
+//! device and are shared by the workers on it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+
+use super::device::Device;
+use super::request::VqaRequest;
+use super::{BackendContext, BackendError, LoadedBackend, VqaFactory};
+use crate::config::RunConfig;
+use crate::models::contract::VqaModel;
+use crate::models::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
+use crate::models::qwen2_5_vl::model::{request_of, Qwen25Vl, QwenVqa};
+use crate::state::FileDigests;
+
+/// The CPU backend.
+pub type Cpu = burn::backend::NdArray<f32>;
+
+/// The CUDA backend (bf16 weights and activations).
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda<half::bf16, i32>;
+
+/// The generation settings of a run (HF's defaults for what is unset).
+pub fn overrides(cfg: &RunConfig) -> GenerationOverrides {
+    GenerationOverrides {
+        max_new_tokens: Some(cfg.max_new_tokens),
+        min_new_tokens: Some(cfg.min_new_tokens),
+        num_beams: Some(cfg.vqa_num_beams),
+        length_penalty: Some(cfg.length_penalty),
+        repetition_penalty: cfg.repetition_penalty,
+        do_sample: Some(false),
+        ..Default::default()
+    }
+}
+
+/// Checks that `dir` is a checkpoint directory.
+fn model_dir(name: &str) -> Result<PathBuf, BackendError> {
+    let dir = PathBuf::from(name);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(BackendError::NotADirectory(name.to_string()))
+    }
+}
+
+/// Loads the backend of a run (see [`super::load`]).
+pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
+    let cfg = ctx.config;
+    let dir = model_dir(&cfg.vqa_model)?;
+    let over = overrides(cfg);
+    let files = checkpoint_hashes(&dir, ctx.digests)?;
+    let all_cpu = ctx.devices.iter().all(|d| *d == Device::Cpu);
+    let all_cuda = ctx.devices.iter().all(|d| matches!(d, Device::Cuda(_)));
+    if !all_cpu && !all_cuda {
+        return Err(BackendError::MixedDevices);
+    }
+    let mut loaded = match ctx.devices.first().copied().unwrap_or(Device::Cpu) {
+        Device::Cpu => factory_on::<Cpu>(
+            &dir,
+            ctx.devices
+                .iter()
+                .map(|d| (*d, Default::default()))
+                .collect(),
+            over,
+            cfg.vision_cache_mb,
+        )?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => factory_on::<Gpu>(
+            &dir,
+            ctx.devices
+                .iter()
+                .map(|d| {
+                    let i = match d {
+                        Device::Cuda(i) => *i,
+                        Device::Cpu => 0,
+                    };
+                    (*d, burn::backend::cuda::CudaDevice::new(i))
+                })
+                .collect(),
+            over,
+            cfg.vision_cache_mb,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => return Err(BackendError::NoCuda),
+    };
+    if let serde_json::Value::Object(m) = &mut loaded.identity {
+        m.insert("files_sha256".into(), files);
+    }
+    Ok(loaded)
+}
+
+/// Loads the model once per distinct device of `devices` (one entry per
+/// local worker) and returns the factory that gives worker `w` an instance
+/// on `devices[w]`.
+fn factory_on<B: Backend>(
+    dir: &Path,
+    devices: Vec<(Device, B::Device)>,
+    over: GenerationOverrides,
+    cache_mb: usize,
+) -> Result<LoadedBackend, BackendError>
+where
+    Qwen25Vl<B>: Send + Sync,
+{
+    let mut loaded: Vec<(Device, Arc<Qwen25Vl<B>>)> = Vec::new();
+    let mut of_worker = Vec::with_capacity(devices.len());
+    for (name, device) in &devices {
+        let slot = match loaded.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                loaded.push((*name, Arc::new(Qwen25Vl::<B>::load(dir, device)?)));
+                loaded.len() - 1
+            }
+        };
+        of_worker.push(Arc::clone(&loaded[slot].1));
+    }
+    let first = of_worker.first().cloned().ok_or(BackendError::NoDevice)?;
+    let generation = GenerationConfig::resolve(&over, &first.generation_defaults)
+        .map_err(|e| BackendError::Qwen(e.into()))?;
+    let identity = QwenVqa::new(first, generation.clone(), 0).identity();
+    let factory: VqaFactory = Arc::new(move |worker: usize| {
+        let model = of_worker
+            .get(worker % of_worker.len().max(1))
+            .cloned()
+            .ok_or(BackendError::NoDevice)?;
+        Ok(Box::new(QwenVqa::new(model, generation.clone(), cache_mb)) as Box<dyn VqaModel>)
+    });
+    Ok(LoadedBackend { factory, identity })
+}
+
+/// SHA-256 of every file of a checkpoint directory that defines the model's
+/// behaviour (configs, tokenizer, chat template, weights): part of the
+/// model's identity, so stored answers are reused only for the same model.
+fn checkpoint_hashes(dir: &Path, digests: &FileDigests) -> Result<serde_json::Value, BackendError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| BackendError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut names: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(n, p)| {
+            p.is_file()
+                && [".json", ".safetensors", ".jinja", ".txt", ".model"]
+                    .iter()
+                    .any(|ext| n.ends_with(ext))
+        })
+        .collect();
+    names.sort();
+    let mut out = serde_json::Map::new();
+    for (name, path) in names {
+        out.insert(name, serde_json::Value::String(digests.sha256(&path)?));
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+/// Answers `requests` (the `leverflow vqa` request file) with the checkpoint
+/// at `model`: one JSON object per request with `prompt_text`, `input_ids`,
+/// `generated_ids`, `raw_generation` and the post-processed `answer`.
+/// Requests with the same generation settings are answered as one batch.
+pub fn answer_requests(
+    model: &str,
+    device: Device,
+    requests: &[VqaRequest],
+) -> Result<Vec<serde_json::Value>, BackendError> {
+    let dir = model_dir(model)?;
+    match device {
+        Device::Cpu => answer_on::<Cpu>(&dir, &Default::default(), requests),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            answer_on::<Gpu>(&dir, &burn::backend::cuda::CudaDevice::new(i), requests)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(BackendError::NoCuda),
+    }
+}
+
+fn answer_on<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    requests: &[VqaRequest],
+) -> Result<Vec<serde_json::Value>, BackendError> {
+    let model = Arc::new(Qwen25Vl::<B>::load(dir, device)?);
+    let mut outputs: Vec<Option<serde_json::Value>> = vec![None; requests.len()];
+    for (gen, idx) in super::request::group_by_settings(requests) {
+        let generation = GenerationConfig::resolve(&gen.overrides(), &model.generation_defaults)
+            .map_err(|e| BackendError::Qwen(e.into()))?;
+        let mut qv = QwenVqa::new(Arc::clone(&model), generation, 256);
+        let reqs: Vec<_> = idx
+            .iter()
+            .map(|&i| request_of(&requests[i].prompt))
+            .collect();
+        let answers = qv.answer_requests(&reqs, None)?;
+        for (i, a) in idx.into_iter().zip(answers) {
+            let answer = crate::accuracy::postprocess_generation(Some(&a.raw_generation));
+            outputs[i] = Some(serde_json::json!({
+                "prompt_text": a.prompt_text,
+                "input_ids": a.input_ids,
+                "generated_ids": a.generated_ids,
+                "raw_generation": a.raw_generation,
+                "answer": answer,
+            }));
+        }
+    }
+    Ok(outputs.into_iter().flatten().collect())
+}

@@ -1,0 +1,165 @@
+//! `leverflow bench vqa`: prompts per second of the Qwen2.5-VL backend at
+//! batch 1 and at `--batch_size` on the same prompts, on the tiny fixture
+//! or a synthetic checkpoint of the 3B's width.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{BenchError, BenchSettings};
+use crate::backends::qwen2_5_vl::Cpu;
+use crate::models::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
+use crate::models::qwen2_5_vl::model::{Qwen25Vl, QwenVqa};
+use crate::models::qwen2_5_vl::processor::{ImageSource, PromptRequest, VqaExample, VqaQuery};
+
+type Result<T> = std::result::Result<T, BenchError>;
+
+/// `leverflow bench vqa`: prompts/s at batch 1 (a loop) and at `--batch_size`
+/// on the same prompts (the tiny fixture model unless `--vqa_model`).
+pub fn bench_vqa(args: &BenchSettings) -> Result<()> {
+    let dir = args
+        .vqa_model
+        .clone()
+        .unwrap_or_else(|| args.repo.join("tests/fixtures/qwen2_5_vl_tiny"));
+    let device = Default::default();
+    let synthetic = match args.synthetic_3b_layers {
+        Some(layers) => Some(synthetic_3b_checkpoint(&dir, layers)?),
+        None => None,
+    };
+    let model_dir = synthetic.as_ref().map_or(dir.as_path(), |t| t.path());
+    let model = Arc::new(Qwen25Vl::<Cpu>::load(model_dir, &device).map_err(BenchError::workload)?);
+    let generation = GenerationConfig::resolve(
+        &GenerationOverrides {
+            max_new_tokens: Some(5),
+            min_new_tokens: Some(0),
+            num_beams: Some(3),
+            length_penalty: Some(0.0),
+            do_sample: Some(false),
+            ..Default::default()
+        },
+        &model.generation_defaults,
+    )
+    .map_err(BenchError::workload)?;
+    let images: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
+        .map_err(|e| {
+            BenchError::Run(format!(
+                "{}: no images/ folder with prompt images: {e}",
+                dir.display()
+            ))
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("easyvqa"))
+        })
+        .collect();
+    let mut images = images;
+    images.sort();
+    if images.len() < 3 {
+        return Err(BenchError::Run(format!(
+            "{}: need at least 3 easyvqa_*.png images",
+            dir.display()
+        )));
+    }
+    let n = args.queries.clamp(8, 64);
+    let reqs: Vec<PromptRequest> = (0..n)
+        .map(|i| PromptRequest {
+            system_prompt: None,
+            examples: (1..=2)
+                .map(|k| VqaExample {
+                    image: ImageSource::Path(images[(i + k) % images.len()].clone()),
+                    question: "what shape is in the image?".into(),
+                    answer: "circle".into(),
+                })
+                .collect(),
+            query: VqaQuery {
+                image: ImageSource::Path(images[i % images.len()].clone()),
+                question: "what color is the shape?".into(),
+            },
+        })
+        .collect();
+    let reps = args.reps.max(1);
+    for batch in [1usize, args.batch_size.max(1)] {
+        let secs = super::time_runs(reps, || {
+            // A fresh cache each run: every image is encoded again.
+            let mut qv = QwenVqa::new(Arc::clone(&model), generation.clone(), 256);
+            for chunk in reqs.chunks(batch) {
+                qv.answer_requests(chunk, None)
+                    .map_err(BenchError::workload)?;
+            }
+            Ok(())
+        })?;
+        super::report(
+            "vqa",
+            "prompts",
+            n as f64,
+            &secs,
+            serde_json::json!({
+                "batch_size": batch,
+                "model": dir.display().to_string(),
+                "synthetic_3b_layers": args.synthetic_3b_layers,
+            }),
+        );
+    }
+    Ok(())
+}
+
+/// A checkpoint directory (deleted when dropped) with `layers` decoder
+/// layers of Qwen2.5-VL-3B's text width and random weights, plus the
+/// tokenizer, chat template and processor settings of `fixture`. The vision
+/// tower keeps the fixture's size and projects to the 3B width. Used by
+/// `bench vqa --synthetic_3b_layers`: the published 3B cannot be
+/// downloaded here, and the tiny fixture's weights are too small for
+/// batching to have anything to share.
+fn synthetic_3b_checkpoint(fixture: &Path, layers: usize) -> Result<tempfile::TempDir> {
+    use crate::models::demo_vlm::checkpoint::{random_weights, write_safetensors};
+    use crate::models::qwen2_5_vl::config::Qwen25VlConfig;
+    if layers == 0 {
+        return Err(BenchError::Run(
+            "synthetic_3b_layers must be at least 1".into(),
+        ));
+    }
+    let tmp = tempfile::tempdir()?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ] {
+        let src = fixture.join(f);
+        if src.exists() {
+            std::fs::copy(&src, tmp.path().join(f))?;
+        }
+    }
+    let path = fixture.join("config.json");
+    let text = std::fs::read_to_string(&path)?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).map_err(BenchError::workload)?;
+    // Qwen2.5-VL-3B-Instruct's text dimensions (its published config.json).
+    for (key, value) in [
+        ("hidden_size", serde_json::json!(2048)),
+        ("intermediate_size", serde_json::json!(11008)),
+        ("num_attention_heads", serde_json::json!(16)),
+        ("num_key_value_heads", serde_json::json!(2)),
+        ("num_hidden_layers", serde_json::json!(layers)),
+        ("tie_word_embeddings", serde_json::json!(true)),
+    ] {
+        config[key] = value;
+    }
+    config["rope_scaling"]["mrope_section"] = serde_json::json!([16, 24, 24]);
+    config["vision_config"]["out_hidden_size"] = serde_json::json!(2048);
+    let config_path = tmp.path().join("config.json");
+    std::fs::write(
+        &config_path,
+        serde_json::to_vec_pretty(&config).map_err(BenchError::workload)?,
+    )?;
+    let parsed = Qwen25VlConfig::from_file(&config_path).map_err(BenchError::workload)?;
+    eprintln!(
+        "writing a synthetic checkpoint ({layers} layers of the 3B's width, random weights) to {}",
+        tmp.path().display()
+    );
+    let weights = random_weights(&parsed, 0, 0.02);
+    write_safetensors(&tmp.path().join("model.safetensors"), &weights)
+        .map_err(BenchError::workload)?;
+    Ok(tmp)
+}
