@@ -12,6 +12,7 @@
 use super::config::{ConfigError, PreprocessorConfig};
 use super::image::{self as vl_image, ImageError, ProcessedImage};
 use super::rope_index::{self, RopeIndexError};
+use crate::image_decode::ImageLimits;
 use ::image::RgbImage;
 use minijinja::value::{Value as JValue, ValueKind};
 use minijinja::{Environment, Error as JError, ErrorKind as JErrorKind, State};
@@ -256,6 +257,8 @@ pub fn vqa_messages(req: &PromptRequest) -> Value {
 pub struct Processor {
     tokenizer: Tokenizer,
     env: Environment<'static>,
+    /// Limits of image decoding ([`ImageLimits::default`] unless set).
+    image_limits: ImageLimits,
     special_tokens: serde_json::Map<String, Value>,
     image_config: PreprocessorConfig,
     image_token_id: u32,
@@ -389,6 +392,7 @@ impl Processor {
         Ok(Self {
             tokenizer,
             env: build_env(template)?,
+            image_limits: ImageLimits::default(),
             special_tokens,
             image_config,
             image_token_id,
@@ -426,6 +430,16 @@ impl Processor {
                           or the `chat_template` key"
                     .into(),
             })
+    }
+
+    /// Limits of image decoding used by [`Self::load_image`].
+    pub fn image_limits(&self) -> &ImageLimits {
+        &self.image_limits
+    }
+
+    /// Sets the limits of image decoding (default [`ImageLimits::default`]).
+    pub fn set_image_limits(&mut self, limits: ImageLimits) {
+        self.image_limits = limits;
     }
 
     /// The underlying tokenizer.
@@ -497,9 +511,11 @@ impl Processor {
         Ok(match src {
             ImageSource::Processed(p) => Arc::clone(p),
             ImageSource::Decoded(img) => Arc::new(self.process_image(img)?),
-            ImageSource::Path(path) => Arc::new(self.process_image(&vl_image::load_rgb(path)?)?),
+            ImageSource::Path(path) => {
+                Arc::new(self.process_image(&vl_image::load_rgb(path, &self.image_limits)?)?)
+            }
             ImageSource::Bytes(bytes) => {
-                Arc::new(self.process_image(&vl_image::decode_rgb(bytes)?)?)
+                Arc::new(self.process_image(&vl_image::decode_rgb(bytes, &self.image_limits)?)?)
             }
         })
     }
@@ -967,7 +983,7 @@ mod tests {
         let path = fixture_dir().join("images/easyvqa_train_345.png");
         let bytes = std::fs::read(&path).unwrap();
         let from_bytes = p.load_image(&ImageSource::Bytes(Arc::new(bytes))).unwrap();
-        let rgb = super::vl_image::load_rgb(&path).unwrap();
+        let rgb = super::vl_image::load_rgb(&path, &ImageLimits::default()).unwrap();
         let decoded = p.load_image(&ImageSource::Decoded(Arc::new(rgb))).unwrap();
         assert_eq!(*from_bytes, *decoded);
         assert_eq!(*from_bytes, *direct.images[0]);
