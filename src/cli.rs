@@ -486,6 +486,22 @@ pub struct GenerateArgs {
         default_value_t = d().on_vqa_error
     )]
     pub on_vqa_error: VqaErrorPolicy,
+    /// Largest width and height of an image in pixels; a larger image is
+    /// refused with an error naming it (decoding needs width x height x 3
+    /// bytes, per worker and batch).
+    #[arg(
+        long = "max_image_side",
+        visible_alias = "max-image-side",
+        default_value_t = d().max_image_side
+    )]
+    pub max_image_side: u32,
+    /// Largest decoder allocation for one image, in MiB.
+    #[arg(
+        long = "max_image_mb",
+        visible_alias = "max-image-mb",
+        default_value_t = d().max_image_mb
+    )]
+    pub max_image_mb: u64,
 }
 
 impl GenerateArgs {

@@ -173,6 +173,11 @@ pub struct RunConfig {
     pub progress: ProgressMode,
     /// What to do when the VQA backend fails on a prompt.
     pub on_vqa_error: VqaErrorPolicy,
+    /// Largest width and height of an image, in pixels (larger images are
+    /// refused with an error naming them).
+    pub max_image_side: u32,
+    /// Largest decoder allocation for one image, in MiB.
+    pub max_image_mb: u64,
 }
 
 impl Default for RunConfig {
@@ -249,6 +254,8 @@ impl Default for RunConfig {
             quiet: false,
             progress: ProgressMode::Bar,
             on_vqa_error: VqaErrorPolicy::Error,
+            max_image_side: crate::image_decode::ImageLimits::DEFAULT_MAX_SIDE,
+            max_image_mb: crate::image_decode::ImageLimits::DEFAULT_MAX_ALLOC_BYTES >> 20,
         }
     }
 }
@@ -295,6 +302,12 @@ impl RunConfig {
         if self.batch_size == 0 {
             return Err(ConfigError::new("batch_size", "must be at least 1"));
         }
+        if self.max_image_side == 0 || self.max_image_mb == 0 {
+            return Err(ConfigError::new(
+                "max_image_side",
+                "image limits must be at least 1 (pixel, MiB)",
+            ));
+        }
         Ok(())
     }
 
@@ -338,6 +351,14 @@ impl RunConfig {
             num_retrieval: self.num_retrieval,
             shot_num: self.shot_num.unwrap_or(2),
             seed: self.seed,
+        }
+    }
+
+    /// The limits every image is decoded under.
+    pub fn image_limits(&self) -> crate::image_decode::ImageLimits {
+        crate::image_decode::ImageLimits {
+            max_side: self.max_image_side,
+            max_alloc_bytes: self.max_image_mb.saturating_mul(1 << 20),
         }
     }
 

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use image::RgbImage;
 
 use crate::accuracy::{load_questions_annotations, typed, AccuracyError, ScoringIndex};
+use crate::image_decode::{self, ImageDecodeError, ImageInput, ImageLimits};
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
@@ -99,6 +100,16 @@ pub enum DatasetError {
         /// The image path.
         path: PathBuf,
         /// The decoder's message.
+        message: String,
+    },
+    /// An image is larger than the decoding limits allow.
+    #[error("{}: image over the decoding limits ({limits}): {message}", .path.display())]
+    ImageTooLarge {
+        /// The image path.
+        path: PathBuf,
+        /// The limits in force.
+        limits: ImageLimits,
+        /// Which limit (the decoder's message).
         message: String,
     },
     /// The image file pattern is invalid.
@@ -787,34 +798,24 @@ impl VqaDataset {
 }
 
 /// Decodes an image file into 8-bit RGB, like PIL's `Image.open(p).convert("RGB")`
-/// (alpha dropped, grey replicated; the format is sniffed from the content).
-pub fn decode_rgb(path: &Path) -> Result<RgbImage, DatasetError> {
-    let reader = match image::ImageReader::open(path) {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DatasetError::MissingImage {
-                path: path.to_path_buf(),
-                index: None,
-            })
-        }
-        Err(source) => {
-            return Err(DatasetError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let reader = reader
-        .with_guessed_format()
-        .map_err(|source| DatasetError::Io {
+/// (alpha dropped, grey replicated; the format is sniffed from the content),
+/// within `limits`: [`image_decode::decode_rgb`] with this module's errors.
+pub fn decode_rgb(path: &Path, limits: &ImageLimits) -> Result<RgbImage, DatasetError> {
+    image_decode::decode_rgb(ImageInput::File(path), limits).map_err(|e| match e {
+        ImageDecodeError::NotFound { path } => DatasetError::MissingImage { path, index: None },
+        ImageDecodeError::Io { path, source } => DatasetError::Io { path, source },
+        ImageDecodeError::Decode { message, .. } => DatasetError::ImageDecode {
             path: path.to_path_buf(),
-            source,
-        })?;
-    let img = reader.decode().map_err(|e| DatasetError::ImageDecode {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok(img.into_rgb8())
+            message,
+        },
+        ImageDecodeError::TooLarge {
+            limits, message, ..
+        } => DatasetError::ImageTooLarge {
+            path: path.to_path_buf(),
+            limits,
+            message,
+        },
+    })
 }
 
 struct CacheEntry {
@@ -848,9 +849,11 @@ impl CacheState {
 
 /// Thread-safe LRU cache of decoded RGB images, bounded by the total pixel
 /// bytes (`width * height * 3`) it holds.  An image larger than the whole
-/// capacity is returned but not kept.
+/// capacity is returned but not kept.  Images are decoded within the
+/// cache's [`ImageLimits`] (the defaults unless [`ImageCache::with_limits`]).
 pub struct ImageCache {
     capacity_bytes: u64,
+    limits: ImageLimits,
     state: Mutex<CacheState>,
 }
 
@@ -864,8 +867,20 @@ impl ImageCache {
     pub fn with_capacity_bytes(capacity_bytes: u64) -> Self {
         ImageCache {
             capacity_bytes,
+            limits: ImageLimits::default(),
             state: Mutex::new(CacheState::default()),
         }
+    }
+
+    /// The same cache decoding within `limits`.
+    pub fn with_limits(mut self, limits: ImageLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The decoding limits of this cache.
+    pub fn limits(&self) -> &ImageLimits {
+        &self.limits
     }
 
     fn lock(&self) -> MutexGuard<'_, CacheState> {
@@ -880,7 +895,7 @@ impl ImageCache {
         if let Some(img) = self.lock().touch(path) {
             return Ok(img);
         }
-        let image = Arc::new(decode_rgb(path)?);
+        let image = Arc::new(decode_rgb(path, &self.limits)?);
         let bytes = image.as_raw().len() as u64;
         let mut st = self.lock();
         if let Some(existing) = st.touch(path) {

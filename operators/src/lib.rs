@@ -19,7 +19,7 @@
 //! | VQA backends behind one registry | [`backends`] |
 //! | models and their neutral contract | [`models`] |
 //! | benchmarks of `leverflow bench` | [`bench`] |
-//! | input files | [`source`] (beam data), [`dataset`] (VQA files, images), [`tensor_io`] (embeddings, checkpoints) |
+//! | input files | [`source`] (beam data), [`dataset`] (VQA files), [`image_decode`] (images, with limits), [`tensor_io`] (embeddings, checkpoints) |
 //!
 //! Running the embedded demo through the library (what `leverflow generate
 //! --demo` does; see `examples/pipeline.rs`):
@@ -54,6 +54,7 @@ pub mod candidates;
 pub mod config;
 pub mod dataflow;
 pub mod dataset;
+pub mod image_decode;
 pub mod models;
 pub mod outputs;
 pub mod pipeline;

@@ -12,6 +12,7 @@ use super::device::Device;
 use super::request::VqaRequest;
 use super::{BackendContext, BackendError, LoadedBackend, VqaFactory};
 use crate::config::RunConfig;
+use crate::image_decode::ImageLimits;
 use crate::models::contract::VqaModel;
 use crate::models::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
 use crate::models::qwen2_5_vl::model::{request_of, Qwen25Vl, QwenVqa};
@@ -58,6 +59,7 @@ pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
     if !all_cpu && !all_cuda {
         return Err(BackendError::MixedDevices);
     }
+    let limits = cfg.image_limits();
     let mut loaded = match ctx.devices.first().copied().unwrap_or(Device::Cpu) {
         Device::Cpu => factory_on::<Cpu>(
             &dir,
@@ -67,6 +69,7 @@ pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
                 .collect(),
             over,
             cfg.vision_cache_mb,
+            limits,
         )?,
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => factory_on::<Gpu>(
@@ -83,6 +86,7 @@ pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
                 .collect(),
             over,
             cfg.vision_cache_mb,
+            limits,
         )?,
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => return Err(BackendError::NoCuda),
@@ -101,6 +105,7 @@ fn factory_on<B: Backend>(
     devices: Vec<(Device, B::Device)>,
     over: GenerationOverrides,
     cache_mb: usize,
+    limits: ImageLimits,
 ) -> Result<LoadedBackend, BackendError>
 where
     Qwen25Vl<B>: Send + Sync,
@@ -111,7 +116,9 @@ where
         let slot = match loaded.iter().position(|(n, _)| n == name) {
             Some(i) => i,
             None => {
-                loaded.push((*name, Arc::new(Qwen25Vl::<B>::load(dir, device)?)));
+                let mut model = Qwen25Vl::<B>::load(dir, device)?;
+                model.processor.set_image_limits(limits);
+                loaded.push((*name, Arc::new(model)));
                 loaded.len() - 1
             }
         };

@@ -438,6 +438,46 @@ fn missing_image_and_decode_errors() {
 }
 
 #[test]
+fn oversized_images_are_refused_by_the_limits() {
+    // A 12000 x 12000 PNG of a few hundred KB: 432 MB decoded under the
+    // old image-crate defaults; the default limits refuse it by its side.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = merged_cfg(&d, vec![ann(5, 11, &["a"], None, Some("q"))]);
+    let ds = VqaDataset::load(&cfg).unwrap();
+    std::fs::create_dir_all(d.path().join("imgs")).unwrap();
+    let img = d.path().join("imgs/COCO_train2014_000000000011.jpg");
+    std::fs::write(&img, crate::image_decode::tests::big_png(12000, 12000)).unwrap();
+    let cache = ImageCache::new(16);
+    let err = ds.load_image(0, &cache).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, DatasetError::ImageTooLarge { path, .. } if path == &img),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("COCO_train2014_000000000011.jpg") && msg.contains("8192"),
+        "{msg}"
+    );
+    // The caller's limits apply: a small image over a tiny allocation cap.
+    image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
+        .save_with_format(&img, image::ImageFormat::Png)
+        .unwrap();
+    let tiny = crate::image_decode::ImageLimits {
+        max_side: 8192,
+        max_alloc_bytes: 1024,
+    };
+    let cache = ImageCache::new(16).with_limits(tiny);
+    assert!(matches!(
+        ds.load_image(0, &cache),
+        Err(DatasetError::ImageTooLarge { .. })
+    ));
+    assert_eq!(
+        ds.load_image(0, &ImageCache::new(16)).unwrap().dimensions(),
+        (64, 64)
+    );
+}
+
+#[test]
 fn rgba_and_grey_convert_like_pil() {
     let d = tempfile::tempdir().unwrap();
     let rgba = d.path().join("a.png");

@@ -66,6 +66,15 @@ pub enum PointerSelectorError {
         /// actual shape
         found: Vec<usize>,
     },
+    /// Layer indices in the keys are not contiguous from 0 (or not a
+    /// number): the first key out of order is named.
+    #[error("{source_name}: tensor {key} has a layer index that does not continue the layers 0, 1, 2, ... of the checkpoint (layer indices must be contiguous from 0)")]
+    LayerIndex {
+        /// file or description of the state dict
+        source_name: String,
+        /// the offending key (full name)
+        key: String,
+    },
     /// Inconsistent configuration (heads not dividing the hidden size, ...).
     #[error("invalid pointer-selector configuration: {0}")]
     Config(String),
@@ -319,6 +328,42 @@ impl QueryStates {
     }
 }
 
+/// Number of layers of a state dict whose keys (full names) hold
+/// `{prefix}cross_attn_layers.<i>.` / `{prefix}attn_norms.<i>.` tensors: the
+/// indices seen must be exactly `0..n`. Errors with the first key whose index
+/// is not a number or leaves a gap (in index order).
+fn layer_count<'k>(
+    keys: impl Iterator<Item = &'k String>,
+    prefix: &str,
+) -> std::result::Result<usize, String> {
+    let mut seen: BTreeMap<usize, &'k String> = BTreeMap::new();
+    for k in keys {
+        for part in ["cross_attn_layers.", "attn_norms."] {
+            let Some(rest) = k.strip_prefix(prefix).and_then(|r| r.strip_prefix(part)) else {
+                continue;
+            };
+            let idx = rest.split('.').next().unwrap_or("");
+            // Only plain decimal indices, as torch writes them (no sign,
+            // no leading zeros apart from "0").
+            let plain = !idx.is_empty()
+                && idx.bytes().all(|b| b.is_ascii_digit())
+                && (idx == "0" || !idx.starts_with('0'));
+            match idx.parse::<usize>() {
+                Ok(i) if plain => {
+                    seen.entry(i).or_insert(k);
+                }
+                _ => return Err(k.clone()),
+            }
+        }
+    }
+    for (expected, (&i, key)) in seen.iter().enumerate() {
+        if i != expected {
+            return Err((*key).clone());
+        }
+    }
+    Ok(seen.len())
+}
+
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     // f32 is always representable after `convert`; an error here would be a
     // backend bug, so fall back to an empty vector (callers check lengths).
@@ -486,21 +531,26 @@ impl<B: Backend> PointerSelector<B> {
             });
         }
         let h = gate_w.shape[0];
+        // `3 * h` below must not wrap (h is bounded by the tensor's data,
+        // but the product is checked all the same).
+        if h.checked_mul(3).and_then(|x| x.checked_mul(h)).is_none() {
+            return Err(PointerSelectorError::Config(format!(
+                "{source_name}: hidden size {h} is too large"
+            )));
+        }
         let d_model = sd
             .get(&full("input_proj.weight"))
             .and_then(|t| t.shape.get(1).copied())
             .unwrap_or(h);
-        // number of layers: highest index seen under cross_attn_layers / attn_norms
-        let mut num_layers = 0usize;
-        for k in sd.keys() {
-            for part in ["cross_attn_layers.", "attn_norms."] {
-                if let Some(rest) = k.strip_prefix(&full(part)) {
-                    if let Some(i) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
-                        num_layers = num_layers.max(i + 1);
-                    }
-                }
-            }
-        }
+        // Number of layers: the layer indices seen under cross_attn_layers /
+        // attn_norms must be exactly 0..n. Never allocate by an index read
+        // from the file: a key such as `attn_norms.99999999.bias` is an
+        // error naming it, not 10^8 layers' worth of expected keys.
+        let num_layers =
+            layer_count(sd.keys(), &prefix).map_err(|key| PointerSelectorError::LayerIndex {
+                source_name: source_name.to_string(),
+                key,
+            })?;
         let cfg = PointerSelectorConfig {
             num_heads,
             ..PointerSelectorConfig::new(d_model, h, num_layers)
@@ -1273,6 +1323,44 @@ mod tests {
             PointerSelector::<Bk>::from_state_dict(&sd2, "bare", 5, &Default::default()),
             Err(PointerSelectorError::Config(_))
         ));
+    }
+
+    #[test]
+    fn layer_indices_must_be_contiguous() {
+        // A key renamed to layer 99999999: the old loader built the
+        // expected keys of 10^8 layers (3.8 GB) before listing them missing.
+        let sd = tensor_io::load_state_dict(&fixture("sft.ckpt")).unwrap();
+        let old = "lever_lm.pointer_selector.attn_norms.1.bias";
+        let new = "lever_lm.pointer_selector.attn_norms.99999999.bias";
+        let mut bad = sd.clone();
+        let t = bad.remove(old).unwrap();
+        bad.insert(new.to_string(), t);
+        let started = std::time::Instant::now();
+        let e = PointerSelector::<Bk>::from_state_dict(&bad, "x.ckpt", 1, &Default::default())
+            .unwrap_err();
+        assert!(started.elapsed().as_secs() < 5);
+        match &e {
+            PointerSelectorError::LayerIndex { key, source_name } => {
+                assert_eq!((key.as_str(), source_name.as_str()), (new, "x.ckpt"))
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(e.to_string().contains(new), "{e}");
+        // A gap, and an index that is not a plain number.
+        for key in [
+            "lever_lm.pointer_selector.cross_attn_layers.7.out_proj.bias",
+            "lever_lm.pointer_selector.cross_attn_layers.01.out_proj.bias",
+            "lever_lm.pointer_selector.attn_norms.x.bias",
+        ] {
+            let mut bad = sd.clone();
+            bad.insert(key.to_string(), sd[old].clone());
+            let e = PointerSelector::<Bk>::from_state_dict(&bad, "x.ckpt", 1, &Default::default())
+                .unwrap_err();
+            assert!(
+                matches!(&e, PointerSelectorError::LayerIndex { key: k, .. } if k == key),
+                "{e}"
+            );
+        }
     }
 
     #[test]

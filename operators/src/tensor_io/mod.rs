@@ -245,14 +245,14 @@ fn describe(v: &Value) -> String {
         Value::Global(m, n) => format!("a reference to {m}.{n}"),
         Value::Storage { .. } => "a bare storage".into(),
         Value::Tensor(_) => "a tensor".into(),
-        Value::Object { class, .. } => format!("an object of class {class}"),
+        Value::Object(o) => format!("an object of class {}", o.class),
         Value::Mark => "a pickle mark".into(),
     }
 }
 
 fn key_str(k: &Value) -> Option<String> {
     match k {
-        Value::Str(s) => Some(s.clone()),
+        Value::Str(s) => Some(s.to_string()),
         Value::Int(i) => Some(i.to_string()),
         _ => None,
     }
@@ -377,7 +377,7 @@ pub fn load_state_dict_filtered(
         return Ok(out);
     }
     let ar = TorchArchive::open(path)?;
-    let root_items = match &ar.root {
+    let root_items: &[(Value, Value)] = match &ar.root {
         Value::Dict(items) => items,
         other => {
             return Err(TensorIoError::format(
@@ -391,11 +391,11 @@ pub fn load_state_dict_filtered(
     };
     let sd = root_items
         .iter()
-        .find(|(k, _)| matches!(k, Value::Str(s) if s == "state_dict"))
+        .find(|(k, _)| matches!(k, Value::Str(s) if &**s == "state_dict"))
         .map(|(_, v)| v);
-    let items = match sd {
+    let items: &[(Value, Value)] = match sd {
         Some(Value::Dict(items)) => items,
-        Some(Value::Object { items, .. }) => items,
+        Some(Value::Object(o)) => &o.items,
         Some(other) => {
             return Err(TensorIoError::format(
                 path,

@@ -39,6 +39,7 @@ pub fn load(path: &Path) -> Result<(Vec<usize>, Vec<f32>), TensorIoError> {
     if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
         return Err(err(path, "not an .npy file (bad magic)"));
     }
+    // Header length and start; `hstart + hlen` cannot overflow (a u32 plus 12).
     let (hlen, hstart) = match b[6] {
         1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
         2 | 3 => {
@@ -76,8 +77,8 @@ pub fn load(path: &Path) -> Result<(Vec<usize>, Vec<f32>), TensorIoError> {
                 .map_err(|_| err(path, format!("bad shape {shape_s}")))
         })
         .collect::<Result<_, _>>()?;
-    let numel: usize = shape.iter().product();
-    let data = &b[hstart + hlen..];
+    // Checked: a shape such as (2^62, 64) must not wrap to a small count.
+    let numel = shape.iter().try_fold(1usize, |acc, &s| acc.checked_mul(s));
     let es = match descr.as_str() {
         "<f4" | "=f4" => 4,
         "<f2" | "=f2" => 2,
@@ -89,16 +90,19 @@ pub fn load(path: &Path) -> Result<(Vec<usize>, Vec<f32>), TensorIoError> {
             ))
         }
     };
-    if data.len() < numel * es {
+    let data = &b[hstart + hlen..];
+    let need = numel.and_then(|n| n.checked_mul(es));
+    let Some(need) = need.filter(|&need| need <= data.len()) else {
         return Err(err(
             path,
             format!(
-                "truncated .npy data: {} bytes for {numel} elements",
+                "truncated .npy data: shape {shape:?} of {descr} needs {} bytes, the file holds {} after its header",
+                need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
                 data.len()
             ),
         ));
-    }
-    let data = &data[..numel * es];
+    };
+    let data = &data[..need];
     let out: Vec<f32> = match es {
         4 => data
             .chunks_exact(4)

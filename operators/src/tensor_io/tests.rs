@@ -24,8 +24,14 @@ fn tensor_pickle(
         p.extend(s.as_bytes());
     };
     let int = |p: &mut Vec<u8>, v: usize| {
-        p.push(b'J');
-        p.extend((v as i32).to_le_bytes());
+        if v <= i32::MAX as usize {
+            p.push(b'J');
+            p.extend((v as i32).to_le_bytes());
+        } else {
+            // LONG1 with 8 bytes: sizes past 2^31 (hostile shapes).
+            p.extend([0x8a, 8]);
+            p.extend((v as u64).to_le_bytes());
+        }
     };
     if dict_key.is_some() {
         p.push(b'}');
@@ -65,17 +71,26 @@ fn tensor_pickle(
 }
 
 fn write_torch_zip(path: &Path, pickle: &[u8], storage: &[u8]) {
-    let f = std::fs::File::create(path).unwrap();
-    let mut z = zip::ZipWriter::new(f);
+    std::fs::write(path, torch_zip_bytes(pickle, storage, false)).unwrap();
+}
+
+/// The bytes of a torch.save zip; `deflate` compresses the storage entry.
+pub(crate) fn torch_zip_bytes(pickle: &[u8], storage: &[u8], deflate: bool) -> Vec<u8> {
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let opt =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("archive/data.pkl", opt).unwrap();
     z.write_all(pickle).unwrap();
-    z.start_file("archive/data/0", opt).unwrap();
+    let st_opt = if deflate {
+        opt.compression_method(zip::CompressionMethod::Deflated)
+    } else {
+        opt
+    };
+    z.start_file("archive/data/0", st_opt).unwrap();
     z.write_all(storage).unwrap();
     z.start_file("archive/version", opt).unwrap();
     z.write_all(b"3\n").unwrap();
-    z.finish().unwrap();
+    z.finish().unwrap().into_inner()
 }
 
 #[test]
@@ -267,4 +282,288 @@ fn sha256_of_file() {
         file_sha256(&p).unwrap(),
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
+}
+
+// ---- Hostile inputs (issue 21): each test fails on the unbounded readers.
+
+/// A pickle whose memo refers to itself: level i is a list of ten copies
+/// of level i - 1 ("billion laughs", 10^levels elements if copied).
+pub(crate) fn billion_laughs_pickle(levels: u8) -> Vec<u8> {
+    let mut p = vec![0x80, 2, b']', b'K', 7, b'a', b'q', 0];
+    for i in 1..=levels {
+        p.push(b'(');
+        for _ in 0..10 {
+            p.extend([b'h', i - 1]);
+        }
+        p.extend([b'l', b'q', i]);
+    }
+    p.push(b'.');
+    p
+}
+
+#[test]
+fn pickle_memo_is_shared_not_copied() {
+    // 25 levels: 10^25 list elements if every GET deep-copied (the old
+    // reader passed 2.9 GB within 3.5 s); shared, it is a few KB.
+    let pkl = billion_laughs_pickle(25);
+    assert!(pkl.len() < 700, "{}", pkl.len());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("laughs.pt");
+    write_torch_zip(&p, &pkl, b"");
+    let started = std::time::Instant::now();
+    let e = load_matrix(&p).unwrap_err().to_string();
+    assert!(e.contains("laughs.pt") && e.contains("a list"), "{e}");
+    assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+    // The shared value still reads as ten copies per level.
+    let v = pickle::parse(&billion_laughs_pickle(3)).unwrap();
+    let Value::List(l3) = v else { panic!("{v:?}") };
+    assert_eq!(l3.len(), 10);
+    assert!(matches!(&l3[9], Value::List(l2) if l2.len() == 10));
+}
+
+#[test]
+fn pickle_copy_on_write_is_budgeted() {
+    // A list of n items, then DUP + APPEND again and again: each APPEND on
+    // the shared copy copies the whole list (quadratic memory) until the
+    // budget stops it.
+    let n = 4000;
+    let mut p = vec![0x80, 2, b']', b'('];
+    p.extend(std::iter::repeat_n(b'N', n));
+    p.push(b'e');
+    for _ in 0..200_000 {
+        p.extend([b'2', b'N', b'a']);
+    }
+    p.push(b'.');
+    let e = pickle::parse(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("pickle byte") && e.contains("size allows"),
+        "{e}"
+    );
+}
+
+#[test]
+fn pickle_nesting_is_capped() {
+    // 1,000,000 nested lists: the old reader overflowed the stack
+    // (SIGABRT) when it dropped the value.
+    let n = 1_000_000;
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat_n(b']', n));
+    p.extend(std::iter::repeat_n(b'a', n - 1));
+    p.push(b'.');
+    let e = pickle::parse(&p).unwrap_err().to_string();
+    assert!(e.contains("nested deeper than 512"), "{e}");
+    // The same through MARK / LIST, and inside a torch file.
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat_n(b'(', n));
+    p.extend(std::iter::repeat_n(b'l', n));
+    p.push(b'.');
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deep.pt");
+    write_torch_zip(&path, &p, b"");
+    let e = load_state_dict(&path).unwrap_err().to_string();
+    assert!(e.contains("deep.pt") && e.contains("nested deeper"), "{e}");
+    // Nesting within the cap parses and drops fine.
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat_n(b']', 500));
+    p.extend(std::iter::repeat_n(b'a', 499));
+    p.push(b'.');
+    assert!(matches!(pickle::parse(&p), Ok(Value::List(_))));
+}
+
+#[test]
+fn pickle_lengths_are_checked() {
+    // BINBYTES8 / BINUNICODE8 / SHORT_BINBYTES / LONG4 with lengths past
+    // the data: `pos + n` overflowed (a panic) for 2^64 - 1.
+    for op in [0x8eu8, 0x8d, 0x96] {
+        let mut p = vec![0x80, 4, op];
+        p.extend(u64::MAX.to_le_bytes());
+        p.push(b'.');
+        let e = pickle::parse(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("pickle byte 11") && e.contains("end of pickle data"),
+            "{e}"
+        );
+    }
+    let mut p = vec![0x80, 2, 0x8b];
+    p.extend(u32::MAX.to_le_bytes());
+    let e = pickle::parse(&p).unwrap_err().to_string();
+    assert!(e.contains("end of pickle data"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("len.pt");
+    let mut p = vec![0x80, 4, 0x8e];
+    p.extend(u64::MAX.to_le_bytes());
+    write_torch_zip(&path, &p, b"");
+    let e = load_matrix(&path).unwrap_err().to_string();
+    assert!(e.contains("len.pt") && e.contains("data.pkl"), "{e}");
+}
+
+#[test]
+fn tensor_sizes_are_checked_against_the_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = vec![0u8; 256]; // 64 f32
+    let cases: [(&str, &[usize], &[usize], &str); 5] = [
+        // passed the old bounds check, then a 256 TiB allocation (abort)
+        (
+            "huge.pt",
+            &[1 << 40, 64],
+            &[0, 1],
+            "more elements than its storage",
+        ),
+        // accepted by the old reader: 1 GiB from 256 bytes
+        (
+            "broadcast.pt",
+            &[1 << 22, 64],
+            &[0, 1],
+            "more elements than its storage",
+        ),
+        // the element count overflows usize
+        (
+            "overflow.pt",
+            &[1 << 62, 1 << 62],
+            &[0, 0],
+            "more elements than fit",
+        ),
+        // (s - 1) * stride overflows usize
+        (
+            "stride.pt",
+            &[2, 4],
+            &[usize::MAX / 2, 1],
+            "extends past its storage",
+        ),
+        // plainly past the end
+        ("past.pt", &[8, 8], &[9, 1], "extends past its storage"),
+    ];
+    for (name, shape, stride, want) in cases {
+        let p = dir.path().join(name);
+        write_torch_zip(
+            &p,
+            &tensor_pickle("FloatStorage", 0, shape, stride, None),
+            &storage,
+        );
+        let e = load_matrix(&p).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(want), "{name}: {e}");
+    }
+    // A view within the storage is still read (a transposed 8 x 8).
+    let p = dir.path().join("ok.pt");
+    write_torch_zip(
+        &p,
+        &tensor_pickle("FloatStorage", 0, &[8, 8], &[1, 8], None),
+        &storage,
+    );
+    assert_eq!(load_matrix(&p).unwrap().data.len(), 64);
+}
+
+#[test]
+fn tensors_sharing_one_storage_are_bounded() {
+    // 2,000 tensor entries over one 64 KiB storage: 125 MiB of output from a
+    // small file; the archive's output allowance stops it.
+    let storage = vec![0u8; 64 << 10];
+    let one = tensor_pickle("FloatStorage", 0, &[128, 128], &[128, 1], Some("t"));
+    // Reuse the tensor: build a dict {"t0": T, "t1": T, ...} with the
+    // tensor memoized once.
+    let body = &one[2..one.len() - 1]; // "} 'X t' <tensor> s" without PROTO/STOP
+    let mut p = vec![0x80, 2];
+    p.extend(&body[..body.len() - 1]); // leave the tensor on the stack
+    p.extend([b'r', 0, 0, 0, 0, b's']); // PUT 0, SETITEM
+    for i in 1..2000 {
+        let key = format!("t{i}");
+        p.push(b'X');
+        p.extend((key.len() as u32).to_le_bytes());
+        p.extend(key.as_bytes());
+        p.extend([b'j', 0, 0, 0, 0, b's']);
+    }
+    p.push(b'.');
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.pt");
+    write_torch_zip(&path, &p, &storage);
+    let e = load_state_dict(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("shared.pt") && e.contains("repeating one storage"),
+        "{e}"
+    );
+}
+
+/// Sets the "uncompressed size" of the zip entry `name` in both its local
+/// and central headers.
+fn patch_zip_size(zip: &mut [u8], name: &str, size: u32) {
+    let n = name.as_bytes();
+    let mut i = 0;
+    while i + 46 < zip.len() {
+        let sig = u32::from_le_bytes([zip[i], zip[i + 1], zip[i + 2], zip[i + 3]]);
+        if sig == 0x04034b50 && zip[i + 30..].starts_with(n) {
+            zip[i + 22..i + 26].copy_from_slice(&size.to_le_bytes());
+        }
+        if sig == 0x02014b50 && zip[i + 46..].starts_with(n) {
+            zip[i + 24..i + 28].copy_from_slice(&size.to_le_bytes());
+        }
+        i += 1;
+    }
+}
+
+#[test]
+fn compressed_entries_are_bounded_by_the_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkl = tensor_pickle("FloatStorage", 0, &[16, 16], &[16, 1], None);
+    // A valid compressed storage still loads.
+    let vals: Vec<u8> = (0..256).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let p = dir.path().join("deflated.pt");
+    std::fs::write(&p, torch_zip_bytes(&pkl, &vals, true)).unwrap();
+    assert_eq!(load_matrix(&p).unwrap().data[255], 255.0);
+    // The header claims 4 GiB: never trusted for the allocation.
+    let mut bytes = torch_zip_bytes(&pkl, &vals, true);
+    patch_zip_size(&mut bytes, "archive/data/0", u32::MAX - 1);
+    let p = dir.path().join("claims.pt");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = load_matrix(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("claims.pt") && e.contains("claims 4294967294 bytes"),
+        "{e}"
+    );
+    // A deflate bomb: 8 MiB of zeros in a few KB, past the ratio.
+    let zeros = vec![0u8; 8 << 20];
+    let pkl = tensor_pickle("FloatStorage", 0, &[2048, 1024], &[1024, 1], None);
+    let bytes = torch_zip_bytes(&pkl, &zeros, true);
+    assert!(bytes.len() < 64 << 10, "{}", bytes.len());
+    let p = dir.path().join("bomb.pt");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = load_matrix(&p).unwrap_err().to_string();
+    assert!(e.contains("bomb.pt") && e.contains("at most 64x"), "{e}");
+}
+
+/// An `.npy` file (format 1.0, little-endian f4) with the given shape text
+/// and data.
+pub(crate) fn npy_bytes(shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    npy.extend((header.len() as u16).to_le_bytes());
+    npy.extend(header.as_bytes());
+    npy.extend(data);
+    npy
+}
+
+#[test]
+fn npy_shape_products_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    // (2^62, 64) wrapped to 0 elements and was accepted (then "capacity
+    // overflow" in a worker).
+    for (name, shape) in [
+        ("wrap.npy", "(4611686018427387904, 64)"),
+        ("big.npy", "(1099511627776, 64)"),
+        ("short.npy", "(3, 2)"),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, npy_bytes(shape, &[0u8; 16])).unwrap();
+        let e = load_matrix(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(name) && e.contains("truncated .npy data"),
+            "{name}: {e}"
+        );
+    }
+    let p = dir.path().join("ok.npy");
+    std::fs::write(&p, npy_bytes("(2, 2)", &[0u8; 16])).unwrap();
+    assert_eq!(load_matrix(&p).unwrap().rows, 2);
 }

@@ -2,7 +2,23 @@
 //! `<archive>/data.pkl` plus one storage file per tensor storage in
 //! `<archive>/data/<key>`.  The archive is memory-mapped; stored (uncompressed)
 //! storages, which is what `torch.save` writes, are read in place.
+//!
+//! Hostile archives are bounded by the archive's real size, never by sizes
+//! written in it:
+//! * a compressed entry (`torch.save` never writes one; it appears when an
+//!   archive was re-zipped) may expand at most [`MAX_COMPRESSION_RATIO`]
+//!   times its compressed size and to at most [`MAX_ENTRY_BYTES`]; all
+//!   entries decompressed from one archive together at most
+//!   [`MAX_COMPRESSION_RATIO`] times the archive's size (so a storage
+//!   decompressed again for each of many tensors is bounded too);
+//! * a tensor may not have more elements than its storage holds (views
+//!   that repeat storage elements, such as a broadcast `expand` with
+//!   stride 0, are refused) nor read past it, with every product checked;
+//! * all tensors materialised from one archive together hold at most
+//!   [`MAX_OUTPUT_PER_BYTE`] bytes of `f32` per archive byte plus
+//!   [`OUTPUT_ALLOWANCE`] (several tensor entries may point at one storage).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Cursor, Read};
@@ -13,9 +29,22 @@ use memmap2::Mmap;
 use super::pickle::{self, StorageDtype, TensorRef, Value};
 use super::TensorIoError;
 
+/// Largest expansion of a compressed entry over its compressed size.
+pub const MAX_COMPRESSION_RATIO: u64 = 64;
+/// Largest decompressed size of one entry (2 GiB).
+pub const MAX_ENTRY_BYTES: u64 = 2 << 30;
+/// Bytes of `f32` output allowed per byte of archive.
+pub const MAX_OUTPUT_PER_BYTE: usize = 8;
+/// Bytes of `f32` output every archive may produce beyond
+/// [`MAX_OUTPUT_PER_BYTE`] (64 MiB).
+pub const OUTPUT_ALLOWANCE: usize = 64 << 20;
+/// Decompressed bytes every archive may produce beyond its ratio (1 MiB).
+const DECOMPRESSED_ALLOWANCE: u64 = 1 << 20;
+
 struct Entry {
     start: usize,
-    size: usize,
+    size: u64,
+    compressed_size: u64,
     stored: bool,
 }
 
@@ -25,6 +54,10 @@ pub struct TorchArchive {
     mmap: Mmap,
     entries: HashMap<String, Entry>,
     prefix: String,
+    /// Bytes decompressed so far (bounded, see the module documentation).
+    decompressed: Cell<u64>,
+    /// Bytes of `f32` materialised so far by [`TorchArchive::tensor_f32`].
+    materialised: Cell<usize>,
     /// The decoded top-level pickle value.
     pub root: Value,
 }
@@ -60,8 +93,10 @@ impl TorchArchive {
                 .map_err(|e| fmt_err(path, format!("corrupt zip entry {i}: {e}")))?;
             let name = f.name().to_string();
             let stored = f.compression() == zip::CompressionMethod::Stored;
-            let start = f.data_start() as usize;
-            let size = f.size() as usize;
+            let start = usize::try_from(f.data_start())
+                .map_err(|_| fmt_err(path, format!("zip entry {name}: offset out of range")))?;
+            let size = f.size();
+            let compressed_size = f.compressed_size();
             if name.ends_with("data.pkl") && pkl.as_ref().is_none_or(|p| name.len() < p.len()) {
                 pkl = Some(name.clone());
             }
@@ -70,6 +105,7 @@ impl TorchArchive {
                 Entry {
                     start,
                     size,
+                    compressed_size,
                     stored,
                 },
             );
@@ -82,6 +118,8 @@ impl TorchArchive {
             mmap,
             entries,
             prefix,
+            decompressed: Cell::new(0),
+            materialised: Cell::new(0),
             root: Value::None,
         };
         let bytes = me.entry_bytes(&pkl)?;
@@ -95,51 +133,156 @@ impl TorchArchive {
             .get(name)
             .ok_or_else(|| fmt_err(&self.path, format!("missing zip entry {name}")))?;
         if e.stored {
-            let end = e.start.saturating_add(e.size);
-            if end > self.mmap.len() {
+            let end = usize::try_from(e.size)
+                .ok()
+                .and_then(|size| e.start.checked_add(size));
+            let Some(end) = end.filter(|&end| end <= self.mmap.len()) else {
                 return Err(fmt_err(
                     &self.path,
                     format!("zip entry {name} is truncated"),
                 ));
-            }
+            };
             return Ok(std::borrow::Cow::Borrowed(&self.mmap[e.start..end]));
+        }
+        // A compressed entry: its size in the header is a claim, not a
+        // fact. The output is bounded by the compressed size (a ratio), an
+        // absolute cap and what is left of the archive's allowance; memory
+        // grows with the bytes actually decompressed, never with the claim.
+        let archive_len = self.mmap.len() as u64;
+        let total_limit = archive_len
+            .saturating_mul(MAX_COMPRESSION_RATIO)
+            .saturating_add(DECOMPRESSED_ALLOWANCE);
+        let left = total_limit.saturating_sub(self.decompressed.get());
+        let limit = e
+            .compressed_size
+            .min(archive_len)
+            .saturating_mul(MAX_COMPRESSION_RATIO)
+            .saturating_add(DECOMPRESSED_ALLOWANCE)
+            .min(MAX_ENTRY_BYTES)
+            .min(left);
+        if e.size > limit {
+            return Err(fmt_err(
+                &self.path,
+                format!(
+                    "zip entry {name} claims {} bytes decompressed from {} bytes: more than the \
+                     {limit} bytes allowed (at most {MAX_COMPRESSION_RATIO}x the compressed size, \
+                     {MAX_ENTRY_BYTES} bytes per entry)",
+                    e.size, e.compressed_size
+                ),
+            ));
         }
         let mut archive = zip::ZipArchive::new(Cursor::new(&self.mmap[..]))
             .map_err(|err| fmt_err(&self.path, err))?;
-        let mut f = archive
+        let f = archive
             .by_name(name)
             .map_err(|err| fmt_err(&self.path, format!("zip entry {name}: {err}")))?;
-        let mut buf = Vec::with_capacity(e.size);
-        f.read_to_end(&mut buf)
+        // `take(limit + 1)`: one byte more than allowed tells "too large"
+        // from "exactly at the limit" without reading further.
+        let mut buf = Vec::new();
+        f.take(limit.saturating_add(1))
+            .read_to_end(&mut buf)
             .map_err(|err| fmt_err(&self.path, format!("zip entry {name}: {err}")))?;
+        let got = buf.len() as u64;
+        self.decompressed
+            .set(self.decompressed.get().saturating_add(got));
+        if got > limit {
+            return Err(fmt_err(
+                &self.path,
+                format!(
+                    "zip entry {name} decompresses to more than {limit} bytes (at most \
+                     {MAX_COMPRESSION_RATIO}x its {} compressed bytes, {MAX_ENTRY_BYTES} bytes per entry)",
+                    e.compressed_size
+                ),
+            ));
+        }
+        if got != e.size {
+            return Err(fmt_err(
+                &self.path,
+                format!(
+                    "zip entry {name} decompresses to {got} bytes, its header says {}",
+                    e.size
+                ),
+            ));
+        }
         Ok(std::borrow::Cow::Owned(buf))
     }
 
     /// Materialises `t` as row-major f32 values (any strides; f32/f16/bf16/f64).
+    ///
+    /// The tensor must lie inside its storage and have at most as many
+    /// elements as the storage: views that repeat storage elements (a
+    /// broadcast `expand`, stride 0) are refused. Sizes are checked
+    /// products, never wrapped.
     pub fn tensor_f32(&self, t: &TensorRef, what: &str) -> Result<Vec<f32>, TensorIoError> {
         let name = format!("{}data/{}", self.prefix, t.key);
-        let bytes = self.entry_bytes(&name)?;
-        let es = t.dtype.size();
-        let n_storage = bytes.len() / es;
-        let numel: usize = t.shape.iter().product();
-        if numel == 0 {
-            return Ok(vec![]);
-        }
-        let max_index = t.offset
-            + t.shape
-                .iter()
-                .zip(&t.stride)
-                .map(|(s, st)| (s - 1) * st)
-                .sum::<usize>();
-        if max_index >= n_storage {
+        let es = t.dtype.size().max(1);
+        let Some(numel) = t
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &s| acc.checked_mul(s))
+        else {
             return Err(fmt_err(
                 &self.path,
                 format!(
-                    "{what}: tensor extends past its storage {name} ({} elements needed, {n_storage} present)",
-                    max_index + 1
+                    "{what}: shape {:?} has more elements than fit in memory",
+                    t.shape
+                ),
+            ));
+        };
+        if numel == 0 {
+            return Ok(vec![]);
+        }
+        let bytes = self.entry_bytes(&name)?;
+        let n_storage = bytes.len() / es;
+        if numel > n_storage {
+            return Err(fmt_err(
+                &self.path,
+                format!(
+                    "{what}: shape {:?} has {numel} elements but its storage {name} holds {n_storage}: \
+                     a tensor may not have more elements than its storage (broadcast views with \
+                     stride 0 are not supported)",
+                    t.shape
                 ),
             ));
         }
+        // Largest element index read: offset + sum((size - 1) * stride),
+        // every step checked (all sizes are >= 1 here since numel > 0).
+        let max_index = t
+            .shape
+            .iter()
+            .zip(&t.stride)
+            .try_fold(t.offset, |acc, (&s, &st)| {
+                (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x))
+            });
+        let Some(max_index) = max_index.filter(|&m| m < n_storage) else {
+            return Err(fmt_err(
+                &self.path,
+                format!(
+                    "{what}: tensor extends past its storage {name} (offset {}, shape {:?}, stride {:?}; {n_storage} elements present)",
+                    t.offset, t.shape, t.stride
+                ),
+            ));
+        };
+        let out_bytes = numel.saturating_mul(std::mem::size_of::<f32>());
+        let limit = self
+            .mmap
+            .len()
+            .saturating_mul(MAX_OUTPUT_PER_BYTE)
+            .saturating_add(OUTPUT_ALLOWANCE);
+        let total = self.materialised.get().saturating_add(out_bytes);
+        if total > limit {
+            return Err(fmt_err(
+                &self.path,
+                format!(
+                    "{what}: the tensors read from this archive would take {total} bytes, more than \
+                     {MAX_OUTPUT_PER_BYTE}x the archive's {} bytes + {} MiB (tensors repeating one storage?)",
+                    self.mmap.len(),
+                    OUTPUT_ALLOWANCE >> 20
+                ),
+            ));
+        }
+        self.materialised.set(total);
+        debug_assert!(max_index < n_storage);
         let read: fn(&[u8]) -> f32 = match t.dtype {
             StorageDtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             StorageDtype::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),

@@ -8,6 +8,7 @@ use std::path::Path;
 use image::RgbImage;
 
 use super::{io_err, DemoVlmError};
+use crate::image_decode::ImageLimits;
 use crate::models::qwen2_5_vl::image::decode_rgb;
 
 /// One easy-VQA question.
@@ -75,7 +76,7 @@ pub fn read_wheel_split(wheel: &Path, split: &str) -> Result<EasyVqaSplit, DemoV
         }
         let png = format!("easy_vqa/data/{split}/images/{}.png", q.image_id);
         let bytes = read_entry(&mut zip, wheel, &png)?;
-        let img = decode_rgb(&bytes).map_err(|e| DemoVlmError::Data {
+        let img = decode_rgb(&bytes, &ImageLimits::default()).map_err(|e| DemoVlmError::Data {
             path: wheel.join(&png),
             message: e.to_string(),
         })?;

@@ -151,6 +151,46 @@ fn get_f64_or(obj: &Value, key: &str, default: f64) -> f64 {
     obj.get(key).and_then(Value::as_f64).unwrap_or(default)
 }
 
+/// A token id of a configuration file: absent gives `default`; present, it
+/// must be an integer that fits in `u32` (never narrowed with `as`).
+fn token_id(path: &Path, v: Option<&Value>, field: &str) -> Result<Option<u32>, ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                invalid(
+                    path,
+                    format!(
+                        "`{field}` must be a token id (an integer from 0 to {}), found {x}",
+                        u32::MAX
+                    ),
+                )
+            }),
+    }
+}
+
+/// A token id that must be present: an integer that fits in `u32`.
+fn required_token_id(path: &Path, x: &Value, field: &str) -> Result<u32, ConfigError> {
+    x.as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| {
+            invalid(
+                path,
+                format!(
+                    "`{field}` must be a token id (an integer from 0 to {}), found {x}",
+                    u32::MAX
+                ),
+            )
+        })
+}
+
+/// Largest `max_pixels` accepted in `preprocessor_config.json` (2^28, a
+/// 16384 × 16384 canvas; the published checkpoints use 12,845,056).
+pub const MAX_PIXELS_BOUND: usize = 1 << 28;
+
 impl Qwen25VlConfig {
     /// Reads `config.json`, accepting both the flat layout of the published
     /// 3B/7B checkpoints and the nested `text_config` layout of newer
@@ -215,7 +255,12 @@ impl Qwen25VlConfig {
         {
             return Err(invalid(path, "inconsistent attention head counts"));
         }
-        if text.mrope_section.iter().sum::<usize>() * 2 != text.head_dim() {
+        let mrope_sum = text
+            .mrope_section
+            .iter()
+            .try_fold(0usize, |acc, &x| acc.checked_add(x))
+            .and_then(|s| s.checked_mul(2));
+        if mrope_sum != Some(text.head_dim()) {
             return Err(invalid(
                 path,
                 format!(
@@ -233,20 +278,33 @@ impl Qwen25VlConfig {
         if vision.num_heads == 0 || !vision.hidden_size.is_multiple_of(vision.num_heads) {
             return Err(invalid(path, "`vision_config`: inconsistent num_heads"));
         }
+        for (field, x) in [
+            ("patch_size", vision.patch_size),
+            ("spatial_merge_size", vision.spatial_merge_size),
+            ("temporal_patch_size", vision.temporal_patch_size),
+            ("window_size", vision.window_size),
+            ("in_chans", vision.in_chans),
+        ] {
+            if !(1..=1 << 16).contains(&x) {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "`vision_config.{field}` must be an integer from 1 to 65536, found {x}"
+                    ),
+                ));
+            }
+        }
         vision.tokens_per_second = get_f64_or(vision_value, "tokens_per_second", 2.0);
-        let id = |key: &str, default: u32| -> u32 {
-            lookup(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-                .unwrap_or(default)
+        let id = |key: &str, default: u32| -> Result<u32, ConfigError> {
+            Ok(token_id(path, lookup(key), key)?.unwrap_or(default))
         };
         Ok(Self {
             text,
             vision,
-            image_token_id: id("image_token_id", 151655),
-            video_token_id: id("video_token_id", 151656),
-            vision_start_token_id: id("vision_start_token_id", 151652),
-            vision_end_token_id: id("vision_end_token_id", 151653),
+            image_token_id: id("image_token_id", 151655)?,
+            video_token_id: id("video_token_id", 151656)?,
+            vision_start_token_id: id("vision_start_token_id", 151652)?,
+            vision_end_token_id: id("vision_end_token_id", 151653)?,
         })
     }
 }
@@ -288,9 +346,18 @@ impl Default for PreprocessorConfig {
 }
 
 impl PreprocessorConfig {
-    /// Reads `preprocessor_config.json`; absent keys keep the Qwen2-VL defaults.
+    /// Reads `preprocessor_config.json`; absent keys keep the Qwen2-VL
+    /// defaults. Present keys must be usable: the pixel bounds positive,
+    /// `min_pixels <= max_pixels <= MAX_PIXELS_BOUND`, the patch, temporal
+    /// patch and merge sizes positive and small; each error names the field.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let v = read_json(path)?;
+        Self::from_value(path, &v)
+    }
+
+    /// Parses an already-read `preprocessor_config.json` value; `path` is
+    /// used in errors.
+    pub fn from_value(path: &Path, v: &Value) -> Result<Self, ConfigError> {
         let d = Self::default();
         let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3], ConfigError> {
             match v.get(key) {
@@ -310,33 +377,60 @@ impl PreprocessorConfig {
         };
         // Newer processors nest the pixel bounds under `size`.
         let size = v.get("size");
-        let min_pixels = v
-            .get("min_pixels")
-            .or_else(|| size.and_then(|s| s.get("shortest_edge")))
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(d.min_pixels);
-        let max_pixels = v
-            .get("max_pixels")
-            .or_else(|| size.and_then(|s| s.get("longest_edge")))
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(d.max_pixels);
-        let get = |key: &str, default: usize| -> usize {
-            v.get(key)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .unwrap_or(default)
+        // A present integer in 1..=bound (absent: the default).
+        let bounded = |x: Option<(&Value, String)>, default: usize, bound: usize| {
+            let Some((x, field)) = x else {
+                return Ok(default);
+            };
+            if x.is_null() {
+                return Ok(default);
+            }
+            x.as_u64()
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| (1..=bound).contains(&i))
+                .ok_or_else(|| {
+                    invalid(
+                        path,
+                        format!("`{field}` must be an integer from 1 to {bound}, found {x}"),
+                    )
+                })
+        };
+        let field = |key: &str, nested: &str| {
+            v.get(key).map(|x| (x, key.to_string())).or_else(|| {
+                size.and_then(|s| s.get(nested))
+                    .map(|x| (x, format!("size.{nested}")))
+            })
+        };
+        let min_pixels = bounded(
+            field("min_pixels", "shortest_edge"),
+            d.min_pixels,
+            MAX_PIXELS_BOUND,
+        )?;
+        let max_pixels = bounded(
+            field("max_pixels", "longest_edge"),
+            d.max_pixels,
+            MAX_PIXELS_BOUND,
+        )?;
+        if min_pixels > max_pixels {
+            return Err(invalid(
+                path,
+                format!("`min_pixels` ({min_pixels}) is larger than `max_pixels` ({max_pixels})"),
+            ));
+        }
+        // Patch sizes: positive and small (the published values are 14, 2
+        // and 2); they multiply into every image's patch count.
+        let get = |key: &str, default: usize| {
+            bounded(v.get(key).map(|x| (x, key.to_string())), default, 1024)
         };
         Ok(Self {
             min_pixels,
             max_pixels,
-            patch_size: get("patch_size", d.patch_size),
-            temporal_patch_size: get("temporal_patch_size", d.temporal_patch_size),
-            merge_size: get("merge_size", d.merge_size),
+            patch_size: get("patch_size", d.patch_size)?,
+            temporal_patch_size: get("temporal_patch_size", d.temporal_patch_size)?,
+            merge_size: get("merge_size", d.merge_size)?,
             image_mean: triple("image_mean", d.image_mean)?,
             image_std: triple("image_std", d.image_std)?,
-            rescale_factor: get_f64_or(&v, "rescale_factor", d.rescale_factor),
+            rescale_factor: get_f64_or(v, "rescale_factor", d.rescale_factor),
         })
     }
 }
@@ -369,20 +463,19 @@ impl GenerationDefaults {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(xs)) => xs
                 .iter()
-                .map(|x| x.as_u64().map(|i| i as u32))
-                .collect::<Option<_>>()
-                .ok_or_else(|| invalid(path, "`eos_token_id` must hold integers"))?,
-            Some(x) => vec![x
-                .as_u64()
-                .ok_or_else(|| invalid(path, "`eos_token_id` must be an integer or a list"))?
-                as u32],
+                .enumerate()
+                .map(|(i, x)| required_token_id(path, x, &format!("eos_token_id[{i}]")))
+                .collect::<Result<_, _>>()?,
+            Some(x) => vec![required_token_id(path, x, "eos_token_id")?],
         };
         Ok(Self {
             eos_token_ids,
-            pad_token_id: v
-                .get("pad_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32),
+            // Lenient as before for a non-integer (ignored), but an integer
+            // that does not fit a token id is an error, never narrowed.
+            pad_token_id: match v.get("pad_token_id") {
+                Some(x) if x.is_u64() => token_id(path, Some(x), "pad_token_id")?,
+                _ => None,
+            },
             repetition_penalty: v.get("repetition_penalty").and_then(Value::as_f64),
             do_sample: v.get("do_sample").and_then(Value::as_bool),
             temperature: v.get("temperature").and_then(Value::as_f64),
@@ -454,6 +547,92 @@ mod tests {
             msg.contains("mrope_section") || msg.contains("hidden_size"),
             "{msg}"
         );
+    }
+
+    fn fixture_value() -> Value {
+        serde_json::from_str(&std::fs::read_to_string(fixture("config.json")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn token_ids_are_not_narrowed() {
+        // 2^32 + 151655 was narrowed to 151655 by `as u32`.
+        let mut v = fixture_value();
+        v["image_token_id"] = serde_json::json!(4_295_119_951u64);
+        let e = Qwen25VlConfig::from_value(Path::new("m/config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("`image_token_id`"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("generation_config.json");
+        for (body, field) in [
+            (
+                r#"{"eos_token_id": [151645, 4294967296]}"#,
+                "eos_token_id[1]",
+            ),
+            (r#"{"eos_token_id": 4294967296}"#, "eos_token_id"),
+            (r#"{"pad_token_id": 4294967296}"#, "pad_token_id"),
+        ] {
+            std::fs::write(&p, body).unwrap();
+            let e = GenerationDefaults::from_file(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("generation_config.json") && e.contains(field),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn mrope_section_sum_is_checked() {
+        // Wrapped to 4 (* 2 = head_dim 8) in the optimised build.
+        let mut v = fixture_value();
+        v["rope_scaling"]["mrope_section"] = serde_json::json!([
+            9_223_372_036_854_775_808u64,
+            9_223_372_036_854_775_808u64,
+            4
+        ]);
+        let e = Qwen25VlConfig::from_value(Path::new("m/config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("mrope_section"),
+            "{e}"
+        );
+        let mut v = fixture_value();
+        v["vision_config"]["spatial_merge_size"] = serde_json::json!(0);
+        let e = Qwen25VlConfig::from_value(Path::new("m/config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vision_config.spatial_merge_size"), "{e}");
+    }
+
+    #[test]
+    fn pixel_bounds_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("preprocessor_config.json");
+        for (body, field) in [
+            (
+                r#"{"min_pixels": 1000, "max_pixels": 10}"#,
+                "`min_pixels` (1000)",
+            ),
+            (r#"{"min_pixels": 0}"#, "`min_pixels`"),
+            (r#"{"max_pixels": 18446744073709551615}"#, "`max_pixels`"),
+            (r#"{"size": {"shortest_edge": 0}}"#, "`size.shortest_edge`"),
+            (r#"{"merge_size": 0}"#, "`merge_size`"),
+            (r#"{"patch_size": 0}"#, "`patch_size`"),
+        ] {
+            std::fs::write(&p, body).unwrap();
+            let e = PreprocessorConfig::from_file(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("preprocessor_config.json") && e.contains(field),
+                "{body}: {e}"
+            );
+        }
+        std::fs::write(&p, r#"{"min_pixels": 3136, "max_pixels": 12845056}"#).unwrap();
+        let c = PreprocessorConfig::from_file(&p).unwrap();
+        assert_eq!((c.min_pixels, c.max_pixels), (3136, 12845056));
     }
 
     #[test]

@@ -16,28 +16,17 @@
 //! few 8-bit levels on some pixels (up to ~10 with chroma subsampling).
 
 use super::config::PreprocessorConfig;
+use crate::image_decode::{self, ImageDecodeError, ImageInput, ImageLimits};
 use image::RgbImage;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Errors while loading or preprocessing an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// The file could not be read.
-    #[error("cannot read image {path}: {source}")]
-    Io {
-        /// Image file.
-        path: PathBuf,
-        /// Underlying error.
-        source: std::io::Error,
-    },
-    /// The bytes are not a decodable JPEG/PNG image.
-    #[error("cannot decode image {origin}: {message}")]
-    Decode {
-        /// File name, or `<bytes>` for in-memory data.
-        origin: String,
-        /// Decoder message.
-        message: String,
-    },
+    /// The file could not be read or decoded, or is over the decoding
+    /// limits ([`crate::image_decode`]).
+    #[error(transparent)]
+    Load(#[from] ImageDecodeError),
     /// The image size cannot be brought into the processor's pixel bounds.
     #[error("invalid image size {height}x{width} (h x w): {message}")]
     InvalidSize {
@@ -73,32 +62,24 @@ impl ProcessedImage {
     }
 }
 
-/// Decodes JPEG/PNG bytes into RGB. Grey, grey+alpha, palette and RGBA
-/// images are converted the way PIL's `convert("RGB")` does: alpha is
-/// dropped (not composited) and grey is replicated.
-pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, ImageError> {
-    decode_named(bytes, "<bytes>")
+/// Decodes JPEG/PNG bytes into RGB within `limits`. Grey, grey+alpha,
+/// palette and RGBA images are converted the way PIL's `convert("RGB")`
+/// does: alpha is dropped (not composited) and grey is replicated. The
+/// decoder is [`image_decode::decode_rgb`], shared with the dataset.
+pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageError> {
+    Ok(image_decode::decode_rgb(
+        ImageInput::Bytes {
+            bytes,
+            name: "<bytes>",
+        },
+        limits,
+    )?)
 }
 
-fn decode_named(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> {
-    let img = image::load_from_memory(bytes).map_err(|e| ImageError::Decode {
-        origin: origin.to_string(),
-        message: e.to_string(),
-    })?;
-    Ok(match img {
-        image::DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    })
-}
-
-/// Reads and decodes an image file into RGB (see [`decode_rgb`]); errors
-/// name the file.
-pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    decode_named(&bytes, &path.display().to_string())
+/// Reads and decodes an image file into RGB within `limits` (see
+/// [`decode_rgb`]); errors name the file.
+pub fn load_rgb(path: &Path, limits: &ImageLimits) -> Result<RgbImage, ImageError> {
+    Ok(image_decode::decode_rgb(ImageInput::File(path), limits)?)
 }
 
 /// Target `(height, width)` of Qwen2-VL's `smart_resize`: both sides
@@ -308,6 +289,7 @@ fn patchify(planes: &[f32], h: usize, w: usize, cfg: &PreprocessorConfig) -> Pro
 mod tests {
     use super::*;
     use safetensors::SafeTensors;
+    use std::path::PathBuf;
     use std::sync::OnceLock;
 
     fn fixture(name: &str) -> PathBuf {
@@ -382,7 +364,8 @@ mod tests {
             let grids = i64_tensor(&st, &format!("{name}.image_grid_thw"));
             let mut got = Vec::new();
             for (i, file) in case["images"].as_array().unwrap().iter().enumerate() {
-                let img = load_rgb(&fixture(file.as_str().unwrap())).unwrap();
+                let img =
+                    load_rgb(&fixture(file.as_str().unwrap()), &ImageLimits::default()).unwrap();
                 let p = preprocess(&img, &cfg).unwrap();
                 let want_grid: Vec<usize> = grids[i * 3..i * 3 + 3]
                     .iter()
@@ -413,7 +396,11 @@ mod tests {
     #[test]
     fn fast_image_resize_is_not_pillow_exact() {
         use fast_image_resize as fr;
-        let img = load_rgb(&fixture("images/tiled_350x250.png")).unwrap();
+        let img = load_rgb(
+            &fixture("images/tiled_350x250.png"),
+            &ImageLimits::default(),
+        )
+        .unwrap();
         let ours = resize_bicubic_pil(&img, 336, 252);
         let src = fr::images::Image::from_vec_u8(
             img.width(),
@@ -446,7 +433,7 @@ mod tests {
         image::DynamicImage::ImageRgba8(rgba)
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
-        let rgb = decode_rgb(&png).unwrap();
+        let rgb = decode_rgb(&png, &ImageLimits::default()).unwrap();
         assert_eq!(rgb.as_raw(), &vec![10, 20, 30, 200, 100, 50]);
         // Grey: replicated.
         let grey = image::GrayImage::from_raw(2, 1, vec![7, 250]).unwrap();
@@ -454,7 +441,7 @@ mod tests {
         image::DynamicImage::ImageLuma8(grey)
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
-        let rgb = decode_rgb(&png).unwrap();
+        let rgb = decode_rgb(&png, &ImageLimits::default()).unwrap();
         assert_eq!(rgb.as_raw(), &vec![7, 7, 7, 250, 250, 250]);
     }
 
@@ -462,11 +449,15 @@ mod tests {
     fn unreadable_image_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.png");
-        let msg = load_rgb(&missing).unwrap_err().to_string();
+        let msg = load_rgb(&missing, &ImageLimits::default())
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("nope.png"), "{msg}");
         let garbage = dir.path().join("garbage.jpg");
         std::fs::write(&garbage, b"not an image").unwrap();
-        let msg = load_rgb(&garbage).unwrap_err().to_string();
+        let msg = load_rgb(&garbage, &ImageLimits::default())
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("garbage.jpg"), "{msg}");
     }
 
@@ -483,7 +474,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/pil_resize")
             .join(name);
-        load_rgb(&path).unwrap()
+        load_rgb(&path, &ImageLimits::default()).unwrap()
     }
 
     #[test]

@@ -293,9 +293,9 @@ impl<B: Backend> QwenVqa<B> {
                 })
                 .collect::<Result<_, _>>()?;
             let imgs = self.image_embeds(&paths)?;
-            let text = m.processor.render(req)?;
+            let rendered = m.processor.render_prompt(req)?;
             let grids: Vec<Arc<ProcessedImage>> = imgs.iter().map(|(g, _)| Arc::clone(g)).collect();
-            prompts.push(m.processor.encode_prompt(text, grids)?);
+            prompts.push(m.processor.encode_rendered(rendered, grids)?);
             embeds_per_prompt.push(imgs.into_iter().map(|(_, t)| t).collect::<Vec<_>>());
         }
         let refs: Vec<_> = prompts.iter().collect();
@@ -344,7 +344,8 @@ impl<B: Backend> QwenVqa<B> {
                     let mut ids = Vec::with_capacity(answers.len());
                     let mut weights = Vec::with_capacity(answers.len());
                     for (a, w) in answers {
-                        let t = m.processor.encode(a)?;
+                        // Dataset text: never control tokens.
+                        let t = m.processor.encode_text(a)?;
                         if !t.is_empty() {
                             ids.push(t);
                             weights.push(*w);

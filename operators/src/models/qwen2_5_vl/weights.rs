@@ -151,6 +151,16 @@ pub fn canonical_name(key: &str) -> String {
     }
 }
 
+/// Whether `name` is one normal path component (`model-00001.safetensors`):
+/// not empty, no separator of any platform, not `.` or `..`.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    ) && !name.contains(['/', '\\', '\0'])
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
     move |source| WeightsError::Io {
         path: path.to_path_buf(),
@@ -204,6 +214,14 @@ impl WeightStore {
                 let file = file
                     .as_str()
                     .ok_or_else(|| bad(format!("`weight_map.{key}` is not a file name")))?;
+                // Only a plain file name inside the model directory: an
+                // absolute path or `..` would map any file of the machine.
+                if !is_plain_file_name(file) {
+                    return Err(bad(format!(
+                        "`weight_map.{key}` is {file:?}: shard names must be plain file names \
+                         inside the model directory (no path separators, `..` or absolute paths)"
+                    )));
+                }
                 let shard = match shard_of_file.get(file) {
                     Some(&s) => s,
                     None => {
@@ -551,6 +569,48 @@ mod tests {
 
     fn fixture_config() -> Qwen25VlConfig {
         Qwen25VlConfig::from_file(&fixture_dir().join("config.json")).unwrap()
+    }
+
+    #[test]
+    fn shard_names_must_be_plain_file_names() {
+        // A shard outside the model directory: the old reader mapped it.
+        let outside = tempfile::tempdir().unwrap();
+        let bytes = [0u8; 16];
+        let view = TensorView::new(Dtype::F32, vec![4], &bytes).unwrap();
+        let shard = outside.path().join("evil.safetensors");
+        safetensors::serialize_to_file(vec![("w", view)], None, &shard).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let escape = format!(
+            "{}/evil.safetensors",
+            Path::new("..")
+                .join(outside.path().file_name().unwrap())
+                .display()
+        );
+        for file in [
+            shard.display().to_string(),
+            escape,
+            "..".to_string(),
+            "sub/model.safetensors".to_string(),
+            String::new(),
+        ] {
+            let index = serde_json::json!({"weight_map": {"w": file}});
+            std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
+            let e = WeightStore::open(dir.path(), false).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, WeightsError::Index { .. }), "{file}: {msg}");
+            assert!(
+                msg.contains(INDEX_FILE)
+                    && msg.contains("weight_map.w")
+                    && msg.contains("plain file names"),
+                "{msg}"
+            );
+        }
+        // A plain name inside the directory is read.
+        std::fs::copy(&shard, dir.path().join("evil.safetensors")).unwrap();
+        let index = serde_json::json!({"weight_map": {"w": "evil.safetensors"}});
+        std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
+        let store = WeightStore::open(dir.path(), false).unwrap();
+        assert_eq!(store.read_f32("w").unwrap().1, vec![4]);
     }
 
     #[test]
