@@ -165,7 +165,9 @@ fn expect_failure(args: Vec<String>, out: &Path, needles: &[&str]) {
         for e in std::fs::read_dir(dir).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().to_string();
             assert!(
-                !name.starts_with(".leverflow-spill") && !name.contains(".tmp-"),
+                !name.starts_with(".leverflow-spill")
+                    && !name.ends_with(".tmp")
+                    && !name.ends_with(".lock"),
                 "temporary file left behind: {name}"
             );
         }

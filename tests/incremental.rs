@@ -478,7 +478,10 @@ fn killed_runs_resume_to_identical_outputs() {
     let stale: Vec<_> = std::fs::read_dir(d)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".tmp") || name.ends_with(".lock")
+        })
         .collect();
     assert!(stale.is_empty(), "temporary files left: {stale:?}");
 }
