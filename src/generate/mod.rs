@@ -72,6 +72,21 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
         .output_path
         .clone()
         .context("missing --output_path (see `leverflow generate --help`)")?;
+    // One run per output, before anything loads: a second run on the same
+    // outputs fails here (of a multi-process run, process 0 holds them: it
+    // writes the JSON and the manifest).
+    let holds_outputs = !multi || cluster.process_index == 0;
+    let parquet_target = args
+        .parquet_path
+        .clone()
+        .unwrap_or_else(|| output_path.with_extension("parquet"));
+    let _output_locks = match holds_outputs {
+        true => leverflow_operators::sinks::OutputLock::acquire_all([
+            output_path.as_path(),
+            parquet_target.as_path(),
+        ])?,
+        false => Vec::new(),
+    };
     // Each process keeps its own store (its queries are routed to it).
     let state_dir = match multi {
         true => state_dir(&args, &output_path).join(format!("process-{}", cluster.process_index)),
@@ -172,6 +187,7 @@ pub fn run(args: GenerateArgs, job: Job) -> Result<()> {
     for target in [&inputs.output_path, &inputs.parquet_path]
         .into_iter()
         .chain(delta.iter().flat_map(|d| [&d.parquet, &d.retracted]))
+        .filter(|_| holds_outputs)
     {
         AtomicFile::remove_stale_temps(target);
     }

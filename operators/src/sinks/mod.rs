@@ -9,6 +9,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`atomic`] | temp file + fsync + rename |
+//! | [`lock`] | one run per output path (an advisory lock beside it) |
 //! | [`spill`] | out-of-order records → ascending order, on disk |
 //! | [`json`] | `{"<query_idx>": record, ..., "_meta": meta}` writer and reader |
 //! | [`parquet`] | one row per candidate, `_meta` in the key-value metadata |
@@ -18,6 +19,7 @@
 pub mod atomic;
 pub mod json;
 pub mod json_scan;
+pub mod lock;
 pub mod merge;
 pub mod parquet;
 pub mod parts;
@@ -31,6 +33,7 @@ pub use self::atomic::{AtomicFile, SealedFile};
 pub use self::json::{
     read_rl_json, visit_rl_json, JsonMark, JsonOptions, JsonSink, RlJson, RlJsonReader,
 };
+pub use self::lock::OutputLock;
 pub use self::merge::{
     merge, merged_meta, resolve_inputs, InputMeta, MergeFile, MergeInputs, MergeOutputs,
     MergeSummary, ParquetRecordReader, ReadRecord,
@@ -109,6 +112,14 @@ pub enum SinkError {
         index: u64,
         /// The index written before it.
         previous: u64,
+    },
+    /// Another run holds the output's lock ([`OutputLock`]).
+    #[error("output {} is in use by another leverflow run (pid {})", .path.display(), .pid.map_or_else(|| "unknown".to_string(), |p| p.to_string()))]
+    InUse {
+        /// The output path.
+        path: PathBuf,
+        /// The process holding it, when known.
+        pid: Option<u32>,
     },
     /// Content that does not fit the format or the sink's configuration.
     #[error("{}: {what}", .path.display())]
