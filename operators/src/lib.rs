@@ -23,6 +23,7 @@ pub mod candidates;
 pub mod dataflow;
 pub mod dataset;
 pub mod demo_vlm;
+mod panics;
 pub mod pointer_selector;
 pub mod qwen2_5_vl;
 pub mod reward;

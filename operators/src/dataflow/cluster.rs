@@ -13,11 +13,12 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::panic::PanicHookInfo;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::panics;
 
 use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
 use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
@@ -527,42 +528,6 @@ fn connect_one(
     }
 }
 
-/// Panic messages of timely's threads during a run, oldest first.
-#[derive(Clone, Default)]
-struct Failures(Arc<Mutex<Vec<String>>>);
-
-impl Failures {
-    fn push(&self, m: String) {
-        let mut g = match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if g.len() < 64 {
-            g.push(m);
-        }
-    }
-
-    fn all(&self) -> Vec<String> {
-        match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-}
-
-fn panic_text(info: &PanicHookInfo<'_>) -> String {
-    let p = info.payload();
-    let msg = p
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into());
-    match info.location() {
-        Some(l) => format!("{msg} (at {}:{})", l.file(), l.line()),
-        None => msg,
-    }
-}
-
 /// Explains the first real failure (not the "MergeQueue poisoned" panics
 /// that follow it in the other threads).
 fn explain(config: &ClusterConfig, failures: &[String]) -> String {
@@ -589,42 +554,6 @@ fn explain(config: &ClusterConfig, failures: &[String]) -> String {
     }
 }
 
-type PanicHook = Box<dyn Fn(&PanicHookInfo<'_>) + Sync + Send + 'static>;
-
-/// Installs a panic hook recording (and not printing) the panics of
-/// timely's threads; other threads' panics go to the previous hook.
-/// Dropping the guard restores the previous hook.
-struct HookGuard {
-    previous: Option<Arc<PanicHook>>,
-}
-
-impl HookGuard {
-    fn install(failures: Failures) -> Self {
-        let previous: Arc<PanicHook> = Arc::new(std::panic::take_hook());
-        let prev = Arc::clone(&previous);
-        std::panic::set_hook(Box::new(move |info| {
-            let name = std::thread::current().name().unwrap_or("").to_string();
-            if name.starts_with("timely:") {
-                failures.push(format!("{name}\t{}", panic_text(info)));
-            } else {
-                prev(info);
-            }
-        }));
-        HookGuard {
-            previous: Some(previous),
-        }
-    }
-}
-
-impl Drop for HookGuard {
-    fn drop(&mut self) {
-        if let Some(prev) = self.previous.take() {
-            let _ = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| prev(info)));
-        }
-    }
-}
-
 /// Runs `build` on `config.workers` timely workers in each of
 /// `config.processes` processes (one call per process, each with its own
 /// `process_index`) and returns this process's worker results in order.
@@ -639,9 +568,9 @@ impl Drop for HookGuard {
 /// within about `timeouts.stop`.  After an `Err` some timely threads may be
 /// left behind: the caller should report the error and exit the process.
 ///
-/// While it runs, a panic hook records timely threads' panics instead of
-/// printing them; other threads' panics go to the previous hook, which is
-/// restored on return.
+/// While it runs, the panics of timely's threads (workers: message and
+/// location) are recorded for that explanation instead of printed; other
+/// threads' panics go to the process's panic hook as usual.
 pub fn execute_cluster<T, F>(
     config: &ClusterConfig,
     timeouts: &ClusterTimeouts,
@@ -667,8 +596,22 @@ where
             let _ = h.shutdown(std::net::Shutdown::Both);
         }
     };
-    let failures = Failures::default();
-    let hook = HookGuard::install(failures.clone());
+    let failures = panics::Recorded::default();
+    // Workers record their own panics (their thread handler); this one
+    // takes those of timely's communication threads.  (Two executors in one
+    // process, as in tests, cannot tell their communication threads apart:
+    // each records the other's panics too.)
+    let recorded = failures.clone();
+    let comm_panics = panics::on_any_thread(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("");
+        let ours = name.starts_with("timely:");
+        if ours {
+            recorded.push(format!("{name}\t{}", panics::describe(info)));
+        }
+        ours
+    });
+    let build = super::recording_worker_panics(build, failures.clone());
     let hooks = Hooks::default();
     let process_allocators =
         ProcessBuilder::new_typed_vector(config.workers, hooks.refill.clone(), hooks.spill.clone());
@@ -693,7 +636,7 @@ where
             Err(e) => {
                 shutdown_all(&handles);
                 std::mem::forget(comms);
-                drop(hook);
+                drop(comm_panics);
                 return Err(format!(
                     "process {}: starting timely workers: {e}",
                     config.process_index
@@ -728,27 +671,30 @@ where
         // that panicked.
         std::mem::forget(comms);
         let message = explain(config, &failures.all());
-        drop(hook);
+        drop(comm_panics);
         return Err(message);
     }
     let results = guards.join();
     // Clean shutdown: the communication threads end once every process has
     // finished (a peer that dies now makes its receive thread panic).
-    let comms_closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(comms)));
+    let comms_closed = {
+        // Its drop re-raises a communication thread's panic here: caught,
+        // and explained by what that thread recorded.
+        let _quiet = panics::on_this_thread(|_| true);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(comms)))
+    };
     let failed = failures.all();
-    drop(hook);
-    if comms_closed.is_err() || !failed.is_empty() {
+    drop(comm_panics);
+    if comms_closed.is_err() || !failed.is_empty() || results.iter().any(Result::is_err) {
         return Err(explain(config, &failed));
     }
-    results
-        .into_iter()
-        .map(|r| r.map_err(|e| format!("timely worker failed: {e}")))
-        .collect()
+    Ok(results.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     fn p() -> PathBuf {
         PathBuf::from("hosts.txt")
@@ -899,11 +845,22 @@ mod tests {
         }
     }
 
+    /// Held by the tests that run two executors in this process: their
+    /// communication threads cannot be told apart (each executor records
+    /// the panics of every `timely:` thread without a handler of its own),
+    /// so one test's lost connections must not land in another's run.
+    static EXECUTORS: Mutex<()> = Mutex::new(());
+
+    fn executors() -> std::sync::MutexGuard<'static, ()> {
+        EXECUTORS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Two "processes" as threads of this test: a distributed count over
     /// 2 × 2 workers.
     #[test]
     fn two_processes_run_a_dataflow() {
         use timely::dataflow::operators::{Exchange, Inspect, ToStream};
+        let _one_at_a_time = executors();
         let hosts = free_ports(2);
         let t = ClusterTimeouts::default();
         let run = |index: usize| {
@@ -935,5 +892,46 @@ mod tests {
         let rb = b.join().unwrap().unwrap();
         assert_eq!(ra.len(), 2);
         assert_eq!(ra.iter().chain(&rb).sum::<u64>(), 100);
+    }
+
+    /// A worker that panics: its process reports the message and location;
+    /// the other process loses the connection.
+    #[test]
+    fn a_worker_panic_is_reported_with_its_message_and_location() {
+        let _one_at_a_time = executors();
+        let hosts = free_ports(2);
+        let t = ClusterTimeouts {
+            stop: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let run = |index: usize| {
+            let c = ClusterConfig::new(2, index, hosts.clone(), 1).unwrap();
+            let t = t.clone();
+            std::thread::spawn(move || {
+                execute_cluster(&c, &t, move |worker| {
+                    if index == 0 {
+                        panic!("cluster worker exploded");
+                    }
+                    use timely::dataflow::operators::{Exchange, ToStream};
+                    worker.dataflow::<u64, _, _>(|scope| {
+                        (0..10u64)
+                            .to_stream(scope)
+                            .container::<Vec<_>>()
+                            .exchange(|x| *x);
+                    });
+                    while worker.step_or_park(Some(Duration::from_millis(10))) {}
+                })
+            })
+        };
+        let a = run(0);
+        let b = run(1);
+        let e0 = a.join().unwrap().unwrap_err();
+        assert!(
+            e0.starts_with("process 0: timely worker 0 failed: cluster worker exploded (at ")
+                && e0.contains("cluster.rs:"),
+            "{e0}"
+        );
+        let e1 = b.join().unwrap().unwrap_err();
+        assert!(e1.contains("process 1"), "{e1}");
     }
 }
