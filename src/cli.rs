@@ -424,6 +424,17 @@ pub struct GenerateArgs {
         default_value_t = 60
     )]
     pub connect_timeout: u64,
+    /// Shared secret authenticating the processes of a multi-process run
+    /// (the same file on every host, mode 600; make one with `head -c 32
+    /// /dev/urandom | base64 > cluster.secret && chmod 600 cluster.secret`).
+    /// Default: the environment variable LEVERFLOW_CLUSTER_SECRET. Required
+    /// when the hostfile lists an address that is not loopback.
+    #[arg(
+        long = "cluster_secret_file",
+        visible_alias = "cluster-secret-file",
+        value_name = "FILE"
+    )]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Output formats: json, parquet or both.
     #[arg(long, default_value = "json,parquet")]
     pub format: String,
@@ -477,7 +488,8 @@ impl GenerateArgs {
             self.process_index,
             self.hostfile.as_deref(),
             self.workers,
-        )?;
+        )?
+        .with_secret_from(self.cluster_secret_file.as_deref())?;
         let list = match &self.devices {
             Some(spec) => parse_devices(spec)?,
             None => vec![self.device.clone()],

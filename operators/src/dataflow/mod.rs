@@ -22,8 +22,8 @@ pub mod incremental;
 
 pub use batch::{batched, BatchFn};
 pub use cluster::{
-    devices_for_workers, execute_cluster, parse_devices, ClusterConfig, ClusterError,
-    ClusterTimeouts,
+    devices_for_workers, execute_cluster, is_loopback_host, parse_devices, ClusterConfig,
+    ClusterError, ClusterSecret, ClusterTimeouts, CLUSTER_SECRET_ENV,
 };
 pub use diff::InputChange;
 pub use driver::{run_worker, DriverConfig, SinkFn, WorkerOutcome};
