@@ -161,15 +161,6 @@ impl Watched {
     }
 }
 
-fn spawn(args: &[String]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_leverflow"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 fn cluster_args(
     base: &[String],
     hosts: &Path,
@@ -287,37 +278,38 @@ fn a_killed_process_stops_the_other_and_a_rerun_completes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let one = d.join("one.json");
-    let t = Instant::now();
     ok(&leverflow(&tiny_args(&one)));
-    // Kill well inside the run: each process does about half the work.
-    let kill_after = t.elapsed().mul_f64(0.2);
     let two = d.join("two.json");
     let base = tiny_args(&two);
     let hosts = hostfile(d, 2);
-    let mut p0 = spawn(&cluster_args(&base, &hosts, 2, 0, 1));
-    let mut p1 = spawn(&cluster_args(&base, &hosts, 2, 1, 1));
-    std::thread::sleep(kill_after);
-    assert!(
-        p0.try_wait().unwrap().is_none() && p1.try_wait().unwrap().is_none(),
-        "the run finished before the kill; make it longer"
-    );
-    p1.kill().unwrap(); // SIGKILL
-    p1.wait().unwrap();
-    let killed_at = Instant::now();
-    let status = loop {
-        if let Some(s) = p0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(10),
-            "process 0 still runs 10 s after its peer died"
+    let mut p0 = Watched::spawn(&cluster_args(&base, &hosts, 2, 0, 1), &[]);
+    let mut p1 = Watched::spawn(&cluster_args(&base, &hosts, 2, 1, 1), &[]);
+    // Kill process 1 once both are connected (then it is in the dataflow,
+    // which process 0 cannot finish without it).
+    p0.wait_for("cluster_connected");
+    p1.wait_for("cluster_connected");
+    p1.child.kill().unwrap(); // SIGKILL
+    let (status1, stderr1, _) = p1.finish();
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status1.signal(),
+            Some(9),
+            "process 1 ended before the kill: {stderr1}"
         );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let o = p0.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    }
+    #[cfg(not(unix))]
+    let _ = (status1, stderr1);
+    // Process 0 stops on its own, in a fraction of a second; the bound is
+    // far above that (its --connect_timeout, 60 s, is not involved: it is
+    // connected).
+    let (status, stderr, _) = p0.finish_within(Duration::from_secs(60));
     assert!(!status.success(), "process 0 must fail when its peer dies");
-    assert!(stderr.contains("process 1"), "{stderr}");
+    assert!(
+        stderr.contains("lost the connection to process 1"),
+        "{stderr}"
+    );
     assert!(!two.exists(), "no JSON from an incomplete run");
     // The same command again completes, with the one-process output.
     run_cluster(&base, d, 2, 1);
