@@ -502,6 +502,17 @@ pub struct GenerateArgs {
         default_value_t = d().max_image_mb
     )]
     pub max_image_mb: u64,
+    /// Shared secret authenticating the processes of a multi-process run
+    /// (the same file on every host, mode 600; make one with `head -c 32
+    /// /dev/urandom | base64 > cluster.secret && chmod 600 cluster.secret`).
+    /// Default: the environment variable LEVERFLOW_CLUSTER_SECRET. Required
+    /// when the hostfile lists an address that is not loopback.
+    #[arg(
+        long = "cluster_secret_file",
+        visible_alias = "cluster-secret-file",
+        value_name = "FILE"
+    )]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 impl GenerateArgs {

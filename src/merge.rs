@@ -22,6 +22,13 @@ pub fn run(a: &MergeArgs) -> Result<()> {
         bail!("--batch_rows must be at least 1");
     }
     let style = ProgressStyle::of(a.progress, a.quiet);
+    // One run per output: a second run on the same outputs fails here.
+    let _output_locks = leverflow_operators::outputs::OutputLock::acquire_all(
+        [&a.output_path, &a.parquet_path]
+            .into_iter()
+            .flatten()
+            .map(|p| p.as_path()),
+    )?;
     phase(
         style,
         &format!("merge: checking {} input(s)", a.inputs.len()),

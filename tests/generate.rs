@@ -165,7 +165,9 @@ fn expect_failure(args: Vec<String>, out: &Path, needles: &[&str]) {
         for e in std::fs::read_dir(dir).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().to_string();
             assert!(
-                !name.starts_with(".leverflow-spill") && !name.contains(".tmp-"),
+                !name.starts_with(".leverflow-spill")
+                    && !name.ends_with(".tmp")
+                    && !name.ends_with(".lock"),
                 "temporary file left behind: {name}"
             );
         }
@@ -516,4 +518,44 @@ fn failed_prompts_stop_the_run_or_are_recorded_as_eval_failed() {
     }
     assert_eq!(failed, dropped);
     assert_eq!(v["_meta"]["args"]["on_vqa_error"], "record");
+}
+
+#[test]
+fn a_second_run_on_the_same_output_is_refused_at_once() {
+    use leverflow_operators::outputs::OutputLock;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rl.json");
+    let in_use = |path: &Path| {
+        format!(
+            "output {} is in use by another leverflow run (pid {})",
+            path.display(),
+            std::process::id()
+        )
+    };
+    let mut args = vec!["generate".to_string()];
+    args.extend(demo_args(&out));
+    // This test holds the JSON output, then the Parquet one.
+    for target in [out.clone(), out.with_extension("parquet")] {
+        let held = OutputLock::acquire(&target).unwrap();
+        let o = leverflow(&args);
+        assert!(!o.status.success());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains(&in_use(&target)), "{stderr}");
+        drop(held);
+    }
+    // `leverflow merge` into a held output, too.
+    let held = OutputLock::acquire(&out).unwrap();
+    let o = leverflow(&[
+        "merge".to_string(),
+        dir.path().join("parts").display().to_string(),
+        "--output_path".into(),
+        out.display().to_string(),
+        "--quiet".into(),
+    ]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains(&in_use(&out)), "{stderr}");
+    drop(held);
+    // Nothing was written, and the runs left no lock files behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

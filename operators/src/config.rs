@@ -178,6 +178,10 @@ pub struct RunConfig {
     pub max_image_side: u32,
     /// Largest decoder allocation for one image, in MiB.
     pub max_image_mb: u64,
+    /// The file holding the shared secret that authenticates the processes
+    /// of a multi-process run (default: the `LEVERFLOW_CLUSTER_SECRET`
+    /// environment variable).
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -256,6 +260,7 @@ impl Default for RunConfig {
             on_vqa_error: VqaErrorPolicy::Error,
             max_image_side: crate::image_decode::ImageLimits::DEFAULT_MAX_SIDE,
             max_image_mb: crate::image_decode::ImageLimits::DEFAULT_MAX_ALLOC_BYTES >> 20,
+            cluster_secret_file: None,
         }
     }
 }

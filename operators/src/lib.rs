@@ -57,6 +57,7 @@ pub mod dataset;
 pub mod image_decode;
 pub mod models;
 pub mod outputs;
+mod panics;
 pub mod pipeline;
 pub mod reward;
 pub mod source;

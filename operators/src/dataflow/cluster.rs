@@ -5,19 +5,30 @@
 //! [`execute_cluster`] does not use timely's own connection set-up, which
 //! retries a connection forever (once a second, printing to stdout) and
 //! panics in its communication threads when a peer goes away: it connects
-//! the processes itself, with a deadline and a handshake that checks that
-//! every process runs the same `--processes` / `--workers`, hands the
+//! the processes itself, with a deadline and a handshake that authenticates
+//! every connection both ways with the run's shared secret ([`auth`]:
+//! strangers on the network can neither join the run nor stop it) and
+//! checks that every process runs the same `--processes` / `--workers`,
+//! hands the
 //! sockets to timely, and watches the run, so that when a process dies or a
 //! connection breaks the others stop within seconds with one clear error
 //! instead of hanging or printing panics.
 
-use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::panic::PanicHookInfo;
+mod auth;
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+pub use auth::{
+    auth_key, is_loopback_host, ClusterSecret, CLUSTER_SECRET_ENV, MAKE_SECRET, MIN_SECRET_BYTES,
+};
+use auth::{Accepted, ConnectFailure};
+
+use crate::panics;
 
 use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
 use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
@@ -52,6 +63,9 @@ pub enum ClusterError {
     /// Connecting the processes failed.
     #[error("{0}")]
     Connect(String),
+    /// The cluster secret is missing, unreadable, too short or not private.
+    #[error("{0}")]
+    Secret(String),
 }
 
 /// Where this process stands in a run: how many processes, which one this
@@ -68,6 +82,11 @@ pub struct ClusterConfig {
     /// Timely workers per process (`--workers`); every process must use the
     /// same number.
     pub workers: usize,
+    /// The shared secret that authenticates the connections between the
+    /// processes (`--cluster_secret_file` or `LEVERFLOW_CLUSTER_SECRET`):
+    /// required when a host is not a loopback address (see
+    /// [`ClusterConfig::with_secret`]).
+    pub secret: Option<ClusterSecret>,
 }
 
 /// Parses a hostfile: one `host:port` per line, in process order; blank
@@ -130,6 +149,7 @@ impl ClusterConfig {
             process_index: 0,
             hosts: Vec::new(),
             workers: workers.max(1),
+            secret: None,
         }
     }
 
@@ -167,6 +187,7 @@ impl ClusterConfig {
             process_index,
             hosts,
             workers,
+            secret: None,
         })
     }
 
@@ -199,6 +220,31 @@ impl ClusterConfig {
             None => Vec::new(),
         };
         Self::new(processes, process_index, hosts, workers)
+    }
+
+    /// Sets the shared secret and checks that the run is authenticated: a
+    /// run whose hostfile lists an address that is not loopback
+    /// ([`is_loopback_host`]) needs a secret (the error says how to make
+    /// one).  A run on loopback addresses only may go without: a key derived
+    /// from its hosts and shape then authenticates its connections.
+    pub fn with_secret(mut self, secret: Option<ClusterSecret>) -> Result<Self, ClusterError> {
+        self.secret = secret;
+        if self.is_multi_process() {
+            auth::auth_key(&self)?;
+        }
+        Ok(self)
+    }
+
+    /// [`ClusterConfig::with_secret`] with the secret of `file`
+    /// (`--cluster_secret_file`), else of the environment variable
+    /// [`CLUSTER_SECRET_ENV`] ([`ClusterSecret::from_file_or_env`]).  A
+    /// single process reads neither.
+    pub fn with_secret_from(self, file: Option<&Path>) -> Result<Self, ClusterError> {
+        if !self.is_multi_process() {
+            return Ok(self);
+        }
+        let secret = ClusterSecret::from_file_or_env(file)?;
+        self.with_secret(secret)
     }
 
     /// More than one process.
@@ -236,46 +282,6 @@ impl ClusterConfig {
     }
 }
 
-/// Parses `--devices`: comma-separated `cpu` or `cuda:N` entries (spaces
-/// ignored; repeats allowed, to put several workers on one device).
-pub fn parse_devices(spec: &str) -> Result<Vec<String>, ClusterError> {
-    let mut out = Vec::new();
-    for part in spec.split(',').map(str::trim) {
-        let ok = part == "cpu"
-            || part
-                .strip_prefix("cuda:")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !ok {
-            return Err(ClusterError::Invalid(format!(
-                "--devices {spec:?}: {part:?} is not a device (expected cpu or cuda:N, comma separated)"
-            )));
-        }
-        out.push(part.to_string());
-    }
-    Ok(out)
-}
-
-/// The device of each local worker of process `process_index`: round robin
-/// over `devices` by global worker index (`process_index *
-/// workers_per_process + w`), so processes sharing a host with the same
-/// list spread over its devices, and a list as long as the workers maps
-/// worker `w` to device `w`.  An empty list gives `cpu`.
-pub fn devices_for_workers(
-    devices: &[String],
-    workers_per_process: usize,
-    process_index: usize,
-) -> Vec<String> {
-    (0..workers_per_process)
-        .map(|w| {
-            if devices.is_empty() {
-                "cpu".to_string()
-            } else {
-                devices[(process_index * workers_per_process + w) % devices.len()].clone()
-            }
-        })
-        .collect()
-}
-
 /// Deadlines of [`execute_cluster`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterTimeouts {
@@ -289,6 +295,10 @@ pub struct ClusterTimeouts {
     /// it; Linux gives up after 9 unanswered probes): a host that vanishes
     /// without closing them is noticed after about `keepalive * 3.25`.
     pub keepalive: Duration,
+    /// How long one incoming connection may take to authenticate (each on
+    /// a thread of its own, so a silent one blocks nobody), and how long one
+    /// attempt to authenticate to another process may take.
+    pub handshake: Duration,
 }
 
 impl Default for ClusterTimeouts {
@@ -297,56 +307,9 @@ impl Default for ClusterTimeouts {
             connect: Duration::from_secs(60),
             stop: Duration::from_secs(5),
             keepalive: Duration::from_secs(10),
+            handshake: Duration::from_secs(10),
         }
     }
-}
-
-const MAGIC: u64 = u64::from_be_bytes(*b"LVRFLOW1");
-
-fn write_words(s: &mut TcpStream, words: &[u64]) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(words.len() * 8);
-    for w in words {
-        buf.extend_from_slice(&w.to_be_bytes());
-    }
-    s.write_all(&buf)?;
-    s.flush()
-}
-
-fn read_words<const N: usize>(s: &mut TcpStream) -> io::Result<[u64; N]> {
-    let mut out = [0u64; N];
-    for w in &mut out {
-        let mut b = [0u8; 8];
-        s.read_exact(&mut b)?;
-        *w = u64::from_be_bytes(b);
-    }
-    Ok(out)
-}
-
-/// Compares a peer's handshake `[magic, index, processes, workers]` with ours.
-fn check_peer(
-    config: &ClusterConfig,
-    words: [u64; 4],
-    expect: Option<usize>,
-) -> Result<usize, String> {
-    let [magic, index, processes, workers] = words;
-    if magic != MAGIC {
-        return Err("the peer is not a leverflow process of a cluster run".into());
-    }
-    let index = usize::try_from(index).unwrap_or(usize::MAX);
-    if let Some(e) = expect {
-        if index != e {
-            return Err(format!(
-                "expected process {e} at that address, found process {index}"
-            ));
-        }
-    }
-    if processes != config.processes as u64 || workers != config.workers as u64 {
-        return Err(format!(
-            "process {index} runs with --processes {processes} --workers {workers}, this one with --processes {} --workers {}: every process needs the same values",
-            config.processes, config.workers
-        ));
-    }
-    Ok(index)
 }
 
 fn keepalive(stream: &TcpStream, t: Duration) {
@@ -357,23 +320,34 @@ fn keepalive(stream: &TcpStream, t: Duration) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
+/// Handshakes in progress at most on the accepting side; connections beyond
+/// are closed at once.
+const MAX_PENDING_HANDSHAKES: usize = 32;
+
 /// Connects this process to every other one before `timeouts.connect`:
 /// connects to the lower-indexed processes (retrying while they start),
-/// accepts the higher-indexed ones, and checks each peer's handshake.
-/// Returns one stream per process, `None` at this process's index.
+/// accepts the higher-indexed ones, and authenticates every connection both
+/// ways ([`auth`]: HMAC-SHA256 challenge–response with the run's secret)
+/// before checking that the peer runs the same `--processes` /
+/// `--workers`.  Returns one stream per process, `None` at this process's
+/// index.
+///
+/// Each incoming connection's handshake runs on a thread of its own with
+/// its own deadline (`timeouts.handshake`): a connection that sends garbage,
+/// fails authentication or says nothing is logged (`tracing::warn`) and
+/// closed, and the run goes on waiting for the real process until
+/// `timeouts.connect`, never blocked by it.
+///
+/// Logs `event = "cluster_listening"` when it listens and `event =
+/// "cluster_connected"` when every process is connected (`tracing`, info).
 pub fn connect_peers(
     config: &ClusterConfig,
     timeouts: &ClusterTimeouts,
 ) -> Result<Vec<Option<TcpStream>>, ClusterError> {
     let me = config.process_index;
     let n = config.processes;
+    let key = Arc::new(auth::auth_key(config)?);
     let deadline = Instant::now() + timeouts.connect;
-    let hello = [
-        MAGIC,
-        me as u64,
-        config.processes as u64,
-        config.workers as u64,
-    ];
     let listener = TcpListener::bind(config.hosts[me].as_str()).map_err(|e| {
         ClusterError::Connect(format!(
             "process {me}: cannot listen on {} (its line in the hostfile): {e}",
@@ -383,71 +357,43 @@ pub fn connect_peers(
     listener
         .set_nonblocking(true)
         .map_err(|e| ClusterError::Connect(format!("process {me}: listener: {e}")))?;
-    let acc_config = config.clone();
-    let connect = timeouts.connect;
-    let cancel = Arc::new(AtomicBool::new(false));
-    let acc_cancel = Arc::clone(&cancel);
-    let acceptor = std::thread::Builder::new()
-        .name("leverflow:accept".into())
-        .spawn(move || -> Result<Vec<Option<TcpStream>>, String> {
-            let config = acc_config;
-            let mut got: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-            let mut missing = n - me - 1;
-            while missing > 0 {
-                match listener.accept() {
-                    Ok((mut s, from)) => {
-                        let setup = (|| -> io::Result<[u64; 4]> {
-                            s.set_nonblocking(false)?;
-                            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                            let words = read_words::<4>(&mut s)?;
-                            write_words(&mut s, &hello)?;
-                            s.set_read_timeout(None)?;
-                            Ok(words)
-                        })();
-                        let Ok(words) = setup else { continue };
-                        let index = check_peer(&config, words, None)
-                            .map_err(|e| format!("process {me}: connection from {from}: {e}"))?;
-                        if index <= me || index >= n || got[index].is_some() {
-                            return Err(format!(
-                                "process {me}: unexpected connection from process {index} ({from}): are two processes running with the same --process_index?"
-                            ));
-                        }
-                        got[index] = Some(s);
-                        missing -= 1;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if acc_cancel.load(Ordering::Relaxed) {
-                            return Ok(got);
-                        }
-                        if Instant::now() >= deadline {
-                            let absent: Vec<String> = (me + 1..n)
-                                .filter(|&j| got[j].is_none())
-                                .map(|j| format!("{j} ({})", config.hosts[j]))
-                                .collect();
-                            return Err(format!(
-                                "process {me}: process(es) {} did not connect within {:?}: not started, or started with another --hostfile?",
-                                absent.join(", "),
-                                connect
-                            ));
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(format!("process {me}: accepting connections: {e}")),
+    tracing::info!(
+        event = "cluster_listening",
+        process = me,
+        processes = n,
+        address = %config.hosts[me],
+        authenticated_by = if config.secret.is_some() { "cluster secret" } else { "loopback default key" },
+        "listening for the other processes"
+    );
+    // Set by either side when the run cannot start, so the other stops too.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let config = config.clone();
+        let key = Arc::clone(&key);
+        let stop = Arc::clone(&stop);
+        let handshake = timeouts.handshake;
+        let connect = timeouts.connect;
+        std::thread::Builder::new()
+            .name("leverflow:accept".into())
+            .spawn(move || {
+                let r = accept_members(listener, &config, key, deadline, connect, handshake, &stop);
+                if r.is_err() {
+                    stop.store(true, Ordering::Relaxed);
                 }
-            }
-            Ok(got)
-        })
-        .map_err(|e| ClusterError::Connect(format!("spawning the acceptor: {e}")))?;
+                r
+            })
+            .map_err(|e| ClusterError::Connect(format!("spawning the acceptor: {e}")))?
+    };
 
     let mut out: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let mut connect_error = None;
     for (j, slot) in out.iter_mut().enumerate().take(me) {
-        match connect_one(config, j, deadline, &hello) {
+        match connect_one(config, &key, j, deadline, timeouts.handshake, &stop) {
             Ok(s) => *slot = Some(s),
             Err(e) => {
-                connect_error = Some(e);
+                connect_error = e;
                 // No need to wait for the others: the run cannot start.
-                cancel.store(true, Ordering::Relaxed);
+                stop.store(true, Ordering::Relaxed);
                 break;
             }
         }
@@ -460,6 +406,11 @@ pub fn connect_peers(
         return Err(ClusterError::Connect(e));
     }
     let accepted = accepted.map_err(ClusterError::Connect)?;
+    if out.iter().take(me).any(Option::is_none) {
+        return Err(ClusterError::Connect(format!(
+            "process {me}: stopped connecting"
+        )));
+    }
     for (j, s) in accepted.into_iter().enumerate() {
         if s.is_some() {
             out[j] = s;
@@ -469,97 +420,206 @@ pub fn connect_peers(
         let _ = s.set_nodelay(true);
         keepalive(s, timeouts.keepalive);
     }
+    tracing::info!(
+        event = "cluster_connected",
+        process = me,
+        processes = n,
+        "all processes connected"
+    );
     Ok(out)
 }
 
-/// Connects to process `j`, retrying until `deadline`.
+/// Whether the peer closed `s` (or it broke): a member stored earlier whose
+/// connection died may be replaced by its retry.
+fn is_closed(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let r = s.peek(&mut b);
+    let _ = s.set_nonblocking(false);
+    match r {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
+/// The accepting side of [`connect_peers`]: waits for processes
+/// `me + 1..n`, each connection's handshake on a thread of its own.
+fn accept_members(
+    listener: TcpListener,
+    config: &ClusterConfig,
+    key: Arc<Vec<u8>>,
+    deadline: Instant,
+    connect: Duration,
+    handshake: Duration,
+    stop: &AtomicBool,
+) -> Result<Vec<Option<TcpStream>>, String> {
+    let me = config.process_index;
+    let n = config.processes;
+    let mut got: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut missing = n - me - 1;
+    let (tx, rx) = mpsc::channel::<(SocketAddr, Accepted)>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let mut rejected = 0usize;
+    let mut last_rejection = String::new();
+    let mut reject = |from: SocketAddr, why: &str| {
+        tracing::warn!(process = me, from = %from, "rejected a connection: {why}");
+        rejected += 1;
+        last_rejection = format!("{from}: {why}");
+    };
+    while missing > 0 {
+        // New connections: each handshake on a thread of its own.
+        loop {
+            match listener.accept() {
+                Ok((s, from)) => {
+                    if pending.load(Ordering::Relaxed) >= MAX_PENDING_HANDSHAKES {
+                        reject(from, "too many handshakes in progress");
+                        continue;
+                    }
+                    pending.fetch_add(1, Ordering::Relaxed);
+                    let (tx, key, done, config) = (
+                        tx.clone(),
+                        Arc::clone(&key),
+                        Arc::clone(&pending),
+                        config.clone(),
+                    );
+                    let spawned = std::thread::Builder::new()
+                        .name("leverflow:handshake".into())
+                        .spawn(move || {
+                            let outcome = auth::accept_handshake(s, &config, &key, handshake);
+                            done.fetch_sub(1, Ordering::Relaxed);
+                            // The set-up may be over: then the stream just closes.
+                            let _ = tx.send((from, outcome));
+                        });
+                    if let Err(e) = spawned {
+                        pending.fetch_sub(1, Ordering::Relaxed);
+                        reject(from, &format!("no thread for its handshake: {e}"));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // A connection that went away before it was accepted.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e) => return Err(format!("process {me}: accepting connections: {e}")),
+            }
+        }
+        // Finished handshakes.
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok((from, Accepted::Member(index, mut s))) => {
+                if got[index].as_ref().is_some_and(|old| !is_closed(old)) {
+                    let _ = s.write_all(&[auth::REFUSED]);
+                    return Err(format!(
+                        "process {me}: a second process {index} connected ({from}): are two processes running with the same --process_index?"
+                    ));
+                }
+                let acked = s
+                    .set_write_timeout(Some(handshake))
+                    .and_then(|()| s.write_all(&[auth::ACCEPTED]))
+                    .and_then(|()| s.set_write_timeout(None))
+                    .and_then(|()| s.set_read_timeout(None));
+                match acked {
+                    Ok(()) => {
+                        tracing::debug!(process = me, peer = index, from = %from, "process connected");
+                        if got[index].replace(s).is_none() {
+                            missing -= 1;
+                        }
+                    }
+                    // It retries.
+                    Err(e) => reject(from, &format!("process {index}: acknowledging: {e}")),
+                }
+            }
+            Ok((from, Accepted::Rejected(why))) => reject(from, &why),
+            Ok((from, Accepted::Fatal(why))) => {
+                return Err(format!("process {me}: connection from {from}: {why}"))
+            }
+            Err(_) => {}
+        }
+        if stop.load(Ordering::Relaxed) {
+            // The connecting side failed; its error is the one reported.
+            return Ok(got);
+        }
+        if missing > 0 && Instant::now() >= deadline {
+            let absent: Vec<String> = (me + 1..n)
+                .filter(|&j| got[j].is_none())
+                .map(|j| format!("{j} ({})", config.hosts[j]))
+                .collect();
+            let rejections = match rejected {
+                0 => String::new(),
+                r => format!(
+                    "; {r} connection(s) were rejected, the last from {last_rejection} (a process with another cluster secret?)"
+                ),
+            };
+            return Err(format!(
+                "process {me}: process(es) {} did not connect within {connect:?}: not started, or started with another --hostfile?{rejections}",
+                absent.join(", "),
+            ));
+        }
+    }
+    Ok(got)
+}
+
+/// Connects to process `j` and authenticates it, retrying until `deadline`
+/// (or until `stop`: then `Err(None)`).
 fn connect_one(
     config: &ClusterConfig,
+    key: &[u8],
     j: usize,
     deadline: Instant,
-    hello: &[u64; 4],
-) -> Result<TcpStream, String> {
+    handshake: Duration,
+    stop: &AtomicBool,
+) -> Result<TcpStream, Option<String>> {
     let me = config.process_index;
     let host = &config.hosts[j];
     let mut last = String::from("not tried");
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(None);
+        }
         let now = Instant::now();
         if now >= deadline {
-            return Err(format!(
+            return Err(Some(format!(
                 "process {me}: could not reach process {j} at {host} within the connect timeout ({last}): is it running, with the same --hostfile?"
-            ));
+            )));
         }
-        let attempt = (|| -> Result<TcpStream, String> {
+        let attempt = (|| -> Result<TcpStream, ConnectFailure> {
             let addrs: Vec<_> = host
                 .to_socket_addrs()
-                .map_err(|e| format!("resolving {host}: {e}"))?
+                .map_err(|e| ConnectFailure::Retry(format!("resolving {host}: {e}")))?
                 .collect();
-            let mut err = format!("{host} resolves to no address");
+            let mut err = ConnectFailure::Retry(format!("{host} resolves to no address"));
             for a in addrs {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let t = left.clamp(Duration::from_millis(10), Duration::from_secs(2));
                 match TcpStream::connect_timeout(&a, t) {
                     Ok(mut s) => {
-                        let hs = (|| -> io::Result<[u64; 4]> {
-                            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                            write_words(&mut s, hello)?;
-                            let w = read_words::<4>(&mut s)?;
-                            s.set_read_timeout(None)?;
-                            Ok(w)
-                        })()
-                        .map_err(|e| format!("handshake with {a}: {e}"))?;
-                        check_peer(config, hs, Some(j)).map_err(|e| format!("FATAL{e}"))?;
-                        return Ok(s);
+                        let _ = s.set_nodelay(true);
+                        let by = (Instant::now() + handshake).min(deadline);
+                        match auth::connect_handshake(&mut s, config, key, j, by) {
+                            Ok(()) => return Ok(s),
+                            Err(ConnectFailure::Retry(e)) => {
+                                err = ConnectFailure::Retry(format!("{a}: {e}"))
+                            }
+                            Err(fatal) => return Err(fatal),
+                        }
                     }
-                    Err(e) => err = format!("{a}: {e}"),
+                    Err(e) => err = ConnectFailure::Retry(format!("{a}: {e}")),
                 }
             }
             Err(err)
         })();
         match attempt {
             Ok(s) => return Ok(s),
-            Err(e) if e.starts_with("FATAL") => {
-                return Err(format!("process {me}: {}", &e["FATAL".len()..]))
-            }
-            Err(e) => last = e,
+            Err(ConnectFailure::Fatal(e)) => return Err(Some(format!("process {me}: {e}"))),
+            Err(ConnectFailure::Retry(e)) => last = e,
         }
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Panic messages of timely's threads during a run, oldest first.
-#[derive(Clone, Default)]
-struct Failures(Arc<Mutex<Vec<String>>>);
-
-impl Failures {
-    fn push(&self, m: String) {
-        let mut g = match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if g.len() < 64 {
-            g.push(m);
-        }
-    }
-
-    fn all(&self) -> Vec<String> {
-        match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-}
-
-fn panic_text(info: &PanicHookInfo<'_>) -> String {
-    let p = info.payload();
-    let msg = p
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into());
-    match info.location() {
-        Some(l) => format!("{msg} (at {}:{})", l.file(), l.line()),
-        None => msg,
     }
 }
 
@@ -589,42 +649,6 @@ fn explain(config: &ClusterConfig, failures: &[String]) -> String {
     }
 }
 
-type PanicHook = Box<dyn Fn(&PanicHookInfo<'_>) + Sync + Send + 'static>;
-
-/// Installs a panic hook recording (and not printing) the panics of
-/// timely's threads; other threads' panics go to the previous hook.
-/// Dropping the guard restores the previous hook.
-struct HookGuard {
-    previous: Option<Arc<PanicHook>>,
-}
-
-impl HookGuard {
-    fn install(failures: Failures) -> Self {
-        let previous: Arc<PanicHook> = Arc::new(std::panic::take_hook());
-        let prev = Arc::clone(&previous);
-        std::panic::set_hook(Box::new(move |info| {
-            let name = std::thread::current().name().unwrap_or("").to_string();
-            if name.starts_with("timely:") {
-                failures.push(format!("{name}\t{}", panic_text(info)));
-            } else {
-                prev(info);
-            }
-        }));
-        HookGuard {
-            previous: Some(previous),
-        }
-    }
-}
-
-impl Drop for HookGuard {
-    fn drop(&mut self) {
-        if let Some(prev) = self.previous.take() {
-            let _ = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| prev(info)));
-        }
-    }
-}
-
 /// Runs `build` on `config.workers` timely workers in each of
 /// `config.processes` processes (one call per process, each with its own
 /// `process_index`) and returns this process's worker results in order.
@@ -639,9 +663,9 @@ impl Drop for HookGuard {
 /// within about `timeouts.stop`.  After an `Err` some timely threads may be
 /// left behind: the caller should report the error and exit the process.
 ///
-/// While it runs, a panic hook records timely threads' panics instead of
-/// printing them; other threads' panics go to the previous hook, which is
-/// restored on return.
+/// While it runs, the panics of timely's threads (workers: message and
+/// location) are recorded for that explanation instead of printed; other
+/// threads' panics go to the process's panic hook as usual.
 pub fn execute_cluster<T, F>(
     config: &ClusterConfig,
     timeouts: &ClusterTimeouts,
@@ -667,8 +691,22 @@ where
             let _ = h.shutdown(std::net::Shutdown::Both);
         }
     };
-    let failures = Failures::default();
-    let hook = HookGuard::install(failures.clone());
+    let failures = panics::Recorded::default();
+    // Workers record their own panics (their thread handler); this one
+    // takes those of timely's communication threads.  (Two executors in one
+    // process, as in tests, cannot tell their communication threads apart:
+    // each records the other's panics too.)
+    let recorded = failures.clone();
+    let comm_panics = panics::on_any_thread(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("");
+        let ours = name.starts_with("timely:");
+        if ours {
+            recorded.push(format!("{name}\t{}", panics::describe(info)));
+        }
+        ours
+    });
+    let build = super::recording_worker_panics(build, failures.clone());
     let hooks = Hooks::default();
     let process_allocators =
         ProcessBuilder::new_typed_vector(config.workers, hooks.refill.clone(), hooks.spill.clone());
@@ -693,7 +731,7 @@ where
             Err(e) => {
                 shutdown_all(&handles);
                 std::mem::forget(comms);
-                drop(hook);
+                drop(comm_panics);
                 return Err(format!(
                     "process {}: starting timely workers: {e}",
                     config.process_index
@@ -728,27 +766,30 @@ where
         // that panicked.
         std::mem::forget(comms);
         let message = explain(config, &failures.all());
-        drop(hook);
+        drop(comm_panics);
         return Err(message);
     }
     let results = guards.join();
     // Clean shutdown: the communication threads end once every process has
     // finished (a peer that dies now makes its receive thread panic).
-    let comms_closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(comms)));
+    let comms_closed = {
+        // Its drop re-raises a communication thread's panic here: caught,
+        // and explained by what that thread recorded.
+        let _quiet = panics::on_this_thread(|_| true);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(comms)))
+    };
     let failed = failures.all();
-    drop(hook);
-    if comms_closed.is_err() || !failed.is_empty() {
+    drop(comm_panics);
+    if comms_closed.is_err() || !failed.is_empty() || results.iter().any(Result::is_err) {
         return Err(explain(config, &failed));
     }
-    results
-        .into_iter()
-        .map(|r| r.map_err(|e| format!("timely worker failed: {e}")))
-        .collect()
+    Ok(results.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     fn p() -> PathBuf {
         PathBuf::from("hosts.txt")
@@ -816,37 +857,6 @@ mod tests {
         assert!(!single.is_multi_process());
     }
 
-    #[test]
-    fn devices_round_robin() {
-        let d = parse_devices("cuda:0, cuda:1,cuda:2").unwrap();
-        assert_eq!(d, ["cuda:0", "cuda:1", "cuda:2"]);
-        assert_eq!(
-            devices_for_workers(&d, 4, 0),
-            ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
-        );
-        assert_eq!(devices_for_workers(&d, 2, 1), ["cuda:2", "cuda:0"]);
-        let two = parse_devices("cuda:0,cuda:1").unwrap();
-        assert_eq!(devices_for_workers(&two, 2, 0), ["cuda:0", "cuda:1"]);
-        assert_eq!(devices_for_workers(&two, 2, 5), ["cuda:0", "cuda:1"]);
-        assert_eq!(devices_for_workers(&two, 1, 1), ["cuda:1"]);
-        assert_eq!(
-            devices_for_workers(&parse_devices("cpu").unwrap(), 3, 2),
-            ["cpu"; 3]
-        );
-        assert_eq!(devices_for_workers(&[], 2, 0), ["cpu"; 2]);
-        for bad in [
-            "",
-            "gpu",
-            "cuda",
-            "cuda:",
-            "cuda:x",
-            "cpu,,cuda:0",
-            "cuda:-1",
-        ] {
-            assert!(parse_devices(bad).is_err(), "{bad:?}");
-        }
-    }
-
     fn free_ports(n: usize) -> Vec<String> {
         let ls: Vec<TcpListener> = (0..n)
             .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
@@ -867,7 +877,8 @@ mod tests {
         let c1 = ClusterConfig::new(2, 1, hosts.clone(), 1).unwrap();
         let start = Instant::now();
         let err = connect_peers(&c1, &t).unwrap_err().to_string();
-        assert!(start.elapsed() < Duration::from_secs(5));
+        // The deadline holds (a bound far above it: never a timing race).
+        assert!(start.elapsed() < Duration::from_secs(30));
         assert!(
             err.contains("could not reach process 0") && err.contains(&hosts[0]),
             "{err}"
@@ -899,11 +910,22 @@ mod tests {
         }
     }
 
+    /// Held by the tests that run two executors in this process: their
+    /// communication threads cannot be told apart (each executor records
+    /// the panics of every `timely:` thread without a handler of its own),
+    /// so one test's lost connections must not land in another's run.
+    static EXECUTORS: Mutex<()> = Mutex::new(());
+
+    fn executors() -> std::sync::MutexGuard<'static, ()> {
+        EXECUTORS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Two "processes" as threads of this test: a distributed count over
     /// 2 × 2 workers.
     #[test]
     fn two_processes_run_a_dataflow() {
         use timely::dataflow::operators::{Exchange, Inspect, ToStream};
+        let _one_at_a_time = executors();
         let hosts = free_ports(2);
         let t = ClusterTimeouts::default();
         let run = |index: usize| {
@@ -935,5 +957,143 @@ mod tests {
         let rb = b.join().unwrap().unwrap();
         assert_eq!(ra.len(), 2);
         assert_eq!(ra.iter().chain(&rb).sum::<u64>(), 100);
+    }
+
+    /// Connects to `addr`, retrying while the listener starts.
+    fn connect_when_listening(addr: &str) -> TcpStream {
+        loop {
+            if let Ok(s) = TcpStream::connect(addr) {
+                return s;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// A stray client sending garbage, a forged handshake (right magic and
+    /// shape, wrong MAC) and a silent client, all during the set-up: the
+    /// real processes still connect, and nobody waits for the silent one.
+    #[test]
+    fn strangers_are_rejected_without_stopping_the_set_up() {
+        use std::io::Read;
+        let hosts = free_ports(2);
+        let t = ClusterTimeouts {
+            // A silent client would hold a serial acceptor for this long.
+            handshake: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let secret = ClusterSecret::from_bytes(b"a secret of this run only", "test").unwrap();
+        let c0 = ClusterConfig::new(2, 0, hosts.clone(), 1)
+            .unwrap()
+            .with_secret(Some(secret.clone()))
+            .unwrap();
+        let c1 = ClusterConfig::new(2, 1, hosts.clone(), 1)
+            .unwrap()
+            .with_secret(Some(secret))
+            .unwrap();
+        let t0 = t.clone();
+        let p0 = std::thread::spawn(move || connect_peers(&c0, &t0));
+        // Garbage (32 bytes, as the old handshake's length), then closed:
+        // process 0 closes the connection.
+        let mut garbage = connect_when_listening(&hosts[0]);
+        garbage.write_all(&[0xab; 32]).unwrap();
+        garbage.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(garbage.read_to_end(&mut Vec::new()).unwrap(), 0);
+        // A forged handshake: process 0 answers, then closes the connection
+        // without acknowledging it.
+        let mut forged = connect_when_listening(&hosts[0]);
+        let hello = auth::Hello {
+            index: 1,
+            processes: 2,
+            workers: 1,
+            nonce: [7; auth::NONCE_LEN],
+        };
+        forged.write_all(&hello.encode()).unwrap();
+        let mut reply = [0u8; auth::HELLO_LEN + auth::MAC_LEN];
+        forged.read_exact(&mut reply).unwrap();
+        forged.write_all(&[0x42; auth::MAC_LEN]).unwrap();
+        let mut rest = Vec::new();
+        let _ = forged.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "a forgery is never acknowledged");
+        // Silent, and held open until the end.
+        let silent = connect_when_listening(&hosts[0]);
+        // The real process 1.
+        let s1 = connect_peers(&c1, &t).unwrap();
+        let s0 = p0.join().unwrap().unwrap();
+        assert!(s0[1].is_some() && s0[0].is_none());
+        assert!(s1[0].is_some() && s1[1].is_none());
+        drop(silent);
+    }
+
+    #[test]
+    fn a_process_with_another_secret_is_refused() {
+        let hosts = free_ports(2);
+        let t = ClusterTimeouts {
+            connect: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let secret = |s: &[u8]| Some(ClusterSecret::from_bytes(s, "test").unwrap());
+        let c0 = ClusterConfig::new(2, 0, hosts.clone(), 1)
+            .unwrap()
+            .with_secret(secret(b"the secret of process 0"))
+            .unwrap();
+        let c1 = ClusterConfig::new(2, 1, hosts.clone(), 1)
+            .unwrap()
+            .with_secret(secret(b"the secret of process 1"))
+            .unwrap();
+        let t0 = t.clone();
+        let p0 = std::thread::spawn(move || connect_peers(&c0, &t0));
+        // Process 1 retries while process 0 starts, then fails at once.
+        let e1 = connect_peers(&c1, &t).unwrap_err().to_string();
+        assert!(
+            e1.contains("process 0 at") && e1.contains("failed authentication"),
+            "{e1}"
+        );
+        // Process 0 waits for a real process 1 until its deadline.
+        let e0 = p0.join().unwrap().unwrap_err().to_string();
+        assert!(
+            e0.contains("did not connect") && e0.contains("rejected"),
+            "{e0}"
+        );
+    }
+
+    /// A worker that panics: its process reports the message and location;
+    /// the other process loses the connection.
+    #[test]
+    fn a_worker_panic_is_reported_with_its_message_and_location() {
+        let _one_at_a_time = executors();
+        let hosts = free_ports(2);
+        let t = ClusterTimeouts {
+            stop: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let run = |index: usize| {
+            let c = ClusterConfig::new(2, index, hosts.clone(), 1).unwrap();
+            let t = t.clone();
+            std::thread::spawn(move || {
+                execute_cluster(&c, &t, move |worker| {
+                    if index == 0 {
+                        panic!("cluster worker exploded");
+                    }
+                    use timely::dataflow::operators::{Exchange, ToStream};
+                    worker.dataflow::<u64, _, _>(|scope| {
+                        (0..10u64)
+                            .to_stream(scope)
+                            .container::<Vec<_>>()
+                            .exchange(|x| *x);
+                    });
+                    while worker.step_or_park(Some(Duration::from_millis(10))) {}
+                })
+            })
+        };
+        let a = run(0);
+        let b = run(1);
+        let e0 = a.join().unwrap().unwrap_err();
+        assert!(
+            e0.starts_with("process 0: timely worker 0 failed: cluster worker exploded (at ")
+                && e0.contains("cluster.rs:"),
+            "{e0}"
+        );
+        let e1 = b.join().unwrap().unwrap_err();
+        assert!(e1.contains("process 1"), "{e1}");
     }
 }

@@ -64,6 +64,10 @@ pub struct WorkerOutcome {
     pub fed: u64,
 }
 
+/// What a worker returns when another thread of its run panicked (the
+/// executor reports that panic instead).
+const ANOTHER_FAILED: &str = "stopped: another thread of this run failed";
+
 /// Builds this worker's dataflow and runs it to completion.
 ///
 /// * `source`: the records to feed (only on the worker that reads the input;
@@ -75,7 +79,9 @@ pub struct WorkerOutcome {
 /// * `sink`: called, on the sink worker only, with every finished record.
 ///
 /// Stops feeding as soon as any stage reports an error in `errors`, and
-/// returns that error once the graph has drained.
+/// returns that error once the graph has drained.  Stops at once when
+/// another thread of the run panicked ([`execute_threads`](super::execute_threads),
+/// [`execute_cluster`](super::execute_cluster) record those panics).
 pub fn run_worker<W, S, F>(
     worker: &mut Worker,
     config: &DriverConfig,
@@ -165,6 +171,13 @@ where
                 // Back-pressure: keep at most `max_inflight` batches in flight.
                 while !errors.is_set() && probe.less_than(&next.saturating_sub(config.max_inflight))
                 {
+                    if crate::panics::current_run_failed() {
+                        return Err(std::sync::Arc::new(StageError::new(
+                            "dataflow",
+                            None,
+                            ANOTHER_FAILED,
+                        )));
+                    }
                     worker.step_or_park(Some(IDLE_PARK));
                 }
                 let took = batch_started.elapsed();
@@ -179,6 +192,14 @@ where
     }
     input.close();
     while !probe.done() {
+        // A worker that panicked never makes progress again.
+        if crate::panics::current_run_failed() {
+            return Err(std::sync::Arc::new(StageError::new(
+                "dataflow",
+                None,
+                ANOTHER_FAILED,
+            )));
+        }
         worker.step_or_park(Some(IDLE_PARK));
     }
     match errors.get() {

@@ -6,8 +6,14 @@ use std::sync::{Arc, Mutex};
 type Seen = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
 
 /// Runs a pipeline squaring numbers through two batched stages and collects
-/// what the sink saw.
-fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>)>, String> {
+/// what the sink saw. The square stage fails on record `fail_at` (an error)
+/// and panics on record `panic_at`.
+fn run(
+    workers: usize,
+    n: u64,
+    fail_at: Option<u64>,
+    panic_at: Option<u64>,
+) -> Result<Vec<(u64, Vec<u8>)>, String> {
     let seen: Seen = Arc::default();
     let seen2 = Arc::clone(&seen);
     let results = execute_threads(workers, move |worker| {
@@ -43,6 +49,9 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
                     Box::new(move |xs: Vec<u64>| {
                         xs.into_iter()
                             .map(|x| {
+                                if Some(x) == panic_at {
+                                    panic!("the square stage exploded on record {x}");
+                                }
                                 if Some(x) == fail_at {
                                     Err(StageError::new(
                                         "square",
@@ -84,17 +93,17 @@ fn run(workers: usize, n: u64, fail_at: Option<u64>) -> Result<Vec<(u64, Vec<u8>
 
 #[test]
 fn every_record_reaches_the_sink_for_any_worker_count() {
-    let one = run(1, 100, None).unwrap();
+    let one = run(1, 100, None, None).unwrap();
     assert_eq!(one.len(), 100);
     assert_eq!(one[9], (9, b"81".to_vec()));
     for w in [2, 3, 4] {
-        assert_eq!(run(w, 100, None).unwrap(), one, "workers = {w}");
+        assert_eq!(run(w, 100, None, None).unwrap(), one, "workers = {w}");
     }
 }
 
 #[test]
 fn a_stage_error_stops_the_run() {
-    let err = run(2, 1000, Some(17)).unwrap_err();
+    let err = run(2, 1000, Some(17), None).unwrap_err();
     assert!(err.contains("bad record 17"), "{err}");
     // The error keeps its stage, query and typed source.
     let slot = ErrorSlot::default();
@@ -107,6 +116,23 @@ fn a_stage_error_stops_the_run() {
     let e = slot.get().unwrap();
     assert_eq!((e.stage, e.query), ("vqa", Some(3)));
     assert!(e.downcast_ref::<std::io::Error>().is_some());
+}
+
+#[test]
+fn a_panicking_stage_is_reported_with_its_message_and_location() {
+    for workers in [1, 2] {
+        let err = run(workers, 100, None, Some(17)).unwrap_err();
+        // Record 17 goes to worker 17 % workers.
+        let expected = format!(
+            "timely worker {} failed: the square stage exploded on record 17 (at ",
+            17 % workers
+        );
+        assert!(err.starts_with(&expected), "{workers} workers: {err}");
+        assert!(
+            err.contains("dataflow/tests.rs:"),
+            "{workers} workers: {err}"
+        );
+    }
 }
 
 /// Runs the incremental front on `previous` / `current` (query, key byte)

@@ -1,16 +1,27 @@
 //! Atomic file output: write to a temporary file beside the target, then
 //! rename it over the target, so the output path never holds a half-written
 //! file (a crash or an error leaves either the old file or nothing).
+//!
+//! The temporary file is created exclusively (`O_EXCL`: never an existing
+//! file or a symbolic link planted under its name) with an unpredictable
+//! name, `.<name>.<16 random hex digits>.tmp`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use rand::TryRngCore;
+
 use super::SinkError;
 
-/// A file written under a temporary name (`.<name>.tmp-<pid>` in the target's
-/// directory) and moved to its target by [`AtomicFile::finish`].  Dropping it
-/// without `finish` removes the temporary file.
+/// Random hex digits in a temporary file's name.
+const TEMP_RANDOM_HEX: usize = 16;
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// A file written under a temporary name (`.<name>.<random>.tmp` in the
+/// target's directory, created exclusively) and moved to its target by
+/// [`AtomicFile::finish`].  Dropping it without `finish` removes the
+/// temporary file.
 #[derive(Debug)]
 pub struct AtomicFile {
     target: PathBuf,
@@ -18,22 +29,73 @@ pub struct AtomicFile {
     writer: Option<BufWriter<File>>,
 }
 
+/// The file name of `target` (an error for a path without one).
+fn file_name_of(target: &Path) -> Result<String, SinkError> {
+    Ok(target
+        .file_name()
+        .ok_or_else(|| SinkError::invalid(target, "output path has no file name"))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// The directory holding `target` (`.` for a bare file name).
+fn dir_of(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Whether `file` is one of [`AtomicFile`]'s temporary names for the
+/// target named `name`: `.<name>.<16 hex digits>.tmp`, or the
+/// `.<name>.tmp-<pid>` of earlier leverflow versions.
+fn is_temp_name(file: &str, name: &str) -> bool {
+    let Some(rest) = file
+        .strip_prefix('.')
+        .and_then(|f| f.strip_prefix(name))
+        .and_then(|f| f.strip_prefix('.'))
+    else {
+        return false;
+    };
+    if let Some(pid) = rest.strip_prefix("tmp-") {
+        return !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    }
+    rest.strip_suffix(TEMP_SUFFIX).is_some_and(|r| {
+        r.len() == TEMP_RANDOM_HEX && r.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 impl AtomicFile {
-    /// Creates (truncating) the temporary file for `target`.
+    /// Creates the temporary file for `target`: exclusively, under a name
+    /// with 64 random bits from the operating system.
+    ///
+    /// Hand-written rather than `tempfile::Builder`: tempfile draws its names
+    /// from `fastrand` (predictable, by its own documentation) and creates
+    /// files with mode 0600, where outputs need the usual umask-based mode;
+    /// the rest of this type's life cycle (rename, removal) is its own
+    /// anyway.
     pub fn create(target: impl AsRef<Path>) -> Result<Self, SinkError> {
         let target = target.as_ref().to_path_buf();
-        let name = target
-            .file_name()
-            .ok_or_else(|| SinkError::invalid(&target, "output path has no file name"))?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| SinkError::io(&tmp, "creating temporary output file", e))?;
+        let name = file_name_of(&target)?;
+        let mut attempt = 0;
+        let (tmp, file) = loop {
+            let mut random = [0u8; TEMP_RANDOM_HEX / 2];
+            rand::rngs::OsRng.try_fill_bytes(&mut random).map_err(|e| {
+                SinkError::io(
+                    &target,
+                    "naming the temporary output file",
+                    io::Error::other(e.to_string()),
+                )
+            })?;
+            let tmp =
+                target.with_file_name(format!(".{name}.{}{TEMP_SUFFIX}", hex::encode(random)));
+            match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                Ok(file) => break (tmp, file),
+                // 64 random bits: a clash is someone else's file.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+                Err(e) => return Err(SinkError::io(&tmp, "creating temporary output file", e)),
+            }
+        };
         Ok(AtomicFile {
             target,
             tmp,
@@ -42,24 +104,22 @@ impl AtomicFile {
     }
 
     /// Removes temporary files that a killed earlier run left for `target`
-    /// (`.<name>.tmp-<pid>` beside it). Call only while holding the run's
-    /// lock (the state store), so no live run's file is removed. Returns how
-    /// many were removed.
+    /// (`.<name>.<random>.tmp` beside it, and the `.<name>.tmp-<pid>` of
+    /// earlier versions; nothing else). Call only while holding the lock
+    /// of `target` ([`OutputLock`](super::OutputLock), or the state store
+    /// for files inside the state directory), so no live run's file is
+    /// removed. Returns how many were removed.
     pub fn remove_stale_temps(target: &Path) -> usize {
-        let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        let Ok(name) = file_name_of(target) else {
             return 0;
         };
-        let prefix = format!(".{name}.tmp-");
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let Ok(entries) = fs::read_dir(&dir) else {
+        let Ok(entries) = fs::read_dir(dir_of(target)) else {
             return 0;
         };
         entries
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter(|e| is_temp_name(&e.file_name().to_string_lossy(), &name))
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter(|e| fs::remove_file(e.path()).is_ok())
             .count()
     }
@@ -258,7 +318,7 @@ mod tests {
         fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".tmp-"))
+            .filter(|n| n.ends_with(".tmp"))
             .collect()
     }
 
@@ -267,10 +327,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.json");
         let mut f = AtomicFile::create(&target).unwrap();
-        assert_eq!(
-            f.temp_path().file_name().unwrap().to_string_lossy(),
-            format!(".out.json.tmp-{}", std::process::id())
-        );
+        let tmp = f.temp_path().file_name().unwrap().to_string_lossy();
+        assert!(is_temp_name(&tmp, "out.json"), "{tmp}");
         f.write_all(b"hello").unwrap();
         assert!(!target.exists(), "nothing at the target before finish");
         assert_eq!(temps(dir.path()).len(), 1);
@@ -348,5 +406,65 @@ mod tests {
         let target = dir.path().join("no/such/dir/out.json");
         let err = AtomicFile::create(&target).unwrap_err().to_string();
         assert!(err.contains("no/such/dir"), "{err}");
+    }
+
+    #[test]
+    fn temporary_names_are_unpredictable_and_created_exclusively() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.json");
+        let a = AtomicFile::create(&target).unwrap();
+        let b = AtomicFile::create(&target).unwrap();
+        assert_ne!(a.temp_path(), b.temp_path());
+        for f in [&a, &b] {
+            let name = f.temp_path().file_name().unwrap().to_string_lossy();
+            assert!(
+                name.starts_with(".out.json.") && name.ends_with(".tmp") && name.len() == 30,
+                "{name}"
+            );
+        }
+        drop((a, b));
+        assert!(temps(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn stale_temps_are_removed_by_pattern_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.json");
+        let stale = [
+            ".out.json.0123456789abcdef.tmp",
+            ".out.json.fedcba9876543210.tmp",
+            ".out.json.tmp-12345",
+        ];
+        let kept = [
+            "out.json",
+            ".out.json.lock",
+            ".out.json.0123456789ABCDEF.tmp",
+            ".out.json.0123456789abcde.tmp",
+            ".out.json.x.0123456789abcdef.tmp",
+            ".out.json.tmp-",
+            ".out.json.tmp-12a",
+            ".out.0123456789abcdef.tmp",
+            ".other.json.0123456789abcdef.tmp",
+            "notes.tmp",
+        ];
+        for n in stale.iter().chain(&kept) {
+            fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        // A file being written by this run is one of them too: callers
+        // hold the output's lock, so no live run has one.
+        assert_eq!(AtomicFile::remove_stale_temps(&target), stale.len());
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(left, want);
+        // The pattern of a target named "out": not "out.json"'s files.
+        fs::write(dir.path().join(".out.json.0123456789abcdef.tmp"), b"x").unwrap();
+        assert_eq!(AtomicFile::remove_stale_temps(&dir.path().join("out")), 1);
+        assert!(!dir.path().join(".out.0123456789abcdef.tmp").exists());
+        assert!(dir.path().join(".out.json.0123456789abcdef.tmp").exists());
     }
 }

@@ -8,9 +8,11 @@
 //! | [`parts`] | multi-process output: part files + `_manifest.json` (the commit point) |
 //! | [`merge`] | sorted Parquet files / datasets → the single JSON (k-way merge, bounded memory) |
 //! | [`stats`] | counts over written records (`_meta.counts`, `leverflow stats`) |
-//! | [`atomic`] | temp file + fsync + rename: never a half-written file at an output path |
+//! | [`atomic`] | exclusive temp file + fsync + rename: never a half-written file at an output path |
+//! | [`lock`] | one run per output path (an advisory lock beside it) |
 
 pub mod atomic;
+pub mod lock;
 pub mod merge;
 pub mod parquet;
 pub mod parts;
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 use leverflow_schemas::RlRecord;
 
 pub use self::atomic::{AtomicFile, SealedFile};
+pub use self::lock::OutputLock;
 pub use self::merge::{
     merge, merged_meta, resolve_inputs, InputMeta, MergeFile, MergeInputs, MergeOutputs,
     MergeSummary, ParquetRecordReader, ReadRecord,
@@ -105,6 +108,14 @@ pub enum SinkError {
         index: u64,
         /// The index written before it.
         previous: u64,
+    },
+    /// Another run holds the output's lock ([`OutputLock`]).
+    #[error("output {} is in use by another leverflow run (pid {})", .path.display(), .pid.map_or_else(|| "unknown".to_string(), |p| p.to_string()))]
+    InUse {
+        /// The output path.
+        path: PathBuf,
+        /// The process holding it, when known.
+        pid: Option<u32>,
     },
     /// Content that does not fit the format or the sink's configuration.
     #[error("{}: {what}", .path.display())]

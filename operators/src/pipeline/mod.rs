@@ -33,6 +33,7 @@
 pub mod cluster;
 pub mod error;
 pub mod load;
+mod outputs_check;
 pub mod progress;
 mod run;
 pub mod summary;

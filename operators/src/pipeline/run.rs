@@ -32,7 +32,7 @@ use crate::dataflow::{
     ClusterConfig, ClusterTimeouts, DriverConfig, ErrorSlot, InputChange, RecordStages, SinkFn,
     SourceItem, StageError, Stages, Then, VqaStages,
 };
-use crate::outputs::{segment_of, DeltaPaths, OutputConfig, ParquetOptions};
+use crate::outputs::{segment_of, DeltaPaths, OutputConfig, OutputLock, ParquetOptions};
 use crate::source::{count_records, BeamReader};
 use crate::stages::context::Job;
 use crate::stages::vqa::BackendStats;
@@ -65,6 +65,8 @@ pub(super) struct Prepared {
     pub queries_total: u64,
     /// The background write of the dataset snapshot (joined when dropped).
     pub snapshot: Option<load::SnapshotWriter>,
+    /// The locks on the output paths (released when dropped).
+    pub _locks: Vec<OutputLock>,
 }
 
 impl Prepared {
@@ -213,13 +215,23 @@ fn prepare(p: &Pipeline) -> Result<Prepared, PipelineError> {
         cfg.process_index,
         cfg.hostfile.as_deref(),
         cfg.workers,
-    )?;
+    )?
+    .with_secret_from(cfg.cluster_secret_file.as_deref())?;
     let devices = worker_devices(cfg, &cluster)?;
     let output_path = load::required(&cfg.output_path, "output_path")?.to_path_buf();
     let parquet_path = cfg
         .parquet_path
         .clone()
         .unwrap_or_else(|| output_path.with_extension("parquet"));
+    super::outputs_check::check_output_paths(cfg, &output_path, &parquet_path)?;
+    // One run per output, before anything loads: a second run on the same
+    // outputs fails here (of a multi-process run, process 0 holds them: it
+    // writes the JSON and the manifest).
+    let holds_outputs = !cluster.is_multi_process() || cluster.process_index == 0;
+    let locks = match holds_outputs {
+        true => OutputLock::acquire_all([output_path.as_path(), parquet_path.as_path()])?,
+        false => Vec::new(),
+    };
     if cluster.is_multi_process() && cfg.output_mode == OutputMode::Delta {
         return Err(crate::config::ConfigError::new(
             "output_mode",
@@ -292,14 +304,7 @@ fn prepare(p: &Pipeline) -> Result<Prepared, PipelineError> {
         .map_err(|_| panicked("counting the beam records"))??;
     let (lo, hi) = crate::source::slice_bounds(cfg.start_idx as i64, cfg.end_idx, total);
     // The state store: finished work of earlier runs, and the lock that
-    // keeps two runs off the same outputs.
-    if let Some(dir) = output_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| PipelineError::Io {
-            path: dir.to_path_buf(),
-            what: "cannot create the output directory",
-            source,
-        })?;
-    }
+    // keeps two runs off the same state.
     let store = match earlier_store {
         Some(store) => store,
         None => StateStore::open(&state_dir)?,
@@ -320,6 +325,7 @@ fn prepare(p: &Pipeline) -> Result<Prepared, PipelineError> {
         load_s,
         queries_total: hi.saturating_sub(lo),
         snapshot: None,
+        _locks: locks,
     };
     let mut prep = prep;
     // Written in the background; joined when the run ends.
@@ -327,8 +333,10 @@ fn prepare(p: &Pipeline) -> Result<Prepared, PipelineError> {
     if prep.cluster.is_multi_process() && prep.cluster.process_index == 0 {
         crate::outputs::prepare_dataset_dir(&prep.parquet_path)?;
     }
-    for target in output_targets(cfg, &prep) {
-        crate::outputs::AtomicFile::remove_stale_temps(&target);
+    if holds_outputs {
+        for target in output_targets(cfg, &prep) {
+            crate::outputs::AtomicFile::remove_stale_temps(&target);
+        }
     }
     Ok(prep)
 }

@@ -256,9 +256,16 @@ mod tests {
         assert_eq!(digests.remembered(&path).as_deref(), Some("remembered"));
         assert_eq!(digests.remembered(&dir.path().join("none")), None);
 
-        // Rewritten with the same size: new times, so it is read again.
-        std::thread::sleep(Duration::from_millis(20));
+        // Rewritten with the same size: new times, so it is read again. (Its
+        // modification time set apart explicitly: a rewrite within the file
+        // system's timestamp granularity could keep the old one.)
         std::fs::write(&path, b"secnd").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+            .unwrap();
         let digests = FileDigests::with_known(known.clone());
         assert_eq!(digests.remembered(&path), None, "another identity");
         assert_eq!(digests.sha256(&path).unwrap(), hash_of(b"secnd"));

@@ -247,8 +247,12 @@ impl StateStore {
         // redb asserts (panics) instead of returning an error on some damaged
         // files (e.g. one truncated below its header's recorded length):
         // turn that into the same clear error, without the panic message.
-        quiet_redb_panics();
-        let opened = std::panic::catch_unwind(|| Database::create(&path));
+        // Only this call's panics are silenced: those of this thread while
+        // it opens the file (the handler goes when `_quiet` drops).
+        let opened = {
+            let _quiet = crate::panics::on_this_thread(|_| true);
+            std::panic::catch_unwind(|| Database::create(&path))
+        };
         let db = match opened {
             Ok(Ok(db)) => db,
             Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
@@ -256,11 +260,7 @@ impl StateStore {
             }
             Ok(Err(e)) => return Err(unreadable(e.to_string())),
             Err(panic) => {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown failure".into());
+                let why = crate::panics::payload_text(panic.as_ref());
                 return Err(unreadable(format!("damaged file ({why})")));
             }
         };
@@ -743,22 +743,6 @@ impl StateReader<'_> {
             None => Ok(None),
         }
     }
-}
-
-/// Installs (once) a panic hook that silences panics raised inside redb,
-/// which [`StateStore::open`] catches and reports as errors; every other
-/// panic goes to the previous hook unchanged.
-fn quiet_redb_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let in_redb = info.location().is_some_and(|l| l.file().contains("/redb-"));
-            if !in_redb {
-                previous(info);
-            }
-        }));
-    });
 }
 
 /// [`encode_value`], zstd-compressed: for large values such as a run's

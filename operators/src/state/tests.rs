@@ -303,3 +303,64 @@ fn remembered_file_digests_survive_reopening_and_serve_the_next_run() {
     assert_ne!(after.sha256(&input).unwrap(), sha);
     assert_eq!(after.served(), 0);
 }
+
+/// Set in the child process of
+/// [`only_the_opening_call_silences_redb_panics`].
+const PANIC_CHILD_ENV: &str = "LEVERFLOW_TEST_REDB_PANIC_CHILD";
+
+#[test]
+fn only_the_opening_call_silences_redb_panics() {
+    if std::env::var_os(PANIC_CHILD_ENV).is_some() {
+        // The child: a store damaged so that redb panics while opening it
+        // (silenced, reported as an error), then two panics elsewhere
+        // (printed by the default hook as usual).
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            let many: Vec<QueryUpdate> = (0..2000).map(|q| update(q, 1, "x")).collect();
+            store.commit_updates(&many, true).unwrap();
+        }
+        let path = dir.path().join(STATE_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len / 3).unwrap();
+        drop(f);
+        let err = StateStore::open(dir.path()).err().expect("a damaged store");
+        eprintln!("CHILD: refused: {err}");
+        let other = std::thread::spawn(|| panic!("CHILD: a panic on another thread"));
+        assert!(other.join().is_err());
+        let later = std::panic::catch_unwind(|| panic!("CHILD: a later panic on this thread"));
+        assert!(later.is_err());
+        return;
+    }
+    // The panic hook is the process's: watch a child process's stderr.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "state::tests::only_the_opening_call_silences_redb_panics",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PANIC_CHILD_ENV, "1")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("CHILD: refused: ") && stderr.contains("damaged file ("),
+        "redb panicked while opening the damaged store, reported as an error: {stderr}"
+    );
+    assert!(
+        stderr.contains("panicked at") && stderr.contains("CHILD: a panic on another thread"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("CHILD: a later panic on this thread"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("/redb-"),
+        "redb's own panic is not printed: {stderr}"
+    );
+}

@@ -94,6 +94,7 @@ fn part_names_round_trip() {
         "part-1-2-3-4.parquet",
         "part-a-2-3.parquet",
         ".part-00001-00003-000002.parquet.tmp-1",
+        ".part-00001-00003-000002.parquet.0123456789abcdef.tmp",
         "_manifest.json",
         "part--2-3.parquet",
     ] {
