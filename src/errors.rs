@@ -3,19 +3,31 @@
 //! pass when there is one.
 
 use leverflow_operators::backends::BackendError;
-use leverflow_operators::config::ConfigError;
+use leverflow_operators::config::{ConfigError, RunConfig};
 use leverflow_operators::pipeline::error::{MissingImage, NotInAnnotations};
 use leverflow_operators::pipeline::PipelineError;
 
 /// The message of a failed command, with flag names and hints.
 pub fn describe(e: &anyhow::Error) -> String {
-    if let Some(c) = e.downcast_ref::<ConfigError>() {
-        return config_message(c);
+    let text = if let Some(c) = e.downcast_ref::<ConfigError>() {
+        config_message(c)
+    } else if let Some(p) = e.downcast_ref::<PipelineError>() {
+        pipeline_message(p)
+    } else {
+        format!("{e:#}")
+    };
+    as_flags(&text)
+}
+
+/// The library names a setting in backticks (`` `workers` ``); on the
+/// command line it is the flag `--workers`.
+fn as_flags(text: &str) -> String {
+    let settings = serde_json::to_value(RunConfig::default()).unwrap_or_default();
+    let mut out = text.to_string();
+    for name in settings.as_object().into_iter().flat_map(|m| m.keys()) {
+        out = out.replace(&format!("`{name}`"), &format!("--{name}"));
     }
-    if let Some(p) = e.downcast_ref::<PipelineError>() {
-        return pipeline_message(p);
-    }
-    format!("{e:#}")
+    out
 }
 
 fn flag(setting: &str) -> String {
@@ -58,5 +70,20 @@ fn pipeline_message(p: &PipelineError) -> String {
             }
         }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_in_backticks_become_flags() {
+        assert_eq!(
+            as_flags("`processes` 3 but 2 host(s); `not_a_setting` stays"),
+            "--processes 3 but 2 host(s); `not_a_setting` stays"
+        );
+        let e = anyhow::Error::new(ConfigError::new("temps", "every temperature must be > 0"));
+        assert_eq!(describe(&e), "--temps: every temperature must be > 0");
     }
 }

@@ -559,3 +559,74 @@ fn a_second_run_on_the_same_output_is_refused_at_once() {
     // Nothing was written, and the runs left no lock files behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn candidates_without_the_training_split_carry_the_query_index_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cands.json");
+    let o = leverflow(&[
+        "candidates".into(),
+        "--sft_ckpt".into(),
+        demo("sft.ckpt"),
+        "--beam_data".into(),
+        demo("beam_data.json"),
+        "--query_emb".into(),
+        demo("query_embeddings.pt"),
+        "--cand_emb".into(),
+        demo("candidate_embeddings.pt"),
+        "--output_path".into(),
+        out.display().to_string(),
+        "--quiet".into(),
+    ]);
+    ok(&o);
+    let v = read_json(&out);
+    let records: Vec<&Value> = v
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "_meta")
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(records.len(), 48);
+    for r in &records {
+        assert_eq!(r["query"].as_object().unwrap().len(), 1, "{}", r["query"]);
+        assert!(!r["pointer_candidates"].as_array().unwrap().is_empty());
+    }
+    // The candidates are those of a run with the training split.
+    let with = dir.path().join("with.json");
+    let mut args = vec!["candidates".to_string()];
+    args.extend(demo_args(&with));
+    ok(&leverflow(&args));
+    let w = read_json(&with);
+    for (k, r) in v.as_object().unwrap().iter().filter(|(k, _)| *k != "_meta") {
+        assert_eq!(
+            r["pointer_candidates"], w[k]["pointer_candidates"],
+            "query {k}"
+        );
+    }
+    // The Parquet output reads back the same way (no dataset columns).
+    let rows = leverflow_operators::outputs::read_rl_parquet(out.with_extension("parquet"))
+        .unwrap()
+        .1;
+    assert!(rows.iter().all(|r| r.query.question.is_none()));
+    // A `generate` run still needs the split.
+    let mut gen = vec!["generate".to_string()];
+    gen.extend(
+        [
+            "--sft_ckpt",
+            &demo("sft.ckpt"),
+            "--beam_data",
+            &demo("beam_data.json"),
+            "--query_emb",
+            &demo("query_embeddings.pt"),
+            "--cand_emb",
+            &demo("candidate_embeddings.pt"),
+            "--output_path",
+            &dir.path().join("g.json").display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let o = leverflow(&gen);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--train_ques_path"));
+}

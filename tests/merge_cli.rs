@@ -56,11 +56,11 @@ fn record(q: u64) -> RlRecord {
     RlRecord {
         query: QueryRecord {
             query_id: q,
-            question_id: q * 10,
-            image_id: 1000 + q,
-            question: format!("what is \"{q}\"?\n"),
-            gt_answers_raw: vec!["a".into()],
-            gt_answers_norm: vec!["a".into()],
+            question_id: Some(q * 10),
+            image_id: Some(1000 + q),
+            question: Some(format!("what is \"{q}\"?\n")),
+            gt_answers_raw: Some(vec!["a".into()]),
+            gt_answers_norm: Some(vec!["a".into()]),
         },
         candidate_pool_ids: None,
         pointer_candidates,

@@ -552,6 +552,15 @@ pub struct VqaDataset {
 }
 
 impl VqaDataset {
+    /// A dataset without items (a `candidates` run without the training
+    /// split's files).
+    pub fn empty(kind: DatasetKind) -> Self {
+        Self {
+            kind,
+            items: Vec::new(),
+        }
+    }
+
     /// Loads a split: reads the annotations (and questions), sorts stably by
     /// `question_id` and numbers the items.
     pub fn load(cfg: &DatasetConfig) -> Result<Self, DatasetError> {

@@ -850,11 +850,11 @@ fn rl_json() -> Vec<u8> {
         let r = RlRecord {
             query: QueryRecord {
                 query_id: q,
-                question_id: q + 1000,
-                image_id: 7,
-                question: "what colour?".into(),
-                gt_answers_raw: vec!["red".into()],
-                gt_answers_norm: vec!["red".into()],
+                question_id: Some(q + 1000),
+                image_id: Some(7),
+                question: Some("what colour?".into()),
+                gt_answers_raw: Some(vec!["red".into()]),
+                gt_answers_norm: Some(vec!["red".into()]),
             },
             candidate_pool_ids: Some(vec![q, q + 1, q + 2]),
             pointer_candidates,

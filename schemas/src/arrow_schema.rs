@@ -102,22 +102,10 @@ pub fn vqa_column_names() -> Vec<String> {
     vqa_fields().iter().map(|f| f.name().clone()).collect()
 }
 
-/// The Arrow schema of the Parquet output.
-///
-/// * `per_query_pool` adds `candidate_pool_ids` (per-query pools, `--sampler_cache`);
-/// * `with_vqa` adds the VQA / reward columns (not written by `candidates`);
-/// * `with_prompts` adds `prompt_text` (`--save_prompts`).
-///
-/// Every field carries a `description` in its metadata.
-pub fn arrow_schema(per_query_pool: bool, with_vqa: bool, with_prompts: bool) -> Schema {
-    use DataType::{Float64, UInt32, UInt64, Utf8};
-    let mut fields = vec![
-        field(
-            "query_id",
-            UInt64,
-            false,
-            "Dataset index of the query (the JSON record key).",
-        ),
+/// The query's fields that come from the training split's files.
+fn dataset_fields() -> Vec<Field> {
+    use DataType::{UInt64, Utf8};
+    vec![
         field("question_id", UInt64, false, "VQA question id."),
         field(
             "image_id",
@@ -138,7 +126,40 @@ pub fn arrow_schema(per_query_pool: bool, with_vqa: bool, with_prompts: bool) ->
             false,
             "Ground-truth answers after VQA answer normalisation, same order.",
         ),
-    ];
+    ]
+}
+
+/// The Arrow schema of the Parquet output.
+///
+/// * `per_query_pool` adds `candidate_pool_ids` (per-query pools, `--sampler_cache`);
+/// * `with_vqa` adds the VQA / reward columns (not written by `candidates`);
+/// * `with_prompts` adds `prompt_text` (`--save_prompts`).
+///
+/// Every field carries a `description` in its metadata. See
+/// [`arrow_schema_of`] for outputs without the dataset's query fields.
+pub fn arrow_schema(per_query_pool: bool, with_vqa: bool, with_prompts: bool) -> Schema {
+    arrow_schema_of(true, per_query_pool, with_vqa, with_prompts)
+}
+
+/// [`arrow_schema`], and without `question_id`, `image_id`, `question`,
+/// `gt_answers_raw` and `gt_answers_norm` when `with_dataset` is false (a
+/// `candidates` run without the training split's files).
+pub fn arrow_schema_of(
+    with_dataset: bool,
+    per_query_pool: bool,
+    with_vqa: bool,
+    with_prompts: bool,
+) -> Schema {
+    use DataType::{Float64, UInt32, UInt64, Utf8};
+    let mut fields = vec![field(
+        "query_id",
+        UInt64,
+        false,
+        "Dataset index of the query (the JSON record key).",
+    )];
+    if with_dataset {
+        fields.extend(dataset_fields());
+    }
     if per_query_pool {
         fields.push(field(
             "candidate_pool_ids",

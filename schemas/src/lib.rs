@@ -16,7 +16,8 @@ mod records;
 pub mod validate;
 
 pub use arrow_schema::{
-    arrow_schema, list_u64, list_utf8, vqa_column_names, DESCRIPTION_KEY, PARQUET_META_KEY,
+    arrow_schema, arrow_schema_of, list_u64, list_utf8, vqa_column_names, DESCRIPTION_KEY,
+    PARQUET_META_KEY,
 };
 pub use meta::{Counts, Meta, MethodCounts, SkippedQuery, Timings};
 pub use records::{CandidateRecord, PointerFields, PointerLayout, QueryRecord, RlRecord};

@@ -11,24 +11,59 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::SchemaError;
 
 /// The query a record is about: identity, question and ground-truth answers.
+///
+/// Every field but `query_id` comes from the training split's files; a
+/// `leverflow candidates` run without them (a policy inspected from its
+/// checkpoint and embeddings alone) writes `query_id` only, and those
+/// fields are omitted (never `null`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueryRecord {
     /// Dataset index of the query (row of the query embeddings); equal to the
     /// record's `"<query_idx>"` key.
     pub query_id: u64,
     /// The VQA question id (the official annotations' `question_id`).
-    #[serde(deserialize_with = "u64_or_numeric_string")]
-    pub question_id: u64,
+    #[serde(
+        default,
+        deserialize_with = "opt_u64_or_numeric_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub question_id: Option<u64>,
     /// The COCO image id of the query image.
-    #[serde(deserialize_with = "u64_or_numeric_string")]
-    pub image_id: u64,
+    #[serde(
+        default,
+        deserialize_with = "opt_u64_or_numeric_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub image_id: Option<u64>,
     /// The question text, as in the dataset.
-    pub question: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question: Option<String>,
     /// Ground-truth answers as annotated (usually 10), in annotation order.
-    pub gt_answers_raw: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gt_answers_raw: Option<Vec<String>>,
     /// `gt_answers_raw` after the VQA answer post-processing / normalisation,
     /// same order and length.
-    pub gt_answers_norm: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gt_answers_norm: Option<Vec<String>>,
+}
+
+impl QueryRecord {
+    /// A query known by its index only (no training split).
+    pub fn index_only(query_id: u64) -> Self {
+        Self {
+            query_id,
+            question_id: None,
+            image_id: None,
+            question: None,
+            gt_answers_raw: None,
+            gt_answers_norm: None,
+        }
+    }
+
+    /// Whether the record carries the dataset's fields (question, answers).
+    pub fn has_dataset_fields(&self) -> bool {
+        self.question_id.is_some()
+    }
 }
 
 /// One candidate demonstration sequence for a query, with how it was made and
@@ -317,6 +352,10 @@ fn f64_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 
 /// Accepts an unsigned integer or a string of decimal digits (files written
 /// by the original project may store ids as strings).
+fn opt_u64_or_numeric_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_or_numeric_string(d).map(Some)
+}
+
 fn u64_or_numeric_string<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

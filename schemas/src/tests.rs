@@ -5,11 +5,11 @@ use super::*;
 fn query(id: u64) -> QueryRecord {
     QueryRecord {
         query_id: id,
-        question_id: id * 10 + 1,
-        image_id: 9000 + id,
-        question: format!("what is {id}?"),
-        gt_answers_raw: vec!["Two".into(), "2".into()],
-        gt_answers_norm: vec!["2".into(), "2".into()],
+        question_id: Some(id * 10 + 1),
+        image_id: Some(9000 + id),
+        question: Some(format!("what is {id}?")),
+        gt_answers_raw: Some(vec!["Two".into(), "2".into()]),
+        gt_answers_norm: Some(vec!["2".into(), "2".into()]),
     }
 }
 
@@ -201,7 +201,7 @@ fn lenient_reading_of_original_files() {
                                 "vqa_prompt_len": 12}]
     });
     let rec: RlRecord = serde_json::from_value(v).unwrap();
-    assert_eq!(rec.query.question_id, 30);
+    assert_eq!(rec.query.question_id, Some(30));
     assert!(rec.pointer_candidates[0].logprob_score.is_nan());
     let bad = json!({"query_id": 3, "question_id": "x", "image_id": 5, "question": "q",
                      "gt_answers_raw": [], "gt_answers_norm": []});
@@ -367,4 +367,29 @@ fn arrow_schema_columns_and_descriptions() {
             assert!(full_names.contains(k), "no column for {k}");
         }
     }
+}
+
+#[test]
+fn a_query_known_by_its_index_only_is_valid_and_keeps_no_other_key() {
+    let q = QueryRecord::index_only(7);
+    let v = serde_json::to_value(&q).unwrap();
+    assert_eq!(v, json!({"query_id": 7}));
+    let record = json!({"query": v, "pointer_candidates": []});
+    validate::validate_record(&record).unwrap();
+    // Partly there is not allowed: the dataset's fields come together.
+    let partial = json!({"query": {"query_id": 7, "question_id": 3}, "pointer_candidates": []});
+    let errs = validate::validate_record(&partial).unwrap_err();
+    assert!(errs.iter().any(|e| e.contains("needs key")), "{errs:?}");
+    let back: QueryRecord = serde_json::from_value(json!({"query_id": 7})).unwrap();
+    assert_eq!(back, q);
+    assert!(!back.has_dataset_fields());
+}
+
+#[test]
+fn the_arrow_schema_without_the_dataset_keeps_query_id_only() {
+    let with = arrow_schema(false, false, false);
+    let without = arrow_schema_of(false, false, false, false);
+    assert_eq!(with.fields().len(), without.fields().len() + 5);
+    assert_eq!(without.field(0).name(), "query_id");
+    assert!(without.field_with_name("question").is_err());
 }

@@ -2,14 +2,14 @@
 //! so records can be checked without a full JSON Schema implementation.
 //!
 //! Supported: `$ref` (local `#/...` pointers), `type` (string or list),
-//! `enum`, `required`, `properties`, `additionalProperties` (boolean),
+//! `enum`, `required`, `dependentRequired`, `properties`, `additionalProperties` (boolean),
 //! `items` (one schema), `minimum`, `not`.  Annotation keywords
 //! (`description`, `title`, ...) are ignored.  Unknown assertion keywords make
 //! the check fail loudly rather than pass silently.
 
 use serde_json::Value;
 
-const KNOWN: [&str; 14] = [
+const KNOWN: [&str; 15] = [
     "$schema",
     "$id",
     "$defs",
@@ -19,6 +19,7 @@ const KNOWN: [&str; 14] = [
     "type",
     "enum",
     "required",
+    "dependentRequired",
     "properties",
     "additionalProperties",
     "items",
@@ -123,6 +124,23 @@ fn check(root: &Value, schema: &Value, v: &Value, path: &str, errors: &mut Vec<S
             for k in req.iter().filter_map(Value::as_str) {
                 if !map.contains_key(k) {
                     errors.push(format!("{path}: missing required key {k:?}"));
+                }
+            }
+        }
+        if let Some(Value::Object(deps)) = obj.get("dependentRequired") {
+            for (present, needs) in deps {
+                if !map.contains_key(present) {
+                    continue;
+                }
+                for k in needs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    if !map.contains_key(k) {
+                        errors.push(format!("{path}: key {present:?} needs key {k:?}"));
+                    }
                 }
             }
         }

@@ -406,11 +406,11 @@ mod tests {
         RlRecord {
             query: QueryRecord {
                 query_id: q,
-                question_id: q + 1000,
-                image_id: 7,
-                question: format!("what {} ?", TRICKY[(q % 6) as usize]),
-                gt_answers_raw: vec!["a\"b".into()],
-                gt_answers_norm: vec!["a\"b".into()],
+                question_id: Some(q + 1000),
+                image_id: Some(7),
+                question: Some(format!("what {} ?", TRICKY[(q % 6) as usize])),
+                gt_answers_raw: Some(vec!["a\"b".into()]),
+                gt_answers_norm: Some(vec!["a\"b".into()]),
             },
             candidate_pool_ids: Some(vec![q, q + 1, q + 2]),
             pointer_candidates,

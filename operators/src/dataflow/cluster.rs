@@ -164,21 +164,21 @@ impl ClusterConfig {
     ) -> Result<Self, ClusterError> {
         if processes == 0 {
             return Err(ClusterError::Invalid(
-                "--processes must be at least 1".into(),
+                "`processes` must be at least 1".into(),
             ));
         }
         if workers == 0 {
-            return Err(ClusterError::Invalid("--workers must be at least 1".into()));
+            return Err(ClusterError::Invalid("`workers` must be at least 1".into()));
         }
         if process_index >= processes {
             return Err(ClusterError::Invalid(format!(
-                "--process_index {process_index} is out of range: with --processes {processes} it must be 0..={}",
+                "`process_index` {process_index} is out of range: with `processes` {processes} it must be 0..={}",
                 processes - 1
             )));
         }
         if !(hosts.len() == processes || (processes == 1 && hosts.is_empty())) {
             return Err(ClusterError::Invalid(format!(
-                "--processes {processes} but {} host(s) given: the hostfile needs one host:port per process",
+                "`processes` {processes} but {} host(s) given: the hostfile needs one host:port per process",
                 hosts.len()
             )));
         }
@@ -205,7 +205,7 @@ impl ClusterConfig {
                 let hosts = read_hostfile(path)?;
                 if hosts.len() != processes {
                     return Err(ClusterError::Invalid(format!(
-                        "{} lists {} host(s) but --processes is {processes}: one host:port line per process",
+                        "{} lists {} host(s) but `processes` is {processes}: one host:port line per process",
                         path.display(),
                         hosts.len()
                     )));
@@ -214,7 +214,7 @@ impl ClusterConfig {
             }
             None if processes > 1 => {
                 return Err(ClusterError::Invalid(format!(
-                    "--processes {processes} needs --hostfile (one host:port line per process)"
+                    "`processes` {processes} needs `hostfile` (one host:port line per process)"
                 )))
             }
             None => Vec::new(),
@@ -516,7 +516,7 @@ fn accept_members(
                 if got[index].as_ref().is_some_and(|old| !is_closed(old)) {
                     let _ = s.write_all(&[auth::REFUSED]);
                     return Err(format!(
-                        "process {me}: a second process {index} connected ({from}): are two processes running with the same --process_index?"
+                        "process {me}: a second process {index} connected ({from}): are two processes running with the same `process_index`?"
                     ));
                 }
                 let acked = s
@@ -557,7 +557,7 @@ fn accept_members(
                 ),
             };
             return Err(format!(
-                "process {me}: process(es) {} did not connect within {connect:?}: not started, or started with another --hostfile?{rejections}",
+                "process {me}: process(es) {} did not connect within {connect:?}: not started, or started with another `hostfile`?{rejections}",
                 absent.join(", "),
             ));
         }
@@ -585,7 +585,7 @@ fn connect_one(
         let now = Instant::now();
         if now >= deadline {
             return Err(Some(format!(
-                "process {me}: could not reach process {j} at {host} within the connect timeout ({last}): is it running, with the same --hostfile?"
+                "process {me}: could not reach process {j} at {host} within the connect timeout ({last}): is it running, with the same `hostfile`?"
             )));
         }
         let attempt = (|| -> Result<TcpStream, ConnectFailure> {
@@ -844,12 +844,12 @@ mod tests {
         ));
         let err = |r: Result<ClusterConfig, ClusterError>| r.unwrap_err().to_string();
         assert!(err(ClusterConfig::from_flags(3, 0, Some(&hosts), 1))
-            .contains("lists 2 host(s) but --processes is 3"));
+            .contains("lists 2 host(s) but `processes` is 3"));
         assert!(err(ClusterConfig::from_flags(2, 2, Some(&hosts), 1))
-            .contains("--process_index 2 is out of range"));
-        assert!(err(ClusterConfig::from_flags(2, 0, None, 1)).contains("needs --hostfile"));
+            .contains("`process_index` 2 is out of range"));
+        assert!(err(ClusterConfig::from_flags(2, 0, None, 1)).contains("needs `hostfile`"));
         assert!(err(ClusterConfig::from_flags(0, 0, None, 1)).contains("at least 1"));
-        assert!(err(ClusterConfig::from_flags(2, 0, Some(&hosts), 0)).contains("--workers"));
+        assert!(err(ClusterConfig::from_flags(2, 0, Some(&hosts), 0)).contains("`workers`"));
         let missing = dir.path().join("nope.txt");
         assert!(err(ClusterConfig::from_flags(2, 0, Some(&missing), 1)).contains("nope.txt"));
         let single = ClusterConfig::from_flags(1, 0, None, 4).unwrap();
@@ -906,7 +906,7 @@ mod tests {
         let e1 = connect_peers(&c1, &t).unwrap_err().to_string();
         let e0 = h.join().unwrap().unwrap_err().to_string();
         for e in [e0, e1] {
-            assert!(e.contains("--workers") && e.contains("same values"), "{e}");
+            assert!(e.contains("`workers`") && e.contains("same values"), "{e}");
         }
     }
 

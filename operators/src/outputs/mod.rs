@@ -91,14 +91,6 @@ pub enum SinkError {
         #[source]
         source: arrow::error::ArrowError,
     },
-    /// The same query index was pushed twice.
-    #[error("{}: query index {index} pushed twice", .path.display())]
-    DuplicateQuery {
-        /// The spill file.
-        path: PathBuf,
-        /// The duplicated index.
-        index: u64,
-    },
     /// A sink got query indices out of ascending order.
     #[error("{}: query index {index} written after {previous}: queries must come in strictly ascending order", .path.display())]
     OutOfOrder {

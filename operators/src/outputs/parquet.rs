@@ -18,7 +18,9 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use leverflow_schemas::{arrow_schema, CandidateRecord, QueryRecord, RlRecord, PARQUET_META_KEY};
+use leverflow_schemas::{
+    arrow_schema_of, CandidateRecord, QueryRecord, RlRecord, PARQUET_META_KEY,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowRowGroupWriterFactory};
 use parquet::arrow::ArrowWriter;
@@ -46,9 +48,13 @@ pub fn segment_of(q: u64, segment_queries: u64) -> u64 {
     q.checked_div(segment_queries).unwrap_or(0)
 }
 
-/// Options of [`ParquetSink`]; the three flags pick the schema.
+/// Options of [`ParquetSink`]; the four flags pick the schema.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParquetOptions {
+    /// The query's dataset columns (`question_id`, `image_id`, `question`,
+    /// `gt_answers_raw`, `gt_answers_norm`); without them (a `candidates`
+    /// run without the training split) records carry `query_id` only.
+    pub with_dataset: bool,
     /// Per-query pools (`--sampler_cache`): adds `candidate_pool_ids`; records
     /// must carry `candidate_pool_ids` and `pointer_global`.
     pub per_query_pool: bool,
@@ -78,6 +84,7 @@ pub struct ParquetOptions {
 impl Default for ParquetOptions {
     fn default() -> Self {
         ParquetOptions {
+            with_dataset: true,
             per_query_pool: false,
             with_vqa: false,
             with_prompts: false,
@@ -165,14 +172,51 @@ impl VqaColumns {
     }
 }
 
-/// Column builders for one record batch, in schema order.
-struct Columns {
-    query_id: UInt64Builder,
+/// The query's dataset column builders.
+struct DatasetColumns {
     question_id: UInt64Builder,
     image_id: UInt64Builder,
     question: StringBuilder,
     gt_answers_raw: ListBuilder<StringBuilder>,
     gt_answers_norm: ListBuilder<StringBuilder>,
+}
+
+impl DatasetColumns {
+    fn new() -> Self {
+        Self {
+            question_id: UInt64Builder::new(),
+            image_id: UInt64Builder::new(),
+            question: StringBuilder::new(),
+            gt_answers_raw: list_builder(StringBuilder::new(), DataType::Utf8),
+            gt_answers_norm: list_builder(StringBuilder::new(), DataType::Utf8),
+        }
+    }
+
+    /// Appends the fields of `q` (checked present by the sink).
+    fn append(&mut self, q: &QueryRecord) {
+        self.question_id.append_option(q.question_id);
+        self.image_id.append_option(q.image_id);
+        self.question.append_option(q.question.as_deref());
+        let strs = |v: &Option<Vec<String>>| -> Vec<Option<String>> {
+            v.iter().flatten().map(|s| Some(s.clone())).collect()
+        };
+        self.gt_answers_raw.append_value(strs(&q.gt_answers_raw));
+        self.gt_answers_norm.append_value(strs(&q.gt_answers_norm));
+    }
+
+    fn finish(&mut self, out: &mut Vec<ArrayRef>) {
+        out.push(Arc::new(self.question_id.finish()));
+        out.push(Arc::new(self.image_id.finish()));
+        out.push(Arc::new(self.question.finish()));
+        out.push(Arc::new(self.gt_answers_raw.finish()));
+        out.push(Arc::new(self.gt_answers_norm.finish()));
+    }
+}
+
+/// Column builders for one record batch, in schema order.
+struct Columns {
+    query_id: UInt64Builder,
+    dataset: Option<DatasetColumns>,
     candidate_pool_ids: Option<ListBuilder<UInt64Builder>>,
     candidate_index: UInt32Builder,
     pointer: ListBuilder<UInt64Builder>,
@@ -192,11 +236,7 @@ impl Columns {
     fn new(o: &ParquetOptions) -> Self {
         Columns {
             query_id: UInt64Builder::new(),
-            question_id: UInt64Builder::new(),
-            image_id: UInt64Builder::new(),
-            question: StringBuilder::new(),
-            gt_answers_raw: list_builder(StringBuilder::new(), DataType::Utf8),
-            gt_answers_norm: list_builder(StringBuilder::new(), DataType::Utf8),
+            dataset: o.with_dataset.then(DatasetColumns::new),
             candidate_pool_ids: o
                 .per_query_pool
                 .then(|| list_builder(UInt64Builder::new(), DataType::UInt64)),
@@ -225,13 +265,9 @@ impl Columns {
         positions: &[u64],
     ) {
         self.query_id.append_value(q.query_id);
-        self.question_id.append_value(q.question_id);
-        self.image_id.append_value(q.image_id);
-        self.question.append_value(&q.question);
-        self.gt_answers_raw
-            .append_value(q.gt_answers_raw.iter().map(|s| Some(s.as_str())));
-        self.gt_answers_norm
-            .append_value(q.gt_answers_norm.iter().map(|s| Some(s.as_str())));
+        if let Some(d) = self.dataset.as_mut() {
+            d.append(q);
+        }
         if let (Some(b), Some(pool)) = (self.candidate_pool_ids.as_mut(), pool) {
             b.append_value(pool.iter().map(|&x| Some(x)));
         }
@@ -257,14 +293,10 @@ impl Columns {
     }
 
     fn finish(&mut self) -> Vec<ArrayRef> {
-        let mut out: Vec<ArrayRef> = vec![
-            Arc::new(self.query_id.finish()),
-            Arc::new(self.question_id.finish()),
-            Arc::new(self.image_id.finish()),
-            Arc::new(self.question.finish()),
-            Arc::new(self.gt_answers_raw.finish()),
-            Arc::new(self.gt_answers_norm.finish()),
-        ];
+        let mut out: Vec<ArrayRef> = vec![Arc::new(self.query_id.finish())];
+        if let Some(d) = self.dataset.as_mut() {
+            d.finish(&mut out);
+        }
         if let Some(b) = self.candidate_pool_ids.as_mut() {
             out.push(Arc::new(b.finish()));
         }
@@ -386,7 +418,8 @@ impl ParquetSink {
             }
             None => None,
         };
-        let schema = Arc::new(arrow_schema(
+        let schema = Arc::new(arrow_schema_of(
+            options.with_dataset,
             options.per_query_pool,
             options.with_vqa,
             options.with_prompts,
@@ -442,6 +475,23 @@ impl ParquetSink {
             if segment_of(last, n) != segment_of(query_index, n) {
                 self.cut_row_group()?;
             }
+        }
+        let q = &record.query;
+        let complete = q.question_id.is_some()
+            && q.image_id.is_some()
+            && q.question.is_some()
+            && q.gt_answers_raw.is_some()
+            && q.gt_answers_norm.is_some();
+        let bare = !q.has_dataset_fields() && q.question.is_none() && q.gt_answers_raw.is_none();
+        if (self.options.with_dataset && !complete) || (!self.options.with_dataset && !bare) {
+            return Err(SinkError::invalid(
+                &self.path,
+                format!(
+                    "query {query_index}: the sink was opened {} the dataset's query fields, but the record {} them",
+                    if self.options.with_dataset { "with" } else { "without" },
+                    if complete { "has" } else if bare { "lacks" } else { "has some of" }
+                ),
+            ));
         }
         let pool = record.candidate_pool_ids.as_deref();
         if pool.is_some() != self.options.per_query_pool {
@@ -955,11 +1005,13 @@ where
     F: FnMut(ParquetRow) -> Result<(), SinkError>,
 {
     let query_id = required::<UInt64Array>(path, b, batch, "query_id")?;
-    let question_id = required::<UInt64Array>(path, b, batch, "question_id")?;
-    let image_id = required::<UInt64Array>(path, b, batch, "image_id")?;
-    let question = required::<StringArray>(path, b, batch, "question")?;
-    let gt_raw = required::<ListArray>(path, b, batch, "gt_answers_raw")?;
-    let gt_norm = required::<ListArray>(path, b, batch, "gt_answers_norm")?;
+    // The dataset's query fields, absent in a `candidates` output made
+    // without the training split.
+    let question_id = column::<UInt64Array>(path, b, batch, "question_id")?;
+    let image_id = column::<UInt64Array>(path, b, batch, "image_id")?;
+    let question = column::<StringArray>(path, b, batch, "question")?;
+    let gt_raw = column::<ListArray>(path, b, batch, "gt_answers_raw")?;
+    let gt_norm = column::<ListArray>(path, b, batch, "gt_answers_norm")?;
     let pool = column::<ListArray>(path, b, batch, "candidate_pool_ids")?;
     let cand_index = required::<UInt32Array>(path, b, batch, "candidate_index")?;
     let pointer = required::<ListArray>(path, b, batch, "pointer")?;
@@ -992,13 +1044,17 @@ where
     let failed = column::<BooleanArray>(path, b, batch, "eval_failed")?;
 
     for i in 0..batch.num_rows() {
+        let strs = |name: &str, a: Option<&ListArray>| match a {
+            Some(a) => list_str(path, b, name, a, i).map(Some),
+            None => Ok(None),
+        };
         let query = QueryRecord {
             query_id: query_id.value(i),
-            question_id: question_id.value(i),
-            image_id: image_id.value(i),
-            question: question.value(i).to_string(),
-            gt_answers_raw: list_str(path, b, "gt_answers_raw", gt_raw, i)?,
-            gt_answers_norm: list_str(path, b, "gt_answers_norm", gt_norm, i)?,
+            question_id: question_id.map(|a| a.value(i)),
+            image_id: image_id.map(|a| a.value(i)),
+            question: question.map(|a| a.value(i).to_string()),
+            gt_answers_raw: strs("gt_answers_raw", gt_raw)?,
+            gt_answers_norm: strs("gt_answers_norm", gt_norm)?,
         };
         let pool_ids = match pool {
             Some(p) => Some(list_u64(path, b, "candidate_pool_ids", p, i)?),

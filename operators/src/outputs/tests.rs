@@ -122,11 +122,11 @@ fn make_record(case: Case, q: u64, with_vqa: bool, with_prompts: bool) -> RlReco
     RlRecord {
         query: QueryRecord {
             query_id: q,
-            question_id: q * 10 + 3,
-            image_id: 100_000 + q,
-            question: format!("What is in image {q}? \u{1F600}"),
-            gt_answers_raw: vec!["Cat".into(), "cats".into(), "cat".into()],
-            gt_answers_norm: vec!["cat".into(), "cat".into(), "cat".into()],
+            question_id: Some(q * 10 + 3),
+            image_id: Some(100_000 + q),
+            question: Some(format!("What is in image {q}? \u{1F600}")),
+            gt_answers_raw: Some(vec!["Cat".into(), "cats".into(), "cat".into()]),
+            gt_answers_norm: Some(vec!["cat".into(), "cat".into(), "cat".into()]),
         },
         candidate_pool_ids: (case == Case::PerQuery).then_some(pool),
         pointer_candidates,
@@ -755,7 +755,7 @@ fn copied_segments_give_the_same_bytes_as_writing_everything() {
     // This run: query 13 changed, 30..40 added, 5 removed.
     let mut new: BTreeMap<u64, RlRecord> =
         (0..40).filter(|&q| q != 5).map(|q| (q, rec(q))).collect();
-    new.get_mut(&13).unwrap().query.question = "changed".into();
+    new.get_mut(&13).unwrap().query.question = Some("changed".into());
     let (scratch_json, scratch_pq, _) = write_segmented(dir.path(), "scratch", &new, 8, &[], None);
     // Segment 2 (16..24) is unchanged: copy it; 0 lost query 5, 1 changed,
     // 3 and 4 have new queries: write them.

@@ -173,7 +173,10 @@ pub fn load(
         (hashes, loaded, join(val))
     });
     let hashes = hashes?;
-    let ((dataset, train_index), split) = loaded?;
+    let (with_dataset, ((dataset, train_index), split)) = match loaded? {
+        Some(loaded) => (true, loaded),
+        None => (false, without_dataset(cfg)?),
+    };
     let dataset = Arc::new(dataset);
     let scoring = load_scoring(cfg, with_vqa, train_index, val)?;
     tracing::debug!("dataset, scoring indices and input digests loaded");
@@ -224,7 +227,13 @@ pub fn load(
                 PointerLayout::PerQueryPool,
             )
         }
-        None => shared_pool(cfg, &model, &cand_emb, cand_emb_path, &dataset)?,
+        None => shared_pool(
+            cfg,
+            &model,
+            &cand_emb,
+            cand_emb_path,
+            with_dataset.then_some(&*dataset),
+        )?,
     };
 
     let cand_args = cfg.candidate_args();
@@ -248,6 +257,7 @@ pub fn load(
     tracing::debug!("candidate pools ready");
     let inputs = Inputs {
         dataset,
+        with_dataset,
         scoring,
         query_emb,
         cand_emb,
@@ -275,7 +285,7 @@ fn shared_pool(
     model: &PointerSelector<Sel>,
     cand_emb: &crate::tensor_io::Matrix,
     cand_emb_path: &Path,
-    dataset: &VqaDataset,
+    dataset: Option<&VqaDataset>,
 ) -> Result<(Pools, PointerLayout), PipelineError> {
     let indices: Vec<u64> = match &cfg.candidate_indices {
         Some(path) => {
@@ -304,7 +314,7 @@ fn shared_pool(
                 format!("candidate indices: dataset index {idx} appears twice (position {pos})"),
             ));
         }
-        if idx as usize >= dataset.len() {
+        if let Some(dataset) = dataset.filter(|d| idx as usize >= d.len()) {
             return Err(mismatch(
                 index_file,
                 format!(
@@ -347,12 +357,15 @@ fn load_dataset(
     with_vqa: bool,
     digests: &FileDigests,
     state_dir: Option<&Path>,
-) -> Result<(ParsedSplit, SplitSource), PipelineError> {
+) -> Result<Option<(ParsedSplit, SplitSource)>, PipelineError> {
     let kind = dataset_kind(&cfg.dataset)?;
     let (questions, annotations) =
         match (&cfg.train_ques_path, &cfg.train_ann_path, &cfg.train_path) {
             (q, Some(a), _) => (q.clone(), a.clone()),
             (None, None, Some(merged)) => (None, merged.clone()),
+            // Candidates alone can be inspected from the checkpoint and the
+            // embeddings: the records then carry the query index only.
+            (None, None, None) if !with_vqa => return Ok(None),
             _ => return Err(PipelineError::NoTrainingSplit),
         };
     let image_root = cfg.train_coco_root.clone().ok_or_else(|| {
@@ -391,7 +404,7 @@ fn load_dataset(
                 let secs = started.elapsed().as_secs_f64();
                 tracing::debug!(secs, "training split restored from the dataset snapshot");
                 split.from_snapshot = true;
-                return Ok((parsed, split));
+                return Ok(Some((parsed, split)));
             }
             Ok(_) => tracing::debug!("dataset snapshot without the scoring index: not used"),
             Err(miss) => tracing::debug!(?miss, "dataset snapshot not used"),
@@ -405,7 +418,25 @@ fn load_dataset(
     } else {
         (VqaDataset::load(&split.cfg)?, None)
     };
-    Ok((parsed, split))
+    Ok(Some((parsed, split)))
+}
+
+/// The split of a run without the training split's files: no items, and
+/// nothing to snapshot.
+fn without_dataset(cfg: &RunConfig) -> Result<(ParsedSplit, SplitSource), PipelineError> {
+    let kind = dataset_kind(&cfg.dataset)?;
+    let split = SplitSource {
+        cfg: DatasetConfig {
+            kind,
+            questions: None,
+            annotations: PathBuf::new(),
+            image_root: PathBuf::new(),
+            image_pattern: cfg.image_pattern.clone(),
+        },
+        with_scoring: false,
+        from_snapshot: true,
+    };
+    Ok(((VqaDataset::empty(kind), None), split))
 }
 
 /// The result of a scoped thread (its panic goes on in the caller).

@@ -393,6 +393,7 @@ fn run_keys(
     let reward = inputs.reward;
     let mut stamps = crate::state::ImageStamps::default();
     let shared_pool: Vec<&crate::dataset::VqaItem> = match &inputs.pools {
+        Pools::Shared { .. } if !inputs.with_dataset => Vec::new(),
         Pools::Shared { indices, .. } => indices
             .iter()
             .map(|&i| inputs.dataset.get(i))
@@ -460,6 +461,7 @@ pub(super) fn output_config(cfg: &RunConfig, prep: &Prepared, with_vqa: bool) ->
             .contains(OutputFormat::Parquet)
             .then(|| prep.parquet_path.clone()),
         parquet_options: ParquetOptions {
+            with_dataset: inputs.with_dataset,
             segment_queries: cfg.segment_queries,
             per_query_pool: shared_pool.is_none(),
             with_vqa,

@@ -125,11 +125,7 @@ pub fn accuracy(inputs: Arc<Inputs>) -> BatchFn<QueryAnswered, QueryScored> {
                 .dataset
                 .get(q)
                 .map_err(|e| StageError::new("accuracy", Some(q), e))?;
-            let gt_norm: Vec<String> = item
-                .answers
-                .iter()
-                .map(|a| postprocess_generation(Some(a)))
-                .collect();
+            let gt_norm = super::record::normalized_answers(&item.answers);
             let scores = answered
                 .answers
                 .iter()

@@ -50,8 +50,12 @@ impl Pools {
 
 /// Everything a run reads, loaded once and shared by all workers.
 pub struct Inputs {
-    /// The training split (queries and examples).
+    /// The training split (queries and examples); empty when
+    /// `with_dataset` is false.
     pub dataset: Arc<VqaDataset>,
+    /// Whether the training split was given. A `candidates` run may go
+    /// without it: its records then carry `query.query_id` only.
+    pub with_dataset: bool,
     /// Official scoring indices: train first, then validation.
     pub scoring: Vec<(&'static str, Arc<ScoringIndex>)>,
     /// Query embeddings (row = dataset index).

@@ -20,6 +20,9 @@ pub fn input_key(
     let q = w.query_index;
     let fail = |e: Box<dyn std::error::Error + Send + Sync>| StageError::new("plan", Some(q), e);
     let row = inputs.query_row(q).map_err(|e| fail(e.into()))?;
+    if !inputs.with_dataset {
+        return Ok(keys.index_only_input_key(q, &w.source_beams, row, inputs.pools.of_query(q)));
+    }
     let item = inputs.dataset.get(q).map_err(|e| fail(e.into()))?;
     let pool = inputs.pools.of_query(q);
     let mut pool_items = Vec::new();

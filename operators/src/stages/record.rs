@@ -23,22 +23,30 @@ fn fail(
 /// and post-processed). Without a dataset (a `candidates` run on
 /// checkpoint and embeddings alone) only `query_id` is known.
 pub fn query_record(inputs: &Inputs, query_index: u64) -> Result<QueryRecord, StageError> {
+    if !inputs.with_dataset {
+        return Ok(QueryRecord::index_only(query_index));
+    }
     let item = inputs
         .dataset
         .get(query_index)
         .map_err(|e| fail("record", query_index)(e.into()))?;
     Ok(QueryRecord {
         query_id: query_index,
-        question_id: item.question_id,
-        image_id: item.image_id,
-        question: item.question.clone(),
-        gt_answers_raw: item.answers.clone(),
-        gt_answers_norm: item
-            .answers
-            .iter()
-            .map(|a| postprocess_generation(Some(a)))
-            .collect(),
+        question_id: Some(item.question_id),
+        image_id: Some(item.image_id),
+        question: Some(item.question.clone()),
+        gt_answers_raw: Some(item.answers.clone()),
+        gt_answers_norm: Some(normalized_answers(&item.answers)),
     })
+}
+
+/// The ground-truth answers after the VQA answer post-processing (the
+/// record's `gt_answers_norm`, and what relevance is measured against).
+pub fn normalized_answers(answers: &[String]) -> Vec<String> {
+    answers
+        .iter()
+        .map(|a| postprocess_generation(Some(a)))
+        .collect()
 }
 
 /// A candidate's record with its pointer fields (by the run's layout) and

@@ -314,7 +314,7 @@ fn records_assemble_scores_rewards_and_failures() {
     let json = zstd::stream::decode_all(bytes.as_slice()).unwrap();
     let record: leverflow_schemas::RlRecord = serde_json::from_slice(&json).unwrap();
     assert_eq!(record.query.query_id, 3);
-    assert_eq!(record.query.question, item.question);
+    assert_eq!(record.query.question.as_ref(), Some(&item.question));
     let [ok, failed] = &record.pointer_candidates[..] else {
         panic!("two candidates")
     };

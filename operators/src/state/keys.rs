@@ -367,6 +367,28 @@ impl RunKeys {
         h.finish()
     }
 
+    /// The input key of a query of a run without the training split (a
+    /// `candidates` run on checkpoint and embeddings alone).
+    pub fn index_only_input_key(
+        &self,
+        query_index: u64,
+        source_beams: &[Vec<u64>],
+        query_row: &[f32],
+        pool: Option<&Vec<u64>>,
+    ) -> Key {
+        let mut h = KeyHasher::new("leverflow/input-index-only/v1");
+        h.key(&self.record).u64(query_index);
+        for beam in source_beams {
+            h.u64s(beam);
+        }
+        h.str("end-beams");
+        h.f32s(query_row);
+        if let Some(ids) = pool {
+            h.u64s(ids);
+        }
+        h.finish()
+    }
+
     /// The key of a query's candidate set. `source_beams`: the beam data's
     /// beams when they become candidates.
     pub fn candidate_set(

@@ -106,7 +106,7 @@ pub enum StateError {
         detail: String,
     },
     /// Another run holds the store.
-    #[error("state store {path} is in use by another leverflow run; wait for it to finish or pass a different --state_dir")]
+    #[error("state store {path} is in use by another leverflow run; wait for it to finish or pass a different `state_dir`")]
     InUse {
         /// The state file.
         path: PathBuf,

@@ -207,7 +207,7 @@ pub fn auth_key(config: &ClusterConfig) -> Result<Vec<u8>, ClusterError> {
         .collect();
     if !remote.is_empty() {
         return Err(secret_error(format!(
-            "the hostfile lists address(es) that are not loopback ({}): a run across hosts needs a shared cluster secret, so that nobody else on the network can join it or feed it records. Make one with `{MAKE_SECRET}`, copy it to every host, and pass --cluster_secret_file cluster.secret to every process (or put the secret itself in the environment variable {CLUSTER_SECRET_ENV})",
+            "the hostfile lists address(es) that are not loopback ({}): a run across hosts needs a shared cluster secret, so that nobody else on the network can join it or feed it records. Make one with `{MAKE_SECRET}`, copy it to every host, and pass `cluster_secret_file` cluster.secret to every process (or put the secret itself in the environment variable {CLUSTER_SECRET_ENV})",
             remote.join(", ")
         )));
     }
@@ -298,7 +298,7 @@ pub(super) fn transcript_mac(
 pub(super) fn check_shape(config: &ClusterConfig, peer: &Hello) -> Result<(), String> {
     if peer.processes != config.processes as u64 || peer.workers != config.workers as u64 {
         return Err(format!(
-            "process {} runs with --processes {} --workers {}, this one with --processes {} --workers {}: every process needs the same values",
+            "process {} runs with `processes` {} `workers` {}, this one with `processes` {} `workers` {}: every process needs the same values",
             peer.index, peer.processes, peer.workers, config.processes, config.workers
         ));
     }
@@ -420,7 +420,7 @@ pub(super) fn accept_handshake(
     let index = usize::try_from(theirs.index).unwrap_or(usize::MAX);
     if index <= me || index >= config.processes {
         return Accepted::Fatal(format!(
-            "process {index} connected to process {me}, but only processes {}..{} do: are the processes started with the same --hostfile and distinct --process_index?",
+            "process {index} connected to process {me}, but only processes {}..{} do: are the processes started with the same `hostfile` and distinct `process_index`?",
             me + 1,
             config.processes
         ));
@@ -464,7 +464,7 @@ pub(super) fn connect_handshake(
         .verify_slice(&reply[HELLO_LEN..])
         .map_err(|_| {
             Fatal(format!(
-                "process {j} at {host} failed authentication: it does not use this process's cluster secret (every process needs the same --cluster_secret_file or {CLUSTER_SECRET_ENV})"
+                "process {j} at {host} failed authentication: it does not use this process's cluster secret (every process needs the same `cluster_secret_file` or {CLUSTER_SECRET_ENV})"
             ))
         })?;
     if theirs.index != j as u64 {
@@ -485,7 +485,7 @@ pub(super) fn connect_handshake(
     read_exact_by(s, &mut ack, deadline).map_err(retry)?;
     if ack[0] != ACCEPTED {
         return Err(Fatal(format!(
-            "process {j} at {host} refused this connection: it is already connected to a process {}: are two processes running with the same --process_index?",
+            "process {j} at {host} refused this connection: it is already connected to a process {}: are two processes running with the same `process_index`?",
             config.process_index
         )));
     }
@@ -539,7 +539,7 @@ mod tests {
         assert!(
             err.contains("192.0.2.7:2101")
                 && err.contains("head -c 32 /dev/urandom")
-                && err.contains("--cluster_secret_file")
+                && err.contains("`cluster_secret_file`")
                 && err.contains(CLUSTER_SECRET_ENV),
             "{err}"
         );
@@ -730,7 +730,7 @@ mod tests {
         let (out, client) = accept_one(&c0, &key, t, move |mut s| {
             let e = connect_error(connect_handshake(&mut s, &c, &k, 0, Instant::now() + t));
             assert!(
-                e.contains("fatal") && e.contains("same --process_index"),
+                e.contains("fatal") && e.contains("same `process_index`"),
                 "{e}"
             );
         });
@@ -743,7 +743,7 @@ mod tests {
         let (c, k) = (config(1, &hosts, 3), key.clone());
         let (out, client) = accept_one(&c0, &key, t, move |mut s| {
             let e = connect_error(connect_handshake(&mut s, &c, &k, 0, Instant::now() + t));
-            assert!(e.contains("fatal") && e.contains("--workers 2"), "{e}");
+            assert!(e.contains("fatal") && e.contains("`workers` 2"), "{e}");
         });
         match &out {
             Accepted::Fatal(e) => assert!(e.contains("same values"), "{e}"),

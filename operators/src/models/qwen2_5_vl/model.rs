@@ -26,7 +26,7 @@ use crate::models::contract::{VqaAnswer, VqaError, VqaModel, VqaPrompt};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// `--vqa_model` is not a local directory.
-    #[error("--vqa_model {0}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...), e.g. one fetched with `huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir DIR` on a machine with network access")]
+    #[error("{0}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...), e.g. one fetched with `huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir DIR` on a machine with network access")]
     NotADirectory(String),
     /// A configuration file is bad.
     #[error(transparent)]

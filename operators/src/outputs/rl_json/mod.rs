@@ -594,11 +594,11 @@ mod tests {
         RlRecord {
             query: QueryRecord {
                 query_id: i,
-                question_id: i + 100,
-                image_id: 7,
-                question: "line1\nline2 \"quoted\" ü {curly} [sq] \\\" end".into(),
-                gt_answers_raw: vec!["x".into()],
-                gt_answers_norm: vec!["x".into()],
+                question_id: Some(i + 100),
+                image_id: Some(7),
+                question: Some("line1\nline2 \"quoted\" ü {curly} [sq] \\\" end".into()),
+                gt_answers_raw: Some(vec!["x".into()]),
+                gt_answers_norm: Some(vec!["x".into()]),
             },
             candidate_pool_ids: Some(vec![20, 21, 22]),
             pointer_candidates: vec![c],
@@ -711,7 +711,7 @@ mod tests {
         assert_eq!(meta.unwrap()["created_at"], "x");
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].0, 4);
-        assert_eq!(recs[0].1.query.question_id, 4001);
+        assert_eq!(recs[0].1.query.question_id, Some(4001));
         assert_eq!(
             recs[0].1.pointer_candidates[0].pointer_pos,
             Some(vec![0, 1])
@@ -770,7 +770,7 @@ mod tests {
         let path = dir.path().join("bad.json");
         std::fs::write(
             &path,
-            r#"{"7": {"query": {"query_id": 7}, "pointer_candidates": []}}"#,
+            r#"{"7": {"query": {"query_id": 7}, "pointer_candidates": 5}}"#,
         )
         .unwrap();
         let err = read_rl_json(&path).unwrap_err().to_string();
