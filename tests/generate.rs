@@ -564,21 +564,14 @@ fn a_second_run_on_the_same_output_is_refused_at_once() {
 fn candidates_without_the_training_split_carry_the_query_index_only() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cands.json");
-    let o = leverflow(&[
-        "candidates".into(),
-        "--sft_ckpt".into(),
-        demo("sft.ckpt"),
-        "--beam_data".into(),
-        demo("beam_data.json"),
-        "--query_emb".into(),
-        demo("query_embeddings.pt"),
-        "--cand_emb".into(),
-        demo("candidate_embeddings.pt"),
+    let mut args = vec!["candidates".to_string()];
+    args.extend(demo_policy_args());
+    args.extend([
         "--output_path".into(),
         out.display().to_string(),
         "--quiet".into(),
     ]);
-    ok(&o);
+    ok(&leverflow(&args));
     let v = read_json(&out);
     let records: Vec<&Value> = v
         .as_object()
@@ -611,21 +604,11 @@ fn candidates_without_the_training_split_carry_the_query_index_only() {
     assert!(rows.iter().all(|r| r.query.question.is_none()));
     // A `generate` run still needs the split.
     let mut gen = vec!["generate".to_string()];
-    gen.extend(
-        [
-            "--sft_ckpt",
-            &demo("sft.ckpt"),
-            "--beam_data",
-            &demo("beam_data.json"),
-            "--query_emb",
-            &demo("query_embeddings.pt"),
-            "--cand_emb",
-            &demo("candidate_embeddings.pt"),
-            "--output_path",
-            &dir.path().join("g.json").display().to_string(),
-        ]
-        .map(String::from),
-    );
+    gen.extend(demo_policy_args());
+    gen.extend([
+        "--output_path".into(),
+        dir.path().join("g.json").display().to_string(),
+    ]);
     let o = leverflow(&gen);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--train_ques_path"));

@@ -14,8 +14,8 @@ pub fn demo(rel: &str) -> String {
     root().join("demo").join(rel).display().to_string()
 }
 
-/// The flags every demo run needs, with `out` as output path.
-pub fn demo_args(out: &Path) -> Vec<String> {
+/// The demo's policy inputs: checkpoint, beam data and embeddings.
+pub fn demo_policy_args() -> Vec<String> {
     [
         "--sft_ckpt",
         &demo("sft.ckpt"),
@@ -25,21 +25,33 @@ pub fn demo_args(out: &Path) -> Vec<String> {
         &demo("query_embeddings.pt"),
         "--cand_emb",
         &demo("candidate_embeddings.pt"),
-        "--train_ques_path",
-        &demo("data/questions.json"),
-        "--train_ann_path",
-        &demo("data/annotations.json"),
-        "--train_coco_root",
-        &demo("data/images"),
-        "--image_pattern",
-        "COCO_train2014_{image_id:012d}.png",
-        "--output_path",
-        &out.display().to_string(),
-        "--quiet",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// The flags every demo run needs, with `out` as output path.
+pub fn demo_args(out: &Path) -> Vec<String> {
+    let mut args = demo_policy_args();
+    args.extend(
+        [
+            "--train_ques_path",
+            &demo("data/questions.json"),
+            "--train_ann_path",
+            &demo("data/annotations.json"),
+            "--train_coco_root",
+            &demo("data/images"),
+            "--image_pattern",
+            "COCO_train2014_{image_id:012d}.png",
+            "--output_path",
+            &out.display().to_string(),
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args
 }
 
 pub fn leverflow(args: &[String]) -> Output {
