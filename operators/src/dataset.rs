@@ -544,7 +544,7 @@ pub fn most_common_answer(answers: &[String]) -> String {
 }
 
 /// One split of the VQA dataset, items ordered by dataset index.
-/// Serialisable for the parsed-dataset snapshot ([`snapshot`]).
+/// Serialisable for the parsed-dataset snapshot ([`snapshot`](crate::state::snapshot)).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct VqaDataset {
     kind: DatasetKind,

@@ -18,7 +18,7 @@
 //! | output formats (JSON, Parquet) and their writer | [`outputs`] |
 //! | VQA backends behind one registry | [`backends`] |
 //! | models and their neutral contract | [`models`] |
-//! | benchmarks of `leverflow bench` | [`bench`] |
+//! | benchmarks of `leverflow bench` | [`bench`](mod@bench) |
 //! | input files | [`source`] (beam data), [`dataset`] (VQA files), [`image_decode`] (images, with limits), [`tensor_io`] (embeddings, checkpoints) |
 //!
 //! Running the embedded demo through the library (what `leverflow generate

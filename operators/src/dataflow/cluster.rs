@@ -6,7 +6,7 @@
 //! retries a connection forever (once a second, printing to stdout) and
 //! panics in its communication threads when a peer goes away: it connects
 //! the processes itself, with a deadline and a handshake that authenticates
-//! every connection both ways with the run's shared secret ([`auth`]:
+//! every connection both ways with the run's shared secret (`auth`:
 //! strangers on the network can neither join the run nor stop it) and
 //! checks that every process runs the same `--processes` / `--workers`,
 //! hands the
@@ -327,7 +327,7 @@ const MAX_PENDING_HANDSHAKES: usize = 32;
 /// Connects this process to every other one before `timeouts.connect`:
 /// connects to the lower-indexed processes (retrying while they start),
 /// accepts the higher-indexed ones, and authenticates every connection both
-/// ways ([`auth`]: HMAC-SHA256 challenge–response with the run's secret)
+/// ways (`auth`: HMAC-SHA256 challenge–response with the run's secret)
 /// before checking that the peer runs the same `--processes` /
 /// `--workers`.  Returns one stream per process, `None` at this process's
 /// index.

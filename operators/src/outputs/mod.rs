@@ -6,7 +6,7 @@
 //! | [`parquet`] | one row per candidate, `_meta` in the key-value metadata: writer (with row-group copy) and readers |
 //! | [`writer`] | [`OutputWriter`], the one writer of a run's JSON + Parquet outputs (full, segment-copy, delta) |
 //! | [`parts`] | multi-process output: part files + `_manifest.json` (the commit point) |
-//! | [`merge`] | sorted Parquet files / datasets → the single JSON (k-way merge, bounded memory) |
+//! | [`merge`](mod@merge) | sorted Parquet files / datasets → the single JSON (k-way merge, bounded memory) |
 //! | [`stats`] | counts over written records (`_meta.counts`, `leverflow stats`) |
 //! | [`atomic`] | exclusive temp file + fsync + rename: never a half-written file at an output path |
 //! | [`lock`] | one run per output path (an advisory lock beside it) |

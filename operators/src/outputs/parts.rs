@@ -7,7 +7,7 @@
 //!   part is sorted by query index, rolls to the next `seq` after
 //!   [`PartOptions::rows_per_part`] rows (at a query boundary: a query's rows
 //!   never straddle two parts), and is written atomically (temporary file +
-//!   rename, [`AtomicFile`](super::AtomicFile));
+//!   rename, [`AtomicFile`]);
 //! * the manifest [`MANIFEST_NAME`] (`_manifest.json`), written last by
 //!   [`write_manifest`]: format version, the part list with row and query
 //!   counts and min / max query index, the Arrow schema as JSON and the run's
@@ -126,7 +126,7 @@ struct OpenPart {
 /// Records go in with [`PartWriter::write_record`], strictly ascending in
 /// query index *within a part*.  Two ways to feed it:
 ///
-/// * the worker's records through a [`SortedSpill`](super::SortedSpill),
+/// * the worker's records sorted by query index,
 ///   then one ascending pass: parts ascend across `seq` too;
 /// * sorted runs as they complete (e.g. the records of a finished timely
 ///   round, sorted), with [`PartWriter::roll`] between runs: parts may

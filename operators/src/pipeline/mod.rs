@@ -8,10 +8,10 @@
 //! | module | what |
 //! |---|---|
 //! | [`load`] | loading and cross-checking every input |
-//! | [`run`] | the run from start to end (single process) |
+//! | `run` | the run from start to end (single process) |
 //! | [`cluster`] | the end of a multi-process run (part files, manifest) |
 //! | [`summary`] | the typed [`RunSummary`] and `_meta` |
-//! | [`write`] | the outputs from the state store (segment copy, delta) |
+//! | [`write`](mod@write) | the outputs from the state store (segment copy, delta) |
 //! | [`progress`] | how a run reports phases and live counters |
 //! | [`error`] | [`PipelineError`] |
 //!

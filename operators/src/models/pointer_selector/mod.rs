@@ -17,7 +17,7 @@
 //!
 //! | file | holds |
 //! |---|---|
-//! | [`config`] | hyper-parameters and `init` |
+//! | `config` | hyper-parameters and `init` |
 //! | `mod.rs` | the model, prepared-pool and query-state types, errors |
 //! | `load.rs` | loading a checkpoint (Lightning `.ckpt`, state dict, safetensors) |
 //! | `pool.rs` | the pool-only precomputation ([`PreparedPool`]) |

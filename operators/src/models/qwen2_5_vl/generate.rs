@@ -187,7 +187,7 @@ pub struct PromptBatch<B: Backend> {
     pub position_ids: Tensor<B, 3, Int>,
     /// false on padding.
     pub attention_mask: Vec<Vec<bool>>,
-    /// Token ids [B][L] incl. padding (repetition penalty looks at them).
+    /// Token ids `[B][L]` incl. padding (repetition penalty looks at them).
     pub input_ids: Vec<Vec<u32>>,
 }
 
@@ -602,7 +602,7 @@ pub enum AnswerScoring {
 }
 
 /// Teacher-forced log-probabilities of each answer's tokens after prompt
-/// `row` of `pre`: entry `[i][j]` = log p(answer_i[j] | prompt, answer_i[..j]).
+/// `row` of `pre`: entry `[i][j]` = `log p(answer_i[j] | prompt, answer_i[..j])`.
 /// The prompt's prefill is reused: its cache row is expanded to the answers
 /// and all answers run in one batched forward (right-padded; padding only
 /// follows real tokens, so it never influences them).

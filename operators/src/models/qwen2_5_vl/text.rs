@@ -16,27 +16,10 @@ use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use std::path::PathBuf;
 
 /// Errors of the language model: loading weights or malformed inputs.
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
-    /// A weights file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// File that failed.
-        path: PathBuf,
-        /// Underlying error.
-        source: std::io::Error,
-    },
-    /// A weights file is not a valid safetensors file.
-    #[error("{path}: invalid safetensors file: {message}")]
-    Format {
-        /// File that failed.
-        path: PathBuf,
-        /// Parser message.
-        message: String,
-    },
     /// A tensor is missing, has the wrong shape or an unsupported dtype.
     #[error("weight `{key}`: {message}")]
     Weight {
@@ -429,7 +412,7 @@ pub struct TextModel<B: Backend> {
     /// Final norm.
     pub norm: RmsNorm<B>,
     /// LM head weight, laid out as [`HeadLayout`] says: on the ndarray
-    /// backend packed for the host kernel ([`host::pack_lm_head`]),
+    /// backend packed for the host kernel (`host::pack_lm_head`),
     /// elsewhere transposed and contiguous, [hidden, vocab], so that
     /// `h @ lm_head` is a plain matmul.
     pub lm_head: Param<Tensor<B, 2>>,
@@ -449,7 +432,7 @@ pub struct TextModel<B: Backend> {
 pub enum HeadLayout {
     /// [hidden, vocab], row-major: the generic tensor path (CUDA, autodiff).
     Transposed,
-    /// Packed in 16-column blocks for [`host::lm_head`] (ndarray backend),
+    /// Packed in 16-column blocks for `host::lm_head` (ndarray backend),
     /// untied: the embedding is its own tensor.
     Packed,
     /// As `Packed`, and the checkpoint ties the embedding to the head: the
@@ -877,7 +860,7 @@ pub(crate) mod tests {
 
     pub(crate) type TB = NdArray<f32>;
 
-    pub(crate) fn fixture_dir() -> PathBuf {
+    pub(crate) fn fixture_dir() -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2_5_vl_tiny")
     }
 

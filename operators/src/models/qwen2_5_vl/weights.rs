@@ -380,7 +380,7 @@ impl WeightStore {
     }
 
     /// Loads a Hugging Face linear layer `{prefix}.weight` [d_out, d_in]
-    /// (and `{prefix}.bias` [d_out] when `bias`) as a burn [`Linear`]
+    /// (and `{prefix}.bias` `[d_out]` when `bias`) as a burn [`Linear`]
     /// (whose weight is stored transposed, [d_in, d_out]).
     pub fn linear<B: Backend>(
         &self,
@@ -403,7 +403,7 @@ impl WeightStore {
         })
     }
 
-    /// Loads an RMSNorm weight `name` [d] as a burn [`RmsNorm`] with `eps`
+    /// Loads an RMSNorm weight `name` `[d]` as a burn [`RmsNorm`] with `eps`
     /// (same formula as transformers' Qwen2RMSNorm in f32).
     pub fn rms_norm<B: Backend>(
         &self,
