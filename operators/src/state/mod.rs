@@ -34,6 +34,7 @@
 
 pub mod digests;
 pub mod keys;
+mod record_codec;
 pub mod snapshot;
 mod writer;
 
@@ -154,7 +155,7 @@ pub enum StoredOutcome {
 impl StoredOutcome {
     /// A record, compressed for storage (run on the workers, in parallel).
     pub fn compressed(json: &[u8]) -> Self {
-        match zstd::bulk::compress(json, 1) {
+        match record_codec::compress(json) {
             Ok(c) => StoredOutcome::Compressed(c),
             Err(_) => StoredOutcome::Record(json.to_vec()),
         }
@@ -648,7 +649,7 @@ impl StateStore {
         let outcome = match b[32] {
             0 => StoredOutcome::Record(body.to_vec()),
             1 => StoredOutcome::Skipped(String::from_utf8_lossy(body).into_owned()),
-            2 => StoredOutcome::Record(zstd::stream::decode_all(body).map_err(|e| {
+            2 => StoredOutcome::Record(record_codec::decompress(body).map_err(|e| {
                 self.corrupt(
                     "records",
                     q.to_string(),
