@@ -200,9 +200,9 @@ fn classify(
                     candidates: Box::new(|qs: Vec<u64>| Ok(qs)),
                     batch: 3,
                     then: Then::Vqa(VqaStages {
-                        vqa: Box::new(|qs: Vec<u64>| {
+                        vqa: Box::new(super::Immediate::new(Box::new(|qs: Vec<u64>| {
                             Ok(qs.into_iter().map(|q| (q, q * q)).collect())
-                        }),
+                        }))),
                         vqa_batch: 2,
                         accuracy: Box::new(|xs: Vec<(u64, u64)>| {
                             Ok(xs.into_iter().map(|(q, a)| (q, a + 1)).collect())
