@@ -661,7 +661,7 @@ pub struct VqaArgs {
 /// Arguments of `bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure: score, candidates, pipeline, rerun (incremental rerun after adding 1% queries), vqa.
+    /// What to measure: score, candidates, pipeline, rerun (incremental rerun after adding 1% queries), vqa, openai (answers/s through a running server at --concurrency requests in flight; --queries demo queries).
     pub what: String,
     /// Candidate pool size (candidates bench).
     #[arg(long, default_value_t = 64)]
@@ -694,6 +694,19 @@ pub struct BenchArgs {
     /// directory, removed at the end.
     #[arg(long = "keep_dir", visible_alias = "keep-dir")]
     pub keep_dir: Option<PathBuf>,
+    /// openai bench: the server's base URL (e.g. http://127.0.0.1:8000/v1).
+    #[arg(
+        long = "openai_base_url",
+        visible_alias = "openai-base-url",
+        value_name = "URL"
+    )]
+    pub openai_base_url: Option<String>,
+    /// openai bench: the served model (default: the only one).
+    #[arg(long = "openai_model", visible_alias = "openai-model")]
+    pub openai_model: Option<String>,
+    /// openai bench: requests in flight to measure at (comma separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
+    pub concurrency: Vec<usize>,
 }
 
 #[cfg(test)]

@@ -119,6 +119,11 @@ fn bench(a: &cli::BenchArgs) -> Result<()> {
         keep_dir: a.keep_dir.clone(),
         exe: std::env::current_exe()?,
         repo: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        openai: leverflow_operators::bench::openai::OpenAiBench {
+            base_url: a.openai_base_url.clone(),
+            model: a.openai_model.clone(),
+            concurrency: a.concurrency.clone(),
+        },
     };
     Ok(leverflow_operators::bench::run(&a.what, &settings)?)
 }

@@ -182,6 +182,7 @@ fn report(style: ProgressStyle, c: &Counters, stop: &AtomicBool, stage: &str) {
                 });
                 if let (Some((flying, answered)), Some(m)) = (remote, line.as_object_mut()) {
                     m.insert("requests_in_flight".into(), flying.into());
+                    m.insert("requests_answered".into(), answered.into());
                     m.insert("answers_per_s".into(), (answered as f64 / secs).into());
                 }
                 eprintln!("{line}");
