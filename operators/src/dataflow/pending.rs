@@ -13,13 +13,13 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use super::{BatchFn, ErrorSlot, StageError};
+use super::{ErrorSlot, StageError};
 
 /// Wakes the operator of a [`PendingStage`] (callable from any thread).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 /// A stage whose batches finish later. Built per worker, like a
-/// [`BatchFn`].
+/// [`super::BatchFn`].
 pub trait PendingStage<I, O> {
     /// Starts batch `id`. When it is finished (now or later, on any thread)
     /// the stage calls `wake`, and [`PendingStage::finished`] returns it.
@@ -28,34 +28,6 @@ pub trait PendingStage<I, O> {
     /// The batches finished since the last call: one output per input, in
     /// input order.
     fn finished(&mut self) -> Vec<(u64, Result<Vec<O>, StageError>)>;
-}
-
-/// A [`BatchFn`] as a [`PendingStage`] whose batches finish when started.
-pub struct Immediate<I, O> {
-    logic: BatchFn<I, O>,
-    done: Vec<(u64, Result<Vec<O>, StageError>)>,
-}
-
-impl<I, O> Immediate<I, O> {
-    /// Wraps `logic`.
-    pub fn new(logic: BatchFn<I, O>) -> Self {
-        Self {
-            logic,
-            done: Vec::new(),
-        }
-    }
-}
-
-impl<I, O> PendingStage<I, O> for Immediate<I, O> {
-    fn start(&mut self, id: u64, batch: Vec<I>, _wake: Waker) -> Result<(), StageError> {
-        let out = (self.logic)(batch);
-        self.done.push((id, out));
-        Ok(())
-    }
-
-    fn finished(&mut self) -> Vec<(u64, Result<Vec<O>, StageError>)> {
-        std::mem::take(&mut self.done)
-    }
 }
 
 /// Batches started and not yet finished: each time's capability and its
