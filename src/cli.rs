@@ -285,7 +285,11 @@ pub struct GenerateArgs {
     )]
     pub openai_base_url: Option<String>,
     /// openai backend: the served model to ask (default: the only one GET /v1/models lists).
-    #[arg(long = "openai_model", visible_alias = "openai-model", value_name = "NAME")]
+    #[arg(
+        long = "openai_model",
+        visible_alias = "openai-model",
+        value_name = "NAME"
+    )]
     pub openai_model: Option<String>,
     /// openai backend: the environment variable holding the API key (default OPENAI_API_KEY, when set); the key is never recorded.
     #[arg(

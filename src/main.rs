@@ -99,7 +99,8 @@ fn vqa(a: &cli::VqaArgs) -> Result<()> {
         .device
         .parse()
         .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
-    let hub = leverflow_operators::models::hub::HubSettings::from_env(a.revision.as_deref(), a.offline);
+    let hub =
+        leverflow_operators::models::hub::HubSettings::from_env(a.revision.as_deref(), a.offline);
     for line in qwen2_5_vl::answer_requests(&a.vqa_model, &hub, device, &requests)? {
         println!("{}", serde_json::to_string(&line)?);
     }

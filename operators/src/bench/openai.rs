@@ -84,7 +84,12 @@ fn flags(s: &BenchSettings, o: &OpenAiBench, url: &str, c: usize, out: &Path) ->
 }
 
 /// Runs the binary once into a fresh directory and reads its `_meta`.
-fn measure(s: &BenchSettings, o: &OpenAiBench, url: &str, c: usize) -> Result<Measured, BenchError> {
+fn measure(
+    s: &BenchSettings,
+    o: &OpenAiBench,
+    url: &str,
+    c: usize,
+) -> Result<Measured, BenchError> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("rl.json");
     let run = std::process::Command::new(&s.exe)
@@ -129,7 +134,11 @@ pub fn bench_openai(s: &BenchSettings, o: &OpenAiBench) -> Result<(), BenchError
         let med = median(&secs);
         let m = runs
             .iter()
-            .min_by(|a, b| (a.dataflow_s - med).abs().total_cmp(&(b.dataflow_s - med).abs()))
+            .min_by(|a, b| {
+                (a.dataflow_s - med)
+                    .abs()
+                    .total_cmp(&(b.dataflow_s - med).abs())
+            })
             .ok_or_else(|| BenchError::Run("no run".into()))?;
         let per = |x: f64| 1e3 * x / m.requests.max(1) as f64;
         println!(

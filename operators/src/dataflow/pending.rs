@@ -34,9 +34,10 @@ pub trait PendingStage<I, O> {
 /// share of the batch.
 type InFlight = HashMap<u64, (usize, Vec<(Capability<u64>, usize)>)>;
 
-/// Wraps `stage` as a timely operator named `name` that starts batches of at
-/// least `batch_size` records (or fewer once the input frontier shows no
-/// more can arrive for the stashed times) without waiting for them, and
+/// Wraps `stage` as a timely operator named `name` that starts batches of
+/// `batch_size` records once that many are stashed (or fewer once the input
+/// frontier shows no more can arrive for the stashed times) without waiting
+/// for them, and
 /// sends each batch's outputs when it is finished, at the times of its
 /// inputs. After an error has been recorded in `errors` the operator drops
 /// its input and the outputs of batches still finishing.
@@ -92,20 +93,33 @@ where
                     .next()
                     .is_some_and(|t| !frontier.frontier().less_equal(t));
                 if !stash.is_empty() && (stashed >= batch_size || complete) {
-                    let mut groups: Vec<(Capability<u64>, usize)> = Vec::new();
-                    let mut items = Vec::with_capacity(stashed);
-                    for (_, (cap, mut records)) in std::mem::take(&mut stash) {
-                        groups.push((cap, records.len()));
-                        items.append(&mut records);
-                    }
                     stashed = 0;
-                    let id = next_id;
-                    next_id += 1;
-                    in_flight.insert(id, (items.len(), groups));
-                    if let Err(e) = stage.start(id, items, Arc::clone(&wake)) {
-                        errors.set(e);
-                        in_flight.clear();
-                        return;
+                    // Batches of `batch_size` records, each started at once:
+                    // their outputs are sent as each finishes.
+                    let mut batches: Vec<(Vec<(Capability<u64>, usize)>, Vec<I>)> = Vec::new();
+                    for (_, (cap, records)) in std::mem::take(&mut stash) {
+                        for r in records {
+                            match batches.last_mut() {
+                                Some((groups, items)) if items.len() < batch_size => {
+                                    match groups.last_mut() {
+                                        Some((c, n)) if c.time() == cap.time() => *n += 1,
+                                        _ => groups.push((cap.clone(), 1)),
+                                    }
+                                    items.push(r);
+                                }
+                                _ => batches.push((vec![(cap.clone(), 1)], vec![r])),
+                            }
+                        }
+                    }
+                    for (groups, items) in batches {
+                        let id = next_id;
+                        next_id += 1;
+                        in_flight.insert(id, (items.len(), groups));
+                        if let Err(e) = stage.start(id, items, Arc::clone(&wake)) {
+                            errors.set(e);
+                            in_flight.clear();
+                            return;
+                        }
                     }
                 }
                 for (id, result) in stage.finished() {

@@ -218,7 +218,10 @@ pub fn cached_snapshot(
     if snapshot.join("config.json").is_file() {
         Ok(Ok(snapshot))
     } else {
-        Ok(Err(format!("no {}", snapshot.join("config.json").display())))
+        Ok(Err(format!(
+            "no {}",
+            snapshot.join("config.json").display()
+        )))
     }
 }
 
@@ -326,7 +329,15 @@ mod tests {
             parse_name("org/model_v1.5").unwrap(),
             ModelName::Repo("org/model_v1.5".into())
         );
-        for bad in ["/no/such/dir", "just-a-name", "a/b/c", "../x", "a/-b", "a--b/c", ""] {
+        for bad in [
+            "/no/such/dir",
+            "just-a-name",
+            "a/b/c",
+            "../x",
+            "a/-b",
+            "a--b/c",
+            "",
+        ] {
             assert!(
                 matches!(parse_name(bad), Err(HubError::NotAModel(_))),
                 "{bad}"

@@ -233,8 +233,11 @@ impl PendingStage<QueryCands, QueryAnswered> for VqaStage {
             let Some(mut w) = self.waiting.remove(&id) else {
                 continue;
             };
+            // A server's answers are stored as they arrive, so a run that
+            // stops later (the server died) never asks for them again.
             let out = self
-                .take_remote(&mut w, results)
+                .store_answers(&w, &results)
+                .and_then(|()| self.take_remote(&mut w, results))
                 .and_then(|()| assemble(w));
             self.done.push((id, out));
             self.note_stats();
@@ -370,6 +373,23 @@ impl VqaStage {
             w.answers[i] = Some(a);
         }
         Ok(())
+    }
+
+    /// Stores the answers a remote model delivered for a batch's asked
+    /// prompts (its failures are not stored: a rerun asks again).
+    fn store_answers(&self, w: &Waiting, results: &[PromptResult]) -> Result<(), StageError> {
+        let answers: Vec<(u64, Key, Vec<u8>)> = w
+            .misses
+            .iter()
+            .zip(results)
+            .filter_map(|(&slot, r)| {
+                let a = r.as_ref().ok()?;
+                Some((prompt_query(w, slot), w.prompt_keys[slot], encode_value(a)))
+            })
+            .collect();
+        self.store
+            .put_vqa(&answers)
+            .map_err(|e| StageError::new("vqa", None, e))
     }
 
     /// Publishes the model's counters for the run summary.
