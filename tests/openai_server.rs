@@ -384,15 +384,14 @@ fn a_killed_server_stops_the_run_and_a_rerun_completes_from_the_store() {
     let server = Server::start(&model, &dir.path().join("serve2.log"));
     ok(&leverflow(&openai_generate(&out, end, &server.url())));
     assert_eq!(without_meta(&reference), without_meta(&out));
-    // The answers received before the server died came from the store.
+    // What the server answered before it died came from the store: the
+    // records of finished queries and the answers of unfinished ones.
     let counts = &read_json(&out)["_meta"]["counts"];
-    let cached = counts["vqa_cached"].as_u64().unwrap();
-    assert!(cached >= 9, "{counts}");
-    assert_eq!(
-        cached + counts["vqa_calls"].as_u64().unwrap(),
-        421,
-        "{counts}"
-    );
+    let calls = counts["vqa_calls"].as_u64().unwrap();
+    assert!(calls < 421, "the rerun asked every prompt again: {counts}");
+    let reused =
+        counts["vqa_cached"].as_u64().unwrap() + counts["queries_reused"].as_u64().unwrap();
+    assert!(reused > 0, "{counts}");
 }
 
 #[test]
