@@ -106,7 +106,8 @@ fn measure(
     let f = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
     Ok(Measured {
         dataflow_s: f(&meta["timings"]["dataflow_s"]),
-        requests: b["openai_requests"].as_u64().unwrap_or(0),
+        // Summed over workers as numbers (the summary adds them as f64).
+        requests: b["openai_requests"].as_f64().unwrap_or(0.0) as u64,
         build_s: f(&b["openai_build_s"]),
         http_s: f(&b["openai_http_s"]),
         parse_s: f(&b["openai_parse_s"]),
