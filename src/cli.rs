@@ -152,13 +152,19 @@ pub struct GenerateArgs {
         value_name = "FILE"
     )]
     pub sampler_cache: Option<PathBuf>,
-    /// VQA model: the directory of a downloaded Qwen2.5-VL checkpoint.
+    /// VQA model: a Qwen2.5-VL checkpoint directory, a Hugging Face repository id (Qwen/Qwen2.5-VL-3B-Instruct, from the HF cache or downloaded), or qwen2.5_vl_3B / qwen2.5_vl_7B.
     #[arg(
         long = "vqa_model",
         visible_alias = "vqa-model",
         default_value_t = d().vqa_model
     )]
     pub vqa_model: String,
+    /// Revision of a repository --vqa_model: branch, tag or commit (default: main).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Never download a model (as HF_HUB_OFFLINE=1): a repository must be in the Hugging Face cache.
+    #[arg(long)]
+    pub offline: bool,
     /// Dataset kind: okvqa_local or vqav2_local.
     #[arg(long, default_value_t = d().dataset)]
     pub dataset: String,
@@ -271,6 +277,49 @@ pub struct GenerateArgs {
         value_name = "FILE"
     )]
     pub replay_from: Option<PathBuf>,
+    /// openai backend: the server's base URL, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, transformers serve, ...).
+    #[arg(
+        long = "openai_base_url",
+        visible_alias = "openai-base-url",
+        value_name = "URL"
+    )]
+    pub openai_base_url: Option<String>,
+    /// openai backend: the served model to ask (default: the only one GET /v1/models lists).
+    #[arg(
+        long = "openai_model",
+        visible_alias = "openai-model",
+        value_name = "NAME"
+    )]
+    pub openai_model: Option<String>,
+    /// openai backend: the environment variable holding the API key (default OPENAI_API_KEY, when set); the key is never recorded.
+    #[arg(
+        long = "openai_api_key_env",
+        visible_alias = "openai-api-key-env",
+        value_name = "VAR"
+    )]
+    pub openai_api_key_env: Option<String>,
+    /// openai backend: requests in flight at once per process.
+    #[arg(
+        long = "openai_concurrency",
+        visible_alias = "openai-concurrency",
+        default_value_t = d().openai_concurrency
+    )]
+    pub openai_concurrency: usize,
+    /// openai backend: seconds to wait for one response.
+    #[arg(
+        long = "openai_timeout",
+        visible_alias = "openai-timeout",
+        value_name = "SECONDS",
+        default_value_t = d().openai_timeout
+    )]
+    pub openai_timeout: f64,
+    /// openai backend: retries of a request after a connection error, 429 or 5xx (exponential backoff from 0.5 s).
+    #[arg(
+        long = "openai_retries",
+        visible_alias = "openai-retries",
+        default_value_t = d().openai_retries
+    )]
+    pub openai_retries: u32,
     /// Device: cpu, or cuda:N (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -596,9 +645,15 @@ pub struct StatsArgs {
 /// Arguments of `vqa`.
 #[derive(Debug, Clone, Args)]
 pub struct VqaArgs {
-    /// Qwen2.5-VL checkpoint directory.
+    /// Qwen2.5-VL checkpoint: a directory, a Hugging Face repository id, or qwen2.5_vl_3B / qwen2.5_vl_7B.
     #[arg(long = "vqa_model", visible_alias = "vqa-model")]
     pub vqa_model: String,
+    /// Revision of a repository --vqa_model: branch, tag or commit (default: main).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Never download a model (as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
     /// Request JSON (one request or a list).
     #[arg(long)]
     pub request: PathBuf,
@@ -610,7 +665,7 @@ pub struct VqaArgs {
 /// Arguments of `bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure: score, candidates, pipeline, rerun (incremental rerun after adding 1% queries), vqa.
+    /// What to measure: score, candidates, pipeline, rerun (incremental rerun after adding 1% queries), vqa, openai (answers/s through a running server at --concurrency requests in flight; --queries demo queries).
     pub what: String,
     /// Candidate pool size (candidates bench).
     #[arg(long, default_value_t = 64)]
@@ -643,6 +698,19 @@ pub struct BenchArgs {
     /// directory, removed at the end.
     #[arg(long = "keep_dir", visible_alias = "keep-dir")]
     pub keep_dir: Option<PathBuf>,
+    /// openai bench: the server's base URL (e.g. http://127.0.0.1:8000/v1).
+    #[arg(
+        long = "openai_base_url",
+        visible_alias = "openai-base-url",
+        value_name = "URL"
+    )]
+    pub openai_base_url: Option<String>,
+    /// openai bench: the served model (default: the only one).
+    #[arg(long = "openai_model", visible_alias = "openai-model")]
+    pub openai_model: Option<String>,
+    /// openai bench: requests in flight to measure at (comma separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
+    pub concurrency: Vec<usize>,
 }
 
 #[cfg(test)]

@@ -49,12 +49,7 @@ fn pipeline_message(p: &PipelineError) -> String {
     match p {
         PipelineError::Config(c) => config_message(c),
         PipelineError::Backend(BackendError::Config(c)) => config_message(c),
-        PipelineError::Backend(BackendError::NotADirectory(name)) => {
-            format!("--vqa_model {name}: not a local directory; {}", {
-                let full = BackendError::NotADirectory(String::new()).to_string();
-                full.trim_start_matches(": not a local directory; ").to_string()
-            })
-        }
+        PipelineError::Backend(BackendError::Hub(e)) => format!("--vqa_model {e}"),
         PipelineError::Backend(e @ (BackendError::NoCuda | BackendError::MixedDevices)) => {
             format!("--device/--devices: {e}")
         }

@@ -62,7 +62,7 @@ fn run_job(args: cli::GenerateArgs, job: Job) -> Result<()> {
         demo::apply(&mut config, job)?;
     }
     if config.print_config {
-        print!("{}", serde_yaml::to_string(&config)?);
+        print!("{}", serde_yaml::to_string(&config.recorded())?);
         return Ok(());
     }
     let style = progress::ProgressStyle::of(config.progress, config.quiet);
@@ -99,7 +99,9 @@ fn vqa(a: &cli::VqaArgs) -> Result<()> {
         .device
         .parse()
         .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
-    for line in qwen2_5_vl::answer_requests(&a.vqa_model, device, &requests)? {
+    let hub =
+        leverflow_operators::models::hub::HubSettings::from_env(a.revision.as_deref(), a.offline);
+    for line in qwen2_5_vl::answer_requests(&a.vqa_model, &hub, device, &requests)? {
         println!("{}", serde_json::to_string(&line)?);
     }
     Ok(())
@@ -118,6 +120,11 @@ fn bench(a: &cli::BenchArgs) -> Result<()> {
         keep_dir: a.keep_dir.clone(),
         exe: std::env::current_exe()?,
         repo: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        openai: leverflow_operators::bench::openai::OpenAiBench {
+            base_url: a.openai_base_url.clone(),
+            model: a.openai_model.clone(),
+            concurrency: a.concurrency.clone(),
+        },
     };
     Ok(leverflow_operators::bench::run(&a.what, &settings)?)
 }

@@ -149,11 +149,24 @@ fn report(style: ProgressStyle, c: &Counters, stop: &AtomicBool, stage: &str) {
         let candidates = c.candidates_done.load(Ordering::Relaxed);
         let calls = c.vqa_calls.load(Ordering::Relaxed);
         let secs = start.elapsed().as_secs_f64().max(1e-9);
+        // A server backend: requests in flight and answers received.
+        let remote = c.vqa_remote.get().map(|g| {
+            (
+                g.in_flight.load(Ordering::Relaxed),
+                g.answered.load(Ordering::Relaxed),
+            )
+        });
         match (&bar, style) {
             (Some(bar), _) => {
                 bar.set_position(queries);
+                let server = remote.map_or(String::new(), |(flying, answered)| {
+                    format!(
+                        " | {flying} in flight, {:.1} answers/s",
+                        answered as f64 / secs
+                    )
+                });
                 bar.set_message(format!(
-                    "| {candidates} candidates | {calls} VQA calls ({:.1}/s)",
+                    "| {candidates} candidates | {calls} VQA calls ({:.1}/s){server}",
                     calls as f64 / secs
                 ));
             }
@@ -161,15 +174,18 @@ fn report(style: ProgressStyle, c: &Counters, stop: &AtomicBool, stage: &str) {
                 if done || last_json.elapsed() >= Duration::from_secs(1) =>
             {
                 last_json = Instant::now();
-                eprintln!(
-                    "{}",
-                    serde_json::json!({
-                        "event": "progress", "stage": stage, "queries_done": queries,
-                        "queries_total": c.queries_total.load(Ordering::Relaxed),
-                        "candidates_done": candidates, "vqa_calls": calls,
-                        "vqa_calls_per_s": calls as f64 / secs, "elapsed_s": secs,
-                    })
-                );
+                let mut line = serde_json::json!({
+                    "event": "progress", "stage": stage, "queries_done": queries,
+                    "queries_total": c.queries_total.load(Ordering::Relaxed),
+                    "candidates_done": candidates, "vqa_calls": calls,
+                    "vqa_calls_per_s": calls as f64 / secs, "elapsed_s": secs,
+                });
+                if let (Some((flying, answered)), Some(m)) = (remote, line.as_object_mut()) {
+                    m.insert("requests_in_flight".into(), flying.into());
+                    m.insert("requests_answered".into(), answered.into());
+                    m.insert("answers_per_s".into(), (answered as f64 / secs).into());
+                }
+                eprintln!("{line}");
             }
             _ => {}
         }

@@ -377,7 +377,18 @@ fn a_model_name_that_is_not_a_directory_is_explained() {
     let (_dir, out, mut args) = bad_case("model");
     args[0] = "generate".into();
     args = with_flag(args, "--vqa_model", "Qwen/Qwen2.5-VL-3B-Instruct");
-    expect_failure(args, &out, &["not a local directory", "downloaded"]);
+    // A commit no cache holds, and no download.
+    args = with_flag(args, "--revision", &"0".repeat(40));
+    args.push("--offline".into());
+    expect_failure(
+        args,
+        &out,
+        &["not in the Hugging Face cache", "huggingface-cli download"],
+    );
+    let (_dir, out, mut args) = bad_case("not-a-model");
+    args[0] = "generate".into();
+    args = with_flag(args, "--vqa_model", "/no/such/checkpoint");
+    expect_failure(args, &out, &["neither a local directory", "--vqa_model"]);
 }
 
 #[test]

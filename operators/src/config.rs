@@ -43,8 +43,13 @@ pub struct RunConfig {
     pub candidate_indices: Option<PathBuf>,
     /// Per-query candidate pools `{"<query_idx>": [ids]}`.
     pub sampler_cache: Option<PathBuf>,
-    /// VQA model: a checkpoint directory (or the original's model name).
+    /// VQA model: a checkpoint directory, a Hugging Face repository id, or
+    /// the original's model name (see `crate::models::hub`).
     pub vqa_model: String,
+    /// Revision of a repository `vqa_model` (branch, tag or commit; default `main`).
+    pub revision: Option<String>,
+    /// Never download a model: a repository must be in the Hugging Face cache.
+    pub offline: bool,
     /// Dataset kind: okvqa_local or vqav2_local.
     pub dataset: String,
     /// Training questions (official VQA format).
@@ -91,6 +96,21 @@ pub struct RunConfig {
     pub vqa_backend: VqaBackend,
     /// Earlier output (JSON or Parquet) whose raw generations `replay` answers with.
     pub replay_from: Option<PathBuf>,
+    /// Base URL of the OpenAI-compatible server of the `openai` backend
+    /// (e.g. `http://127.0.0.1:8000/v1`).
+    pub openai_base_url: Option<String>,
+    /// The served model to ask (default: the only one `GET /models` lists).
+    pub openai_model: Option<String>,
+    /// The environment variable holding the API key (default
+    /// `OPENAI_API_KEY` when set); the key itself is never recorded.
+    pub openai_api_key_env: Option<String>,
+    /// Requests in flight at once per process.
+    pub openai_concurrency: usize,
+    /// Seconds to wait for one response.
+    pub openai_timeout: f64,
+    /// Retries of a request after a connection error, 429 or 5xx
+    /// (exponential backoff from 0.5 s).
+    pub openai_retries: u32,
     /// Device of every worker: cpu, or cuda:N.
     pub device: String,
     /// Prompts per VQA batch.
@@ -199,6 +219,8 @@ impl Default for RunConfig {
             candidate_indices: None,
             sampler_cache: None,
             vqa_model: "qwen2.5_vl_3B".into(),
+            revision: None,
+            offline: false,
             dataset: "okvqa_local".into(),
             train_ques_path: None,
             train_ann_path: None,
@@ -220,6 +242,12 @@ impl Default for RunConfig {
             seed: 0,
             vqa_backend: VqaBackend::Qwen2_5Vl,
             replay_from: None,
+            openai_base_url: None,
+            openai_model: None,
+            openai_api_key_env: None,
+            openai_concurrency: 16,
+            openai_timeout: 600.0,
+            openai_retries: 5,
             device: "cpu".into(),
             batch_size: 8,
             max_new_tokens: 5,
@@ -307,6 +335,12 @@ impl RunConfig {
         if self.batch_size == 0 {
             return Err(ConfigError::new("batch_size", "must be at least 1"));
         }
+        if self.openai_concurrency == 0 {
+            return Err(ConfigError::new("openai_concurrency", "must be at least 1"));
+        }
+        if !(self.openai_timeout.is_finite() && self.openai_timeout > 0.0) {
+            return Err(ConfigError::new("openai_timeout", "must be > 0 seconds"));
+        }
         if self.max_image_side == 0 || self.max_image_mb == 0 {
             return Err(ConfigError::new(
                 "max_image_side",
@@ -314,6 +348,16 @@ impl RunConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The settings as recorded in `_meta.args` and printed: credentials in
+    /// `openai_base_url` (`http://user:pass@host/v1`) become `***`.
+    pub fn recorded(&self) -> RunConfig {
+        let mut c = self.clone();
+        if let Some(url) = &c.openai_base_url {
+            c.openai_base_url = Some(crate::backends::openai::redact_url(url));
+        }
+        c
     }
 
     /// Whether accuracy is the official metric only (no fallback match).
@@ -389,6 +433,10 @@ pub enum VqaBackend {
     #[serde(rename = "replay")]
     #[cfg_attr(feature = "clap", value(name = "replay"))]
     Replay,
+    /// An OpenAI-compatible server (vLLM, SGLang, transformers serve, ...).
+    #[serde(rename = "openai")]
+    #[cfg_attr(feature = "clap", value(name = "openai"))]
+    Openai,
 }
 
 /// What to do when a prompt's image file is missing.

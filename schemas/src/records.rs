@@ -133,7 +133,9 @@ pub struct CandidateRecord {
     /// Annotation split used for the accuracy (`train`, `val`, `fallback`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_split_used: Option<String>,
-    /// True when evaluating this candidate failed (readers skip it).
+    /// True when evaluating this candidate failed (readers skip it): with
+    /// `on_vqa_error = record`, the VQA backend failed on its prompt (e.g.
+    /// an inference server that stayed unreachable through the retries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_failed: Option<bool>,
     /// Scalar reward of the candidate.

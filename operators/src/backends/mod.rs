@@ -13,8 +13,13 @@
 //! |---|---|---|
 //! | `qwen2_5_vl` | [`qwen2_5_vl`] | a Qwen2.5-VL checkpoint in burn (CPU or CUDA) |
 //! | `replay` | [`replay`] | the raw generations of an earlier output |
+//! | `openai` | [`openai`] | an OpenAI-compatible server (vLLM, SGLang, `transformers serve`, ...) |
+//!
+//! `vqa_model` names (a directory, a hub repository id or an alias) are
+//! resolved by [`crate::models::hub`].
 
 pub mod device;
+pub mod openai;
 pub mod qwen2_5_vl;
 pub mod replay;
 pub mod request;
@@ -41,6 +46,9 @@ pub struct LoadedBackend {
     pub factory: VqaFactory,
     /// The model's identity (`_meta.vqa_model`, and part of answer keys).
     pub identity: serde_json::Value,
+    /// What `_meta.vqa_model` records when it is more than the identity
+    /// (a server's URL, which answer keys leave out).
+    pub recorded: Option<serde_json::Value>,
 }
 
 /// What a backend is loaded from.
@@ -59,9 +67,12 @@ pub enum BackendError {
     /// A setting is missing or wrong.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The model setting does not name a local directory.
-    #[error("{0}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...), e.g. one fetched with `huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir DIR` on a machine with network access. leverflow never downloads models at run time.")]
-    NotADirectory(String),
+    /// The model setting names no usable checkpoint.
+    #[error(transparent)]
+    Hub(#[from] crate::models::hub::HubError),
+    /// The OpenAI-compatible server is unusable.
+    #[error(transparent)]
+    OpenAi(#[from] openai::OpenAiError),
     /// CPU and CUDA devices mixed in one process.
     #[error("a mix of cpu and cuda devices; give only cuda:N devices or only cpu")]
     MixedDevices,
@@ -96,5 +107,6 @@ pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
     match ctx.config.vqa_backend {
         VqaBackend::Qwen2_5Vl => qwen2_5_vl::load(ctx),
         VqaBackend::Replay => replay::load(ctx),
+        VqaBackend::Openai => openai::load(ctx),
     }
 }

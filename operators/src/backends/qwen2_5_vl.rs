@@ -14,6 +14,7 @@ use super::{BackendContext, BackendError, LoadedBackend, VqaFactory};
 use crate::config::RunConfig;
 use crate::image_decode::ImageLimits;
 use crate::models::contract::VqaModel;
+use crate::models::hub::HubSettings;
 use crate::models::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
 use crate::models::qwen2_5_vl::model::{request_of, Qwen25Vl, QwenVqa};
 use crate::state::FileDigests;
@@ -38,20 +39,17 @@ pub fn overrides(cfg: &RunConfig) -> GenerationOverrides {
     }
 }
 
-/// Checks that `dir` is a checkpoint directory.
-fn model_dir(name: &str) -> Result<PathBuf, BackendError> {
-    let dir = PathBuf::from(name);
-    if dir.is_dir() {
-        Ok(dir)
-    } else {
-        Err(BackendError::NotADirectory(name.to_string()))
-    }
+/// The checkpoint directory a `vqa_model` value names (a directory, a
+/// hub repository id or an alias; see [`crate::models::hub`]).
+pub fn model_dir(name: &str, hub: &HubSettings) -> Result<PathBuf, BackendError> {
+    Ok(crate::models::hub::resolve(name, hub)?)
 }
 
 /// Loads the backend of a run (see [`super::load`]).
 pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
     let cfg = ctx.config;
-    let dir = model_dir(&cfg.vqa_model)?;
+    let hub = HubSettings::from_env(cfg.revision.as_deref(), cfg.offline);
+    let dir = model_dir(&cfg.vqa_model, &hub)?;
     let over = overrides(cfg);
     let files = checkpoint_hashes(&dir, ctx.digests)?;
     let all_cpu = ctx.devices.iter().all(|d| *d == Device::Cpu);
@@ -135,7 +133,11 @@ where
             .ok_or(BackendError::NoDevice)?;
         Ok(Box::new(QwenVqa::new(model, generation.clone(), cache_mb)) as Box<dyn VqaModel>)
     });
-    Ok(LoadedBackend { factory, identity })
+    Ok(LoadedBackend {
+        factory,
+        identity,
+        recorded: None,
+    })
 }
 
 /// SHA-256 of every file of a checkpoint directory that defines the model's
@@ -170,10 +172,11 @@ fn checkpoint_hashes(dir: &Path, digests: &FileDigests) -> Result<serde_json::Va
 /// Requests with the same generation settings are answered as one batch.
 pub fn answer_requests(
     model: &str,
+    hub: &HubSettings,
     device: Device,
     requests: &[VqaRequest],
 ) -> Result<Vec<serde_json::Value>, BackendError> {
-    let dir = model_dir(model)?;
+    let dir = model_dir(model, hub)?;
     match device {
         Device::Cpu => answer_on::<Cpu>(&dir, &Default::default(), requests),
         #[cfg(feature = "cuda")]

@@ -324,7 +324,11 @@ pub fn load(ctx: &super::BackendContext<'_>) -> Result<super::LoadedBackend, sup
     let factory: super::VqaFactory = Arc::new(move |_worker: usize| {
         Ok(Box::new(ReplayModel::new(Arc::clone(&index))) as Box<dyn VqaModel>)
     });
-    Ok(super::LoadedBackend { factory, identity })
+    Ok(super::LoadedBackend {
+        factory,
+        identity,
+        recorded: None,
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! | `candidates` | [`workloads`] | pointer-selector candidate generation |
 //! | `pipeline`, `rerun`, `cluster` | [`workloads`] | whole runs of the binary on synthetic inputs |
 //! | `vqa` | [`vqa`] | Qwen2.5-VL prompts per second at batch 1 and batch N |
+//! | `openai` | [`openai`] | answers per second through a running OpenAI-compatible server, and leverflow's time per request |
 
+pub mod openai;
 pub mod vqa;
 pub mod workloads;
 
@@ -38,6 +40,8 @@ pub struct BenchSettings {
     pub exe: PathBuf,
     /// The repository root (the demo and the test fixtures).
     pub repo: PathBuf,
+    /// openai: the server and the concurrencies.
+    pub openai: openai::OpenAiBench,
 }
 
 /// Why a benchmark could not run.
@@ -45,7 +49,7 @@ pub struct BenchSettings {
 pub enum BenchError {
     /// An unknown benchmark name.
     #[error(
-        "unknown benchmark `{0}`: expected score, candidates, vqa, pipeline, rerun or cluster"
+        "unknown benchmark `{0}`: expected score, candidates, vqa, openai, pipeline, rerun or cluster"
     )]
     Unknown(String),
     /// A file could not be read or written.
@@ -75,6 +79,7 @@ pub fn run(what: &str, s: &BenchSettings) -> Result<(), BenchError> {
         "score" => workloads::bench_score(s),
         "candidates" => workloads::bench_cands(s),
         "vqa" => vqa::bench_vqa(s),
+        "openai" => openai::bench_openai(s, &s.openai),
         "pipeline" => workloads::bench_pipeline(s),
         "rerun" => workloads::bench_rerun(s),
         "cluster" => workloads::bench_cluster(s),

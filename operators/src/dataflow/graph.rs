@@ -13,7 +13,7 @@
 use timely::dataflow::{ProbeHandle, StreamVec};
 
 use super::incremental::{incremental_front, Planned, SourceItem};
-use super::{batched, BatchFn, ErrorSlot, InputChange};
+use super::{batched, batched_pending, BatchFn, ErrorSlot, InputChange, PendingStage};
 
 /// A finished query: its index and its serialised update.
 pub type Finished = (u64, Vec<u8>);
@@ -42,8 +42,9 @@ pub enum Then<C, A, S> {
 
 /// The stages of a run that answers prompts.
 pub struct VqaStages<C, A, S> {
-    /// Answers every candidate's prompt.
-    pub vqa: BatchFn<C, A>,
+    /// Answers every candidate's prompt (batches may finish later: requests
+    /// to a server do not block the worker's other stages).
+    pub vqa: Box<dyn PendingStage<C, A>>,
     /// Queries per vqa batch.
     pub vqa_batch: usize,
     /// Scores the answers.
@@ -91,7 +92,7 @@ where
     );
     match stages.then {
         Then::Vqa(v) => {
-            let answered = batched(cands, "vqa", v.vqa_batch, v.vqa, errors.clone());
+            let answered = batched_pending(cands, "vqa", v.vqa_batch, v.vqa, errors.clone());
             let scored = batched(answered, "accuracy", 1, v.accuracy, errors.clone());
             batched(scored, "reward", 1, v.reward, errors)
         }

@@ -21,6 +21,7 @@ mod driver;
 mod error;
 pub mod graph;
 pub mod incremental;
+mod pending;
 
 pub use batch::{batched, BatchFn};
 pub use cluster::{
@@ -32,6 +33,7 @@ pub use driver::{gather_at_worker_zero, run_worker, DriverConfig, SinkFn, Worker
 pub use error::{BoxError, ErrorSlot, StageError};
 pub use graph::{rl_graph, Finished, RecordStages, Stages, Then, VqaStages};
 pub use incremental::{incremental_front, interleave_previous, Planned, SourceItem};
+pub use pending::{batched_pending, PendingStage, Waker};
 
 use std::sync::Mutex;
 

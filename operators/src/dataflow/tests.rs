@@ -138,6 +138,9 @@ fn a_panicking_stage_is_reported_with_its_message_and_location() {
 /// Runs the incremental front on `previous` / `current` (query, key byte)
 /// with small source batches, and returns the final classification and the
 /// queries that went on to be computed.
+///
+/// The vqa double answers later, on threads of its own ([`Delayed`]), as a
+/// server backend does.
 fn classify(
     workers: usize,
     previous: Vec<(u64, u8)>,
@@ -200,9 +203,7 @@ fn classify(
                     candidates: Box::new(|qs: Vec<u64>| Ok(qs)),
                     batch: 3,
                     then: Then::Vqa(VqaStages {
-                        vqa: Box::new(|qs: Vec<u64>| {
-                            Ok(qs.into_iter().map(|q| (q, q * q)).collect())
-                        }),
+                        vqa: Box::new(Delayed::default()),
                         vqa_batch: 2,
                         accuracy: Box::new(|xs: Vec<(u64, u64)>| {
                             Ok(xs.into_iter().map(|(q, a)| (q, a + 1)).collect())
@@ -298,4 +299,32 @@ fn previous_keys_are_interleaved_by_query_index() {
         })
         .collect();
     assert_eq!(got, ["p1", "p2", "p5", "p9", "c9", "c0", "bad", "c1"]);
+}
+
+/// A [`PendingStage`] test double that answers each batch (query → square)
+/// on a thread of its own after a delay that shrinks with each batch, so
+/// batches finish out of order, as a server's answers do.
+#[derive(Default)]
+struct Delayed {
+    started: u64,
+    done: Arc<Mutex<Vec<(u64, Result<Vec<(u64, u64)>, StageError>)>>>,
+}
+
+impl PendingStage<u64, (u64, u64)> for Delayed {
+    fn start(&mut self, id: u64, batch: Vec<u64>, wake: Waker) -> Result<(), StageError> {
+        self.started += 1;
+        let delay = std::time::Duration::from_millis(20u64.saturating_sub(self.started * 3));
+        let done = Arc::clone(&self.done);
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let out = batch.into_iter().map(|q| (q, q * q)).collect();
+            done.lock().unwrap().push((id, Ok(out)));
+            wake();
+        });
+        Ok(())
+    }
+
+    fn finished(&mut self) -> Vec<(u64, Result<Vec<(u64, u64)>, StageError>)> {
+        std::mem::take(&mut *self.done.lock().unwrap())
+    }
 }

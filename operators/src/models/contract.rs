@@ -198,6 +198,42 @@ pub trait VqaModel {
     fn stats(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+
+    /// The asynchronous side of a model that answers elsewhere (a server):
+    /// `None` (the default) for a model that computes on the caller's
+    /// thread through [`VqaModel::answer`].
+    fn remote(&mut self) -> Option<&mut dyn RemoteVqa> {
+        None
+    }
+}
+
+/// One prompt's answer or why it failed.
+pub type PromptResult = Result<VqaAnswer, VqaError>;
+
+/// Receives the answers of a submitted batch (from any thread).
+pub type Delivery = Box<dyn FnOnce(Vec<PromptResult>) + Send>;
+
+/// Requests of a remote model now in flight and answers received, shared
+/// with the progress display.
+#[derive(Debug, Default)]
+pub struct RemoteGauge {
+    /// Requests sent and not yet answered.
+    pub in_flight: std::sync::atomic::AtomicU64,
+    /// Answers received.
+    pub answered: std::sync::atomic::AtomicU64,
+}
+
+/// A model whose prompts are answered elsewhere (a server): prompts are
+/// submitted and their answers delivered later, so the caller's thread is
+/// never blocked while they are computed.
+pub trait RemoteVqa {
+    /// Starts answering `prompts`, each on its own (one prompt's failure
+    /// fails only it); `done` is called once, from some thread, with one
+    /// result per prompt in order.
+    fn submit(&mut self, prompts: Vec<VqaPrompt>, done: Delivery);
+
+    /// The requests in flight and answers received so far.
+    fn gauge(&self) -> std::sync::Arc<RemoteGauge>;
 }
 
 #[cfg(test)]

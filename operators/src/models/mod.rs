@@ -12,9 +12,11 @@
 //! | [`pointer_selector`] | the SFT pointer selector (candidate sequences) |
 //! | [`qwen2_5_vl`] | Qwen2.5-VL (the VQA model of the original) |
 //! | [`demo_vlm`] | the demo's tiny Qwen2.5-VL, trained on easy-VQA by burn code |
+//! | [`hub`] | `vqa_model` names: directories, hub repository ids, aliases |
 
 pub mod contract;
 pub mod demo_vlm;
+pub mod hub;
 pub mod pointer_selector;
 pub mod qwen2_5_vl;
 

@@ -204,7 +204,7 @@ pub(super) fn finish_cluster(
     skipped.sort();
     let dataset = &prep.parquet_path;
     timings.write_s = write_started.elapsed().as_secs_f64();
-    let identity = prep.model_identity();
+    let identity = prep.model_record();
     let meta = build_meta(cfg, prep.inputs(), &summary, &skipped, &timings, &identity);
     write_manifest(dataset, &parts, &meta.to_value())?;
     if cfg.format.contains(OutputFormat::Json) {

@@ -77,6 +77,14 @@ impl Prepared {
             .map_or(serde_json::Value::Null, |b| b.identity.clone())
     }
 
+    /// What `_meta.vqa_model` records (`null` without VQA): the identity,
+    /// or more where the backend records more (a server's URL).
+    pub fn model_record(&self) -> serde_json::Value {
+        self.backend.as_ref().map_or(serde_json::Value::Null, |b| {
+            b.recorded.clone().unwrap_or_else(|| b.identity.clone())
+        })
+    }
+
     /// The inputs the stages read.
     pub fn inputs(&self) -> &Arc<Inputs> {
         &self.loaded.inputs
@@ -725,7 +733,7 @@ fn write_all(
     let write_started = Instant::now();
     let vqa_calls = Counters::get(&shared.counters.vqa_calls);
     let backend = sum_stats(&shared.backend_stats);
-    let identity = prep.model_identity();
+    let identity = prep.model_record();
     let meta = |summary: &crate::outputs::Summary,
                 skipped: &[(u64, String)],
                 seg: super::write::SegmentCounts| {

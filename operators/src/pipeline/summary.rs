@@ -61,7 +61,7 @@ pub fn build_meta(
         tool: "leverflow".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         created_at: leverflow_schemas::meta::rfc3339(now),
-        args: serde_json::to_value(cfg).unwrap_or(serde_json::Value::Null),
+        args: serde_json::to_value(cfg.recorded()).unwrap_or(serde_json::Value::Null),
         input_sha256: inputs.hashes.clone(),
         pointer_layout: inputs.layout.name().into(),
         vqa_model: model.clone(),

@@ -23,6 +23,9 @@ pub struct Counters {
     pub candidate_sets_cached: AtomicU64,
     /// Prompts the backend failed on (recorded as `eval_failed`).
     pub vqa_failed: AtomicU64,
+    /// A remote backend's requests in flight and answers received (for
+    /// the progress display; unset for a local model).
+    pub vqa_remote: std::sync::OnceLock<std::sync::Arc<crate::models::contract::RemoteGauge>>,
 }
 
 impl Counters {

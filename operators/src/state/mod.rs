@@ -550,6 +550,27 @@ impl StateStore {
         txn.commit().map_err(|e| self.unreadable(e))
     }
 
+    /// Stores VQA answers `(query, prompt key, postcard bytes)` at once,
+    /// apart from their queries' records (a server's answers, kept even when
+    /// the run stops before their queries finish). The commit is atomic; it
+    /// is made durable by the writer's next durable commit.
+    pub fn put_vqa(&self, answers: &[(u64, Key, Vec<u8>)]) -> Result<(), StateError> {
+        if answers.is_empty() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().map_err(|e| self.unreadable(e))?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| self.unreadable(e))?;
+        {
+            let mut vqa = txn.open_table(VQA).map_err(|e| self.unreadable(e))?;
+            for (q, k, v) in answers {
+                vqa.insert(table_key(*q, k).as_slice(), v.as_slice())
+                    .map_err(|e| self.unreadable(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.unreadable(e))
+    }
+
     /// The output manifest the last completed run stored with
     /// [`StateStore::complete_run`] (its format belongs to the caller).
     pub fn output_manifest(&self) -> Result<Option<Vec<u8>>, StateError> {
