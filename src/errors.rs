@@ -55,7 +55,12 @@ fn pipeline_message(p: &PipelineError) -> String {
                 full.trim_start_matches(": not a local directory; ").to_string()
             })
         }
-        PipelineError::Backend(e @ (BackendError::NoCuda | BackendError::MixedDevices)) => {
+        PipelineError::Backend(
+            e @ (BackendError::NoCuda
+            | BackendError::NoWgpu
+            | BackendError::NoWgpuAdapter { .. }
+            | BackendError::MixedDevices),
+        ) => {
             format!("--device/--devices: {e}")
         }
         PipelineError::NoTrainingSplit => "the training split is needed for queries and examples: pass --train_ques_path and --train_ann_path (official VQA files) or --train_path (merged vqav2-style file)".into(),

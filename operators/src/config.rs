@@ -91,7 +91,7 @@ pub struct RunConfig {
     pub vqa_backend: VqaBackend,
     /// Earlier output (JSON or Parquet) whose raw generations `replay` answers with.
     pub replay_from: Option<PathBuf>,
-    /// Device of every worker: cpu, or cuda:N.
+    /// Device of every worker: cpu, cuda:N, wgpu or wgpu:N.
     pub device: String,
     /// Prompts per VQA batch.
     pub batch_size: usize,

@@ -11,7 +11,7 @@
 //!
 //! | backend | file | answers with |
 //! |---|---|---|
-//! | `qwen2_5_vl` | [`qwen2_5_vl`] | a Qwen2.5-VL checkpoint in burn (CPU or CUDA) |
+//! | `qwen2_5_vl` | [`qwen2_5_vl`] | a Qwen2.5-VL checkpoint in burn (CPU, CUDA or wgpu) |
 //! | `replay` | [`replay`] | the raw generations of an earlier output |
 
 pub mod device;
@@ -62,12 +62,23 @@ pub enum BackendError {
     /// The model setting does not name a local directory.
     #[error("{0}: not a local directory; pass the directory of a downloaded Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...), e.g. one fetched with `huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir DIR` on a machine with network access. leverflow never downloads models at run time.")]
     NotADirectory(String),
-    /// CPU and CUDA devices mixed in one process.
-    #[error("a mix of cpu and cuda devices; give only cuda:N devices or only cpu")]
+    /// Devices of different kinds (cpu, cuda, wgpu) in one process.
+    #[error("a mix of device kinds; give devices of one kind only (all cpu, all cuda:N or all wgpu[:N])")]
     MixedDevices,
     /// A CUDA device asked of a build without CUDA.
     #[error("this leverflow was built without CUDA support; rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use the cpu device")]
     NoCuda,
+    /// A wgpu device asked of a build without wgpu.
+    #[error("this leverflow was built without wgpu support; rebuild with `cargo build --release --features wgpu`, or use the cpu device")]
+    NoWgpu,
+    /// `wgpu:N` names a discrete GPU that wgpu does not see.
+    #[error("wgpu:{index}: wgpu sees {found} discrete GPU(s); use `wgpu` for the best adapter (integrated GPUs and software devices included)")]
+    NoWgpuAdapter {
+        /// The index asked for.
+        index: usize,
+        /// Discrete GPUs found.
+        found: usize,
+    },
     /// No device was given.
     #[error("no device for the VQA model")]
     NoDevice,
