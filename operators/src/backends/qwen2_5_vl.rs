@@ -268,3 +268,42 @@ fn answer_on<B: Backend>(
     }
     Ok(outputs.into_iter().flatten().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::device::{parse_devices, WgpuAdapter};
+
+    #[test]
+    fn one_device_kind_per_process() {
+        let kind = |spec: &str| device_kind(&parse_devices(spec).unwrap());
+        assert!(matches!(kind("cpu,wgpu"), Err(BackendError::MixedDevices)));
+        assert!(matches!(
+            kind("cuda:0,wgpu:0"),
+            Err(BackendError::MixedDevices)
+        ));
+        assert_eq!(kind("wgpu:0,wgpu:1,wgpu").unwrap(), DeviceKind::Wgpu);
+        assert_eq!(kind("cuda:1").unwrap(), DeviceKind::Cuda);
+        assert_eq!(device_kind(&[]).unwrap(), DeviceKind::Cpu);
+    }
+
+    /// A build without a feature names the feature to rebuild with.
+    #[test]
+    fn a_device_without_its_feature_is_a_typed_error() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/qwen2_5_vl_tiny"
+        );
+        #[cfg(not(feature = "wgpu"))]
+        assert!(matches!(
+            answer_requests(dir, Device::Wgpu(WgpuAdapter::Default), &[]),
+            Err(BackendError::NoWgpu)
+        ));
+        #[cfg(not(feature = "cuda"))]
+        assert!(matches!(
+            answer_requests(dir, Device::Cuda(0), &[]),
+            Err(BackendError::NoCuda)
+        ));
+        let _ = (dir, WgpuAdapter::Default);
+    }
+}

@@ -15,6 +15,8 @@
 
 pub mod contract;
 pub mod demo_vlm;
+#[cfg(all(test, any(feature = "wgpu", feature = "cuda")))]
+mod gpu_parity;
 pub mod pointer_selector;
 pub mod qwen2_5_vl;
 
