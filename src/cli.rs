@@ -320,7 +320,9 @@ pub struct GenerateArgs {
         default_value_t = d().openai_retries
     )]
     pub openai_retries: u32,
-    /// Device: cpu, or cuda:N (needs a build with `--features cuda`).
+    /// Device: cpu, cuda:N (needs a build with `--features cuda`), or wgpu /
+    /// wgpu:N (needs `--features wgpu`; `wgpu` = the best adapter, `wgpu:N` =
+    /// discrete GPU N).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Prompts per VQA batch.
@@ -471,7 +473,7 @@ pub struct GenerateArgs {
     /// and # comments are ignored.  Required with --processes > 1.
     #[arg(long, value_name = "FILE")]
     pub hostfile: Option<PathBuf>,
-    /// Devices of this process's workers, round robin (cpu or cuda:N, comma
+    /// Devices of this process's workers, round robin (cpu, cuda:N or wgpu[:N], comma
     /// separated); default: every worker on --device.
     #[arg(long, value_name = "LIST")]
     pub devices: Option<String>,
@@ -657,7 +659,7 @@ pub struct VqaArgs {
     /// Request JSON (one request or a list).
     #[arg(long)]
     pub request: PathBuf,
-    /// Device: cpu or cuda:N.
+    /// Device: cpu, cuda:N or wgpu[:N] (see `generate --help`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -685,6 +687,11 @@ pub struct BenchArgs {
     /// Batch size (vqa bench).
     #[arg(long = "batch_size", visible_alias = "batch-size", default_value_t = 8)]
     pub batch_size: usize,
+    /// vqa bench: the device (cpu, cuda:N, wgpu[:N]); off the CPU it also
+    /// measures the device→host reads of every decoding step, with the
+    /// ranking on the device and (for comparison) on the host.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// vqa bench: answer with this many decoder layers of Qwen2.5-VL-3B's
     /// width (hidden 2048, MLP 11008, 16 query and 2 KV heads; the 3B has
     /// 36) and random weights, written to a temporary checkpoint next to

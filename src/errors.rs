@@ -50,7 +50,12 @@ fn pipeline_message(p: &PipelineError) -> String {
         PipelineError::Config(c) => config_message(c),
         PipelineError::Backend(BackendError::Config(c)) => config_message(c),
         PipelineError::Backend(BackendError::Hub(e)) => format!("--vqa_model {e}"),
-        PipelineError::Backend(e @ (BackendError::NoCuda | BackendError::MixedDevices)) => {
+        PipelineError::Backend(
+            e @ (BackendError::NoCuda
+            | BackendError::NoWgpu
+            | BackendError::NoWgpuAdapter { .. }
+            | BackendError::MixedDevices),
+        ) => {
             format!("--device/--devices: {e}")
         }
         PipelineError::NoTrainingSplit => "the training split is needed for queries and examples: pass --train_ques_path and --train_ann_path (official VQA files) or --train_path (merged vqav2-style file)".into(),

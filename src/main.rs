@@ -117,6 +117,10 @@ fn bench(a: &cli::BenchArgs) -> Result<()> {
         vqa_model: a.vqa_model.clone(),
         batch_size: a.batch_size,
         synthetic_3b_layers: a.synthetic_3b_layers,
+        device: a
+            .device
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?,
         keep_dir: a.keep_dir.clone(),
         exe: std::env::current_exe()?,
         repo: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),

@@ -3,7 +3,7 @@
 //! prompt and beam-search generation must equal the reference.
 
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture() -> PathBuf {
@@ -17,8 +17,9 @@ fn split(text: &str) -> (String, String) {
     (q.to_string(), a.to_string())
 }
 
-#[test]
-fn vqa_command_matches_the_reference_beam_search() {
+/// The request file of three fixture cases (beam-3, 5 new tokens) and, per
+/// request, the reference's rendered prompt and generated ids.
+fn reference_requests(dir: &Path) -> (PathBuf, Vec<(Value, Vec<u64>)>) {
     let cases: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("cases.json")).unwrap())
             .unwrap();
@@ -55,36 +56,65 @@ fn vqa_command_matches_the_reference_beam_search() {
             .collect();
         expected.push((case["rendered_prompts"][0].clone(), ids));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let req = dir.path().join("req.json");
+    let req = dir.join("req.json");
     std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
+    (req, expected)
+}
+
+/// `leverflow vqa --device <device>` on the fixture model: its JSON lines.
+fn run_vqa(device: &str, req: &Path) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_leverflow"))
-        .args(["vqa", "--vqa_model"])
+        .args(["vqa", "--device", device, "--vqa_model"])
         .arg(fixture())
         .arg("--request")
-        .arg(&req)
+        .arg(req)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{device}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// Each printed line has the reference's prompt and generated ids.
+fn assert_reference(device: &str, lines: &[Value], expected: &[(Value, Vec<u64>)]) {
     assert_eq!(lines.len(), expected.len());
-    for (got, (prompt, ids)) in lines.iter().zip(&expected) {
-        assert_eq!(&got["prompt_text"], prompt);
+    for (got, (prompt, ids)) in lines.iter().zip(expected) {
+        assert_eq!(&got["prompt_text"], prompt, "{device}");
         let got_ids: Vec<u64> = got["generated_ids"]
             .as_array()
             .unwrap()
             .iter()
             .map(|x| x.as_u64().unwrap())
             .collect();
-        assert_eq!(&got_ids, ids);
+        assert_eq!(&got_ids, ids, "{device}");
     }
+}
+
+#[test]
+fn vqa_command_matches_the_reference_beam_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let (req, expected) = reference_requests(dir.path());
+    assert_reference("cpu", &run_vqa("cpu", &req), &expected);
+}
+
+/// `--device wgpu` (the generic burn code every GPU backend runs, here on
+/// whatever adapter wgpu finds: lavapipe in CI) prints what the CPU prints:
+/// the same prompts, prompt ids, generated ids and answers.
+#[cfg(feature = "wgpu")]
+#[test]
+fn vqa_on_wgpu_prints_the_cpu_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (req, expected) = reference_requests(dir.path());
+    let cpu = run_vqa("cpu", &req);
+    let gpu = run_vqa("wgpu", &req);
+    assert_reference("wgpu", &gpu, &expected);
+    assert_eq!(cpu, gpu);
 }
 
 #[test]

@@ -959,7 +959,7 @@ pub struct BenchResult {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::models::pointer_selector::DefaultBackend as Bk;
     use crate::tensor_io::{self, Matrix};
@@ -1010,7 +1010,13 @@ mod tests {
 
     #[test]
     fn beam_search_parity_and_differs_from_original() {
-        let m = model();
+        check_beam_search_parity(&model());
+    }
+
+    /// Beams of every fixture query identical to the reference (log-probs
+    /// and scores within 1e-5), and different from the ungated original's
+    /// (any backend).
+    pub(crate) fn check_beam_search_parity<B: Backend>(m: &PointerSelector<B>) {
         let exp = expected();
         let all = all_rows();
         let shared_pool = m.prepare_pool(&shared()).unwrap();
@@ -1047,7 +1053,7 @@ mod tests {
                         3,
                     ),
                 ] {
-                    let got = beam_search(&m, pool, &[q], 5, shot).unwrap().remove(0);
+                    let got = beam_search(m, pool, &[q], 5, shot).unwrap().remove(0);
                     let want = block[key]["beams"].as_array().unwrap();
                     assert_eq!(got.len(), want.len());
                     for (g, w) in got.iter().zip(want) {
@@ -1057,7 +1063,7 @@ mod tests {
                     }
                     // logprob_score of the same sequences through score_sequences
                     let seqs: Vec<Vec<usize>> = got.iter().map(|b| b.pointer.clone()).collect();
-                    let sc = score_sequences(&m, pool, &q, &seqs).unwrap();
+                    let sc = score_sequences(m, pool, &q, &seqs).unwrap();
                     for (s, g) in sc.iter().zip(&got) {
                         assert!((s - g.logprob).abs() <= 1e-5);
                     }

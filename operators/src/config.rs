@@ -111,7 +111,7 @@ pub struct RunConfig {
     /// Retries of a request after a connection error, 429 or 5xx
     /// (exponential backoff from 0.5 s).
     pub openai_retries: u32,
-    /// Device of every worker: cpu, or cuda:N.
+    /// Device of every worker: cpu, cuda:N, wgpu or wgpu:N.
     pub device: String,
     /// Prompts per VQA batch.
     pub batch_size: usize,

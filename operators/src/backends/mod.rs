@@ -11,7 +11,7 @@
 //!
 //! | backend | file | answers with |
 //! |---|---|---|
-//! | `qwen2_5_vl` | [`qwen2_5_vl`] | a Qwen2.5-VL checkpoint in burn (CPU or CUDA) |
+//! | `qwen2_5_vl` | [`qwen2_5_vl`] | a Qwen2.5-VL checkpoint in burn (CPU, CUDA or wgpu) |
 //! | `replay` | [`replay`] | the raw generations of an earlier output |
 //! | `openai` | [`openai`] | an OpenAI-compatible server (vLLM, SGLang, `transformers serve`, ...) |
 //!
@@ -73,12 +73,23 @@ pub enum BackendError {
     /// The OpenAI-compatible server is unusable.
     #[error(transparent)]
     OpenAi(#[from] openai::OpenAiError),
-    /// CPU and CUDA devices mixed in one process.
-    #[error("a mix of cpu and cuda devices; give only cuda:N devices or only cpu")]
+    /// Devices of different kinds (cpu, cuda, wgpu) in one process.
+    #[error("a mix of device kinds; give devices of one kind only (all cpu, all cuda:N or all wgpu[:N])")]
     MixedDevices,
     /// A CUDA device asked of a build without CUDA.
     #[error("this leverflow was built without CUDA support; rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use the cpu device")]
     NoCuda,
+    /// A wgpu device asked of a build without wgpu.
+    #[error("this leverflow was built without wgpu support; rebuild with `cargo build --release --features wgpu`, or use the cpu device")]
+    NoWgpu,
+    /// `wgpu:N` names a discrete GPU that wgpu does not see.
+    #[error("wgpu:{index}: wgpu sees {found} discrete GPU(s); use `wgpu` for the best adapter (integrated GPUs and software devices included)")]
+    NoWgpuAdapter {
+        /// The index asked for.
+        index: usize,
+        /// Discrete GPUs found.
+        found: usize,
+    },
     /// No device was given.
     #[error("no device for the VQA model")]
     NoDevice,

@@ -1,14 +1,16 @@
 //! The `qwen2_5_vl` backend: a Qwen2.5-VL checkpoint directory answered by
-//! the burn model, on the CPU (`ndarray` with leverflow's host kernels) or
-//! on CUDA devices (the `cuda` feature). The weights load once per distinct
-//! device and are shared by the workers on it.
+//! the burn model, on the CPU (`ndarray` with leverflow's host kernels), on
+//! CUDA devices (the `cuda` feature) or on wgpu adapters (the `wgpu`
+//! feature: Vulkan, Metal, DX12). CUDA and wgpu run the same generic burn
+//! code. The weights load once per distinct device and are shared by the
+//! workers on it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 
-use super::device::Device;
+use super::device::{Device, DeviceKind};
 use super::request::VqaRequest;
 use super::{BackendContext, BackendError, LoadedBackend, VqaFactory};
 use crate::config::RunConfig;
@@ -25,6 +27,32 @@ pub type Cpu = burn::backend::NdArray<f32>;
 /// The CUDA backend (bf16 weights and activations).
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda<half::bf16, i32>;
+
+/// The wgpu backend (f32 weights and activations).
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend = burn::backend::Wgpu<f32, i32>;
+
+/// The burn device of a `wgpu` / `wgpu:N` device name; `wgpu:N` must name
+/// one of the discrete GPUs wgpu sees.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device(
+    adapter: super::device::WgpuAdapter,
+) -> Result<burn::backend::wgpu::WgpuDevice, BackendError> {
+    use super::device::WgpuAdapter;
+    use burn::backend::wgpu::WgpuDevice;
+    match adapter {
+        WgpuAdapter::Default => Ok(WgpuDevice::DefaultDevice),
+        WgpuAdapter::Discrete(index) => {
+            // Type id 0 = discrete GPUs (cubecl's numbering).
+            let found = <WgpuBackend as Backend>::device_count(0);
+            if index < found {
+                Ok(WgpuDevice::DiscreteGpu(index))
+            } else {
+                Err(BackendError::NoWgpuAdapter { index, found })
+            }
+        }
+    }
+}
 
 /// The generation settings of a run (HF's defaults for what is unset).
 pub fn overrides(cfg: &RunConfig) -> GenerationOverrides {
@@ -52,47 +80,69 @@ pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
     let dir = model_dir(&cfg.vqa_model, &hub)?;
     let over = overrides(cfg);
     let files = checkpoint_hashes(&dir, ctx.digests)?;
-    let all_cpu = ctx.devices.iter().all(|d| *d == Device::Cpu);
-    let all_cuda = ctx.devices.iter().all(|d| matches!(d, Device::Cuda(_)));
-    if !all_cpu && !all_cuda {
-        return Err(BackendError::MixedDevices);
-    }
+    let kind = device_kind(ctx.devices)?;
     let limits = cfg.image_limits();
-    let mut loaded = match ctx.devices.first().copied().unwrap_or(Device::Cpu) {
-        Device::Cpu => factory_on::<Cpu>(
-            &dir,
-            ctx.devices
-                .iter()
-                .map(|d| (*d, Default::default()))
-                .collect(),
-            over,
-            cfg.vision_cache_mb,
-            limits,
-        )?,
+    let (cache_mb, devs) = (cfg.vision_cache_mb, ctx.devices);
+    let mut loaded = match kind {
+        DeviceKind::Cpu => factory_on::<Cpu>(&dir, on_cpu(devs), over, cache_mb, limits)?,
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => factory_on::<Gpu>(
-            &dir,
-            ctx.devices
-                .iter()
-                .map(|d| {
-                    let i = match d {
-                        Device::Cuda(i) => *i,
-                        Device::Cpu => 0,
-                    };
-                    (*d, burn::backend::cuda::CudaDevice::new(i))
-                })
-                .collect(),
-            over,
-            cfg.vision_cache_mb,
-            limits,
-        )?,
+        DeviceKind::Cuda => factory_on::<Gpu>(&dir, on_cuda(devs), over, cache_mb, limits)?,
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => return Err(BackendError::NoCuda),
+        DeviceKind::Cuda => return Err(BackendError::NoCuda),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => {
+            factory_on::<WgpuBackend>(&dir, on_wgpu(devs)?, over, cache_mb, limits)?
+        }
+        #[cfg(not(feature = "wgpu"))]
+        DeviceKind::Wgpu => return Err(BackendError::NoWgpu),
     };
     if let serde_json::Value::Object(m) = &mut loaded.identity {
         m.insert("files_sha256".into(), files);
     }
     Ok(loaded)
+}
+
+/// The one device kind of a process's workers (`cpu` when none is given).
+fn device_kind(devices: &[Device]) -> Result<DeviceKind, BackendError> {
+    let kind = devices.first().map_or(DeviceKind::Cpu, Device::kind);
+    if devices.iter().any(|d| d.kind() != kind) {
+        return Err(BackendError::MixedDevices);
+    }
+    Ok(kind)
+}
+
+/// Each worker's device on the CPU backend.
+fn on_cpu(devices: &[Device]) -> Vec<(Device, burn::backend::ndarray::NdArrayDevice)> {
+    devices.iter().map(|d| (*d, Default::default())).collect()
+}
+
+/// Each worker's device on the CUDA backend.
+#[cfg(feature = "cuda")]
+fn on_cuda(devices: &[Device]) -> Vec<(Device, burn::backend::cuda::CudaDevice)> {
+    devices
+        .iter()
+        .map(|d| {
+            let i = match d {
+                Device::Cuda(i) => *i,
+                _ => 0,
+            };
+            (*d, burn::backend::cuda::CudaDevice::new(i))
+        })
+        .collect()
+}
+
+/// Each worker's device on the wgpu backend.
+#[cfg(feature = "wgpu")]
+fn on_wgpu(
+    devices: &[Device],
+) -> Result<Vec<(Device, burn::backend::wgpu::WgpuDevice)>, BackendError> {
+    devices
+        .iter()
+        .map(|d| match d {
+            Device::Wgpu(a) => Ok((*d, wgpu_device(*a)?)),
+            _ => Err(BackendError::MixedDevices),
+        })
+        .collect()
 }
 
 /// Loads the model once per distinct device of `devices` (one entry per
@@ -185,6 +235,10 @@ pub fn answer_requests(
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(BackendError::NoCuda),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(a) => answer_on::<WgpuBackend>(&dir, &wgpu_device(a)?, requests),
+        #[cfg(not(feature = "wgpu"))]
+        Device::Wgpu(_) => Err(BackendError::NoWgpu),
     }
 }
 
@@ -216,4 +270,43 @@ fn answer_on<B: Backend>(
         }
     }
     Ok(outputs.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::device::{parse_devices, WgpuAdapter};
+
+    #[test]
+    fn one_device_kind_per_process() {
+        let kind = |spec: &str| device_kind(&parse_devices(spec).unwrap());
+        assert!(matches!(kind("cpu,wgpu"), Err(BackendError::MixedDevices)));
+        assert!(matches!(
+            kind("cuda:0,wgpu:0"),
+            Err(BackendError::MixedDevices)
+        ));
+        assert_eq!(kind("wgpu:0,wgpu:1,wgpu").unwrap(), DeviceKind::Wgpu);
+        assert_eq!(kind("cuda:1").unwrap(), DeviceKind::Cuda);
+        assert_eq!(device_kind(&[]).unwrap(), DeviceKind::Cpu);
+    }
+
+    /// A build without a feature names the feature to rebuild with.
+    #[test]
+    fn a_device_without_its_feature_is_a_typed_error() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/qwen2_5_vl_tiny"
+        );
+        #[cfg(not(feature = "wgpu"))]
+        assert!(matches!(
+            answer_requests(dir, Device::Wgpu(WgpuAdapter::Default), &[]),
+            Err(BackendError::NoWgpu)
+        ));
+        #[cfg(not(feature = "cuda"))]
+        assert!(matches!(
+            answer_requests(dir, Device::Cuda(0), &[]),
+            Err(BackendError::NoCuda)
+        ));
+        let _ = (dir, WgpuAdapter::Default);
+    }
 }

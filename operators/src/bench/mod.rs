@@ -32,6 +32,8 @@ pub struct BenchSettings {
     pub vqa_model: Option<PathBuf>,
     /// Prompts per batch (vqa, cluster).
     pub batch_size: usize,
+    /// vqa: the device the model runs on.
+    pub device: crate::backends::Device,
     /// vqa: decoder layers of the 3B's width on a synthetic checkpoint.
     pub synthetic_3b_layers: Option<usize>,
     /// pipeline / rerun / cluster: keep the inputs and outputs here.

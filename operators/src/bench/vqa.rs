@@ -1,14 +1,21 @@
 //! `leverflow bench vqa`: prompts per second of the Qwen2.5-VL backend at
 //! batch 1 and at `--batch_size` on the same prompts, on the tiny fixture
-//! or a synthetic checkpoint of the 3B's width.
+//! or a synthetic checkpoint of the 3B's width, on any `--device`. Every
+//! line also gives the decoding loop's device→host reads and bytes per
+//! decode step; off the CPU each batch size runs twice, ranking on the
+//! device (`ranking: device`, the default path) and on the host
+//! (`ranking: host`, every live row's logits read back each step).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use burn::tensor::backend::Backend;
+
 use super::{BenchError, BenchSettings};
 use crate::backends::qwen2_5_vl::Cpu;
-use crate::models::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
-use crate::models::qwen2_5_vl::model::{Qwen25Vl, QwenVqa};
+use crate::backends::{BackendError, Device};
+use crate::models::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides, Ranking};
+use crate::models::qwen2_5_vl::model::{Qwen25Vl, QwenStats, QwenVqa};
 use crate::models::qwen2_5_vl::processor::{ImageSource, PromptRequest, VqaExample, VqaQuery};
 
 type Result<T> = std::result::Result<T, BenchError>;
@@ -20,25 +27,37 @@ pub fn bench_vqa(args: &BenchSettings) -> Result<()> {
         .vqa_model
         .clone()
         .unwrap_or_else(|| args.repo.join("tests/fixtures/qwen2_5_vl_tiny"));
-    let device = Default::default();
     let synthetic = match args.synthetic_3b_layers {
         Some(layers) => Some(synthetic_3b_checkpoint(&dir, layers)?),
         None => None,
     };
     let model_dir = synthetic.as_ref().map_or(dir.as_path(), |t| t.path());
-    let model = Arc::new(Qwen25Vl::<Cpu>::load(model_dir, &device).map_err(BenchError::workload)?);
-    let generation = GenerationConfig::resolve(
-        &GenerationOverrides {
-            max_new_tokens: Some(5),
-            min_new_tokens: Some(0),
-            num_beams: Some(3),
-            length_penalty: Some(0.0),
-            do_sample: Some(false),
-            ..Default::default()
-        },
-        &model.generation_defaults,
-    )
-    .map_err(BenchError::workload)?;
+    let reqs = bench_requests(&dir, args.queries.clamp(8, 64))?;
+    let run = BenchRun {
+        args,
+        dir: &dir,
+        model_dir,
+        reqs: &reqs,
+    };
+    match args.device {
+        Device::Cpu => run.on::<Cpu>(&Default::default()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            run.on::<crate::backends::qwen2_5_vl::Gpu>(&burn::backend::cuda::CudaDevice::new(i))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(BenchError::workload(BackendError::NoCuda)),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(a) => run.on::<crate::backends::qwen2_5_vl::WgpuBackend>(
+            &crate::backends::qwen2_5_vl::wgpu_device(a).map_err(BenchError::workload)?,
+        ),
+        #[cfg(not(feature = "wgpu"))]
+        Device::Wgpu(_) => Err(BenchError::workload(BackendError::NoWgpu)),
+    }
+}
+
+/// `n` prompts of two in-context examples over the fixture's easy-VQA images.
+fn bench_requests(dir: &Path, n: usize) -> Result<Vec<PromptRequest>> {
     let images: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
         .map_err(|e| {
             BenchError::Run(format!(
@@ -60,8 +79,7 @@ pub fn bench_vqa(args: &BenchSettings) -> Result<()> {
             dir.display()
         )));
     }
-    let n = args.queries.clamp(8, 64);
-    let reqs: Vec<PromptRequest> = (0..n)
+    Ok((0..n)
         .map(|i| PromptRequest {
             system_prompt: None,
             examples: (1..=2)
@@ -76,31 +94,75 @@ pub fn bench_vqa(args: &BenchSettings) -> Result<()> {
                 question: "what color is the shape?".into(),
             },
         })
-        .collect();
-    let reps = args.reps.max(1);
-    for batch in [1usize, args.batch_size.max(1)] {
-        let secs = super::time_runs(reps, || {
-            // A fresh cache each run: every image is encoded again.
-            let mut qv = QwenVqa::new(Arc::clone(&model), generation.clone(), 256);
-            for chunk in reqs.chunks(batch) {
-                qv.answer_requests(chunk, None)
-                    .map_err(BenchError::workload)?;
+        .collect())
+}
+
+/// One `bench vqa` invocation's inputs.
+struct BenchRun<'a> {
+    args: &'a BenchSettings,
+    dir: &'a Path,
+    model_dir: &'a Path,
+    reqs: &'a [PromptRequest],
+}
+
+impl BenchRun<'_> {
+    /// Loads the model on `device` of backend `B` and reports every batch
+    /// size (and, off the CPU, both rankings).
+    fn on<B: Backend>(&self, device: &B::Device) -> Result<()> {
+        let model =
+            Arc::new(Qwen25Vl::<B>::load(self.model_dir, device).map_err(BenchError::workload)?);
+        let generation = GenerationConfig::resolve(
+            &GenerationOverrides {
+                max_new_tokens: Some(5),
+                min_new_tokens: Some(0),
+                num_beams: Some(3),
+                length_penalty: Some(0.0),
+                do_sample: Some(false),
+                ..Default::default()
+            },
+            &model.generation_defaults,
+        )
+        .map_err(BenchError::workload)?;
+        let rankings: &[(Ranking, &str)] = match self.args.device {
+            Device::Cpu => &[(Ranking::Auto, "host")],
+            _ => &[(Ranking::Auto, "device"), (Ranking::Host, "host")],
+        };
+        let n = self.reqs.len();
+        for batch in [1usize, self.args.batch_size.max(1)] {
+            for &(ranking, ranking_name) in rankings {
+                let mut stats = QwenStats::default();
+                let secs = super::time_runs(self.args.reps.max(1), || {
+                    // A fresh cache each run: every image is encoded again.
+                    let mut qv = QwenVqa::new(Arc::clone(&model), generation.clone(), 256)
+                        .with_ranking(ranking);
+                    for chunk in self.reqs.chunks(batch) {
+                        qv.answer_requests(chunk, None)
+                            .map_err(BenchError::workload)?;
+                    }
+                    stats = qv.qwen_stats();
+                    Ok(())
+                })?;
+                let steps = stats.decode_steps.max(1) as f64;
+                super::report(
+                    "vqa",
+                    "prompts",
+                    n as f64,
+                    &secs,
+                    serde_json::json!({
+                        "batch_size": batch,
+                        "device": self.args.device.to_string(),
+                        "ranking": ranking_name,
+                        "decode_steps": stats.decode_steps,
+                        "device_reads_per_step": stats.decode_device_reads as f64 / steps,
+                        "device_read_bytes_per_step": stats.decode_device_read_bytes as f64 / steps,
+                        "model": self.dir.display().to_string(),
+                        "synthetic_3b_layers": self.args.synthetic_3b_layers,
+                    }),
+                );
             }
-            Ok(())
-        })?;
-        super::report(
-            "vqa",
-            "prompts",
-            n as f64,
-            &secs,
-            serde_json::json!({
-                "batch_size": batch,
-                "model": dir.display().to_string(),
-                "synthetic_3b_layers": args.synthetic_3b_layers,
-            }),
-        );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A checkpoint directory (deleted when dropped) with `layers` decoder

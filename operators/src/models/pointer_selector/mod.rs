@@ -248,4 +248,4 @@ impl QueryStates {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

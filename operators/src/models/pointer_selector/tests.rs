@@ -21,7 +21,12 @@ fn expected() -> Value {
 }
 
 fn model() -> PointerSelector<Bk> {
-    PointerSelector::load(&fixture("sft.ckpt"), 1, &Default::default()).unwrap()
+    model_on::<Bk>(&Default::default())
+}
+
+/// The fixture checkpoint on `device` of backend `B`.
+pub(crate) fn model_on<B: Backend>(device: &B::Device) -> PointerSelector<B> {
+    PointerSelector::load(&fixture("sft.ckpt"), 1, device).unwrap()
 }
 
 fn usizes(v: &Value) -> Vec<usize> {
@@ -82,7 +87,12 @@ fn infers_config_from_checkpoint() {
 
 #[test]
 fn teacher_forced_and_greedy_parity() {
-    let m = model();
+    check_teacher_forced_and_greedy(&model());
+}
+
+/// Teacher-forced logits and sequence log-probs within 1e-5 of the
+/// reference, greedy predictions identical (any backend).
+pub(crate) fn check_teacher_forced_and_greedy<B: Backend>(m: &PointerSelector<B>) {
     let exp = expected();
     let mut checked = 0;
     for (section, shared) in [("shared_pool", true), ("per_query_pool", false)] {
@@ -147,7 +157,12 @@ fn repeated_label_sees_mask() {
 
 #[test]
 fn batched_greedy_shared_pool() {
-    let m = model();
+    check_batched_greedy(&model());
+}
+
+/// Greedy decoding of several queries at once equals the reference (any
+/// backend).
+pub(crate) fn check_batched_greedy<B: Backend>(m: &PointerSelector<B>) {
     let exp = expected();
     let b = &exp["batched_greedy_shared_pool"];
     let all = tensor_io::load_matrix(&fixture("candidate_embeddings_pool.pt")).unwrap();

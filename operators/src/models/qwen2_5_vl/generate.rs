@@ -22,7 +22,9 @@
 //! the aggregation.
 
 use super::config::GenerationDefaults;
-use super::host::HostF32;
+use super::device_decode::{beam_candidates, greedy_choice, read_f32, DeviceProcessors};
+pub use super::device_decode::{DecodeTraffic, Ranking};
+use super::host::{is_host, HostF32};
 use super::logprobs::{argmax_processed, log_prob, processed_entries, row_stats, TopK};
 use super::text::{KvCache, TextError, TextModel};
 use burn::tensor::activation::log_softmax;
@@ -247,6 +249,24 @@ pub fn generate_from_prefill<B: Backend>(
     pre: &Prefilled<B>,
     config: &GenerationConfig,
 ) -> Result<Vec<GeneratedSequence>, GenerateError> {
+    generate_counted(
+        model,
+        pre,
+        config,
+        Ranking::Auto,
+        &mut DecodeTraffic::default(),
+    )
+}
+
+/// Like [`generate_from_prefill`], ranking where `ranking` says and adding
+/// the decoding loop's device→host reads to `traffic`.
+pub fn generate_counted<B: Backend>(
+    model: &TextModel<B>,
+    pre: &Prefilled<B>,
+    config: &GenerationConfig,
+    ranking: Ranking,
+    traffic: &mut DecodeTraffic,
+) -> Result<Vec<GeneratedSequence>, GenerateError> {
     config.validate()?;
     if pre.input_ids.is_empty() || config.max_new_tokens == 0 {
         return Ok(pre
@@ -258,10 +278,11 @@ pub fn generate_from_prefill<B: Backend>(
             })
             .collect());
     }
+    let on_device = ranking == Ranking::Auto && !is_host::<B>();
     if config.num_beams == 1 {
-        greedy(model, pre, config)
+        greedy(model, pre, config, on_device, traffic)
     } else {
-        beam_search(model, pre, config)
+        beam_search(model, pre, config, on_device, traffic)
     }
 }
 
@@ -285,15 +306,14 @@ impl std::ops::Deref for HostRows {
     }
 }
 
-fn host_rows<B: Backend>(t: Tensor<B, 2>) -> Result<HostRows, GenerateError> {
+fn host_rows<B: Backend>(
+    t: Tensor<B, 2>,
+    traffic: &mut DecodeTraffic,
+) -> Result<HostRows, GenerateError> {
     if let Some(h) = HostF32::of(&t).filter(|h| h.as_slice().is_some()) {
         return Ok(HostRows::View(h));
     }
-    t.into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map(HostRows::Owned)
-        .map_err(|e| GenerateError::Input(format!("reading logits: {e:?}")))
+    read_f32(t, traffic).map(HostRows::Owned)
 }
 
 /// Sorted, de-duplicated token ids.
@@ -304,37 +324,83 @@ fn sorted_ids(ids: &[u32]) -> Vec<u32> {
     v
 }
 
+/// The token each cache row picks greedily this step (rows `live[i]` of
+/// the prompts), on the host or on the device.
+fn greedy_tokens<B: Backend>(
+    logits: Tensor<B, 2>,
+    live: &[usize],
+    seen: &[Vec<u32>],
+    device: Option<&DeviceProcessors<B>>,
+    mask_eos: bool,
+    config: &GenerationConfig,
+    traffic: &mut DecodeTraffic,
+) -> Result<Vec<u32>, GenerateError> {
+    if let Some(processors) = device {
+        return greedy_choice(logits, processors, mask_eos, traffic);
+    }
+    let v = logits.dims()[1];
+    let host = host_rows(logits, traffic)?;
+    let masked: &[u32] = if mask_eos { &config.eos_token_ids } else { &[] };
+    let penalty = config.repetition_penalty as f32;
+    Ok(live
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let row = &host[i * v..(i + 1) * v];
+            let processed = processed_entries(v, &seen[p], penalty, masked, |t| row[t]);
+            argmax_processed(row, &processed) as u32
+        })
+        .collect())
+}
+
 fn greedy<B: Backend>(
     model: &TextModel<B>,
     pre: &Prefilled<B>,
     config: &GenerationConfig,
+    on_device: bool,
+    traffic: &mut DecodeTraffic,
 ) -> Result<Vec<GeneratedSequence>, GenerateError> {
     let n = pre.input_ids.len();
-    let v = model.vocab_size;
-    let penalty = config.repetition_penalty as f32;
-    let mut seen: Vec<Vec<u32>> = pre.input_ids.iter().map(|r| sorted_ids(r)).collect();
+    let mut device = on_device.then(|| {
+        DeviceProcessors::new(
+            &pre.input_ids,
+            config.repetition_penalty as f32,
+            &config.eos_token_ids,
+            model.vocab_size,
+            &model.device(),
+        )
+    });
+    // Host path: each prompt's seen tokens (the device keeps its own).
+    let mut seen: Vec<Vec<u32>> = match device {
+        Some(_) => vec![Vec::new(); n],
+        None => pre.input_ids.iter().map(|r| sorted_ids(r)).collect(),
+    };
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
     // `live[i]` = prompt held by cache row i.
     let mut live: Vec<usize> = (0..n).collect();
     let mut cache = pre.cache.clone();
     let mut logits = pre.last_logits.clone();
     for step in 0..config.max_new_tokens {
-        let host = host_rows(logits)?;
+        traffic.steps += 1;
+        let mask_eos = step < config.min_new_tokens;
+        let chosen = greedy_tokens(
+            logits,
+            &live,
+            &seen,
+            device.as_ref(),
+            mask_eos,
+            config,
+            traffic,
+        )?;
         let mut next_live = Vec::new();
         let mut keep_rows = Vec::new();
         let mut tokens = Vec::new();
-        for (i, &p) in live.iter().enumerate() {
-            let row = &host[i * v..(i + 1) * v];
-            let masked: &[u32] = if step < config.min_new_tokens {
-                &config.eos_token_ids
-            } else {
-                &[]
-            };
-            let processed = processed_entries(v, &seen[p], penalty, masked, |t| row[t]);
-            let t = argmax_processed(row, &processed) as u32;
+        for (i, (&p, &t)) in live.iter().zip(&chosen).enumerate() {
             out[p].push(t);
-            if let Err(pos) = seen[p].binary_search(&t) {
-                seen[p].insert(pos, t);
+            if device.is_none() {
+                if let Err(pos) = seen[p].binary_search(&t) {
+                    seen[p].insert(pos, t);
+                }
             }
             if !config.eos_token_ids.contains(&t) {
                 next_live.push(p);
@@ -347,6 +413,9 @@ fn greedy<B: Backend>(
         }
         if keep_rows.len() != live.len() {
             cache = cache.select(&keep_rows)?;
+        }
+        if let Some(d) = device.as_mut() {
+            d.advance(&keep_rows, &tokens);
         }
         live = next_live;
         logits = model.decode_step(&tokens, &mut cache)?;
@@ -376,204 +445,325 @@ struct PromptBeams {
     done: bool,
 }
 
-fn beam_search<B: Backend>(
-    model: &TextModel<B>,
-    pre: &Prefilled<B>,
-    config: &GenerationConfig,
-) -> Result<Vec<GeneratedSequence>, GenerateError> {
-    let n_prompts = pre.input_ids.len();
+/// What one beam-search step needs besides the states.
+struct BeamStep<'a> {
+    step: usize,
+    vocab: usize,
+    /// Candidates kept per prompt.
+    k: usize,
+    config: &'a GenerationConfig,
+}
+
+impl BeamStep<'_> {
+    fn is_last(&self) -> bool {
+        self.step + 1 == self.config.max_new_tokens
+    }
+
+    fn mask_eos(&self) -> bool {
+        self.step < self.config.min_new_tokens
+    }
+
+    /// `gen_len ^ length_penalty` of this step's hypotheses.
+    fn len_div(&self) -> f32 {
+        ((self.step + 1) as f64).powf(self.config.length_penalty) as f32
+    }
+}
+
+/// Each live prompt's `k` best `(score, beam * vocab + token)`, best first,
+/// ranked on the host (`None` for finished prompts).
+fn host_beam_candidates(
+    host: &[f32],
+    states: &[PromptBeams],
+    prompt_seen: &[Vec<u32>],
+    at: &BeamStep<'_>,
+) -> Vec<Option<Vec<(f32, usize)>>> {
+    let (v, k, step) = (at.vocab, at.k, at.step);
+    let penalty = at.config.repetition_penalty as f32;
+    let masked: &[u32] = if at.mask_eos() {
+        &at.config.eos_token_ids
+    } else {
+        &[]
+    };
+    // Log-softmax statistics of every live row (rows of finished
+    // prompts are skipped), rows in parallel.
+    let mut live_rows: Vec<usize> = states
+        .iter()
+        .filter(|s| !s.done)
+        .flat_map(|s| s.running.iter().map(|b| b.row))
+        .collect();
+    live_rows.sort_unstable();
+    live_rows.dedup();
+    let mut stats: Vec<Option<(f32, f32)>> = vec![None; host.len() / v.max(1)];
+    let computed: Vec<(f32, f32)> = live_rows
+        .par_iter()
+        .map(|&r| row_stats(&host[r * v..(r + 1) * v]))
+        .collect();
+    for (&r, st) in live_rows.iter().zip(computed) {
+        stats[r] = Some(st);
+    }
+    // Each live beam's best k continuations, beams in parallel; a
+    // prompt's k best are then the k best of its beams' lists (the
+    // same (score desc, index asc) order, so the same selection as one
+    // scan over all its beams).
+    // Before the first token, beams 1.. are copies of beam 0 held at
+    // -1e9 (HF's way to start from one hypothesis): they are ranked only
+    // when beam 0 alone cannot fill the k candidates (below).
+    let placeholder = |j: usize| step == 0 && j > 0;
+    let beams: Vec<(usize, usize)> = states
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.done)
+        .flat_map(|(p, s)| (0..s.running.len()).map(move |j| (p, j)))
+        .filter(|&(_, j)| !placeholder(j))
+        .collect();
+    let rank_beam = |p: usize, j: usize| {
+        let beam = &states[p].running[j];
+        let row = &host[beam.row * v..(beam.row + 1) * v];
+        let (max, log_sum) = stats[beam.row].unwrap_or_else(|| row_stats(row));
+        let lp = |x: f32| log_prob(x, max, log_sum);
+        // HF applies the processors to the log-probs: the repetition
+        // penalty over prompt + beam tokens, then the EOS mask.
+        let processed = if penalty != 1.0 || !masked.is_empty() {
+            let mut seen = prompt_seen[p].clone();
+            seen.extend_from_slice(&beam.tokens);
+            processed_entries(v, &seen, penalty, masked, |t| lp(row[t]))
+        } else {
+            Vec::new()
+        };
+        let score = beam.score;
+        let mut top = TopK::new(k);
+        top.push_row(row, &processed, j * v, |x| lp(x) + score, |s| s + score);
+        top
+    };
+    let per_beam: Vec<TopK> = beams.par_iter().map(|&(p, j)| rank_beam(p, j)).collect();
+    let mut per_beam = beams.iter().map(|&(p, _)| p).zip(per_beam).peekable();
+    let mut tops = Vec::with_capacity(states.len());
+    for (p, st) in states.iter().enumerate() {
+        if st.done {
+            tops.push(None);
+            continue;
+        }
+        let mut top = TopK::new(k);
+        while let Some((_, beam_top)) = per_beam.next_if(|(q, _)| *q == p) {
+            for &(s, idx) in &beam_top.items {
+                top.push(s, idx);
+            }
+        }
+        // A placeholder's candidates score at most -1e9 and come after
+        // beam 0's in index order, so they can enter only if beam 0's
+        // k-th candidate is below -1e9 or missing.
+        let filled = top.items.len() == k && top.items.last().is_some_and(|c| c.0 >= -1.0e9);
+        if !filled {
+            for j in (0..st.running.len()).filter(|&j| placeholder(j)) {
+                for &(s, idx) in &rank_beam(p, j).items {
+                    top.push(s, idx);
+                }
+            }
+        }
+        tops.push(Some(top.items));
+    }
+    tops
+}
+
+/// Each live prompt's `k` best candidates, ranked on the device: the live
+/// prompts' beams are the cache rows, `num_beams` per prompt in order.
+fn device_beam_candidates<B: Backend>(
+    logits: Tensor<B, 2>,
+    states: &[PromptBeams],
+    processors: &DeviceProcessors<B>,
+    at: &BeamStep<'_>,
+    traffic: &mut DecodeTraffic,
+) -> Result<Vec<Option<Vec<(f32, usize)>>>, GenerateError> {
+    let scores: Vec<f32> = states
+        .iter()
+        .filter(|s| !s.done)
+        .flat_map(|s| s.running.iter().map(|b| b.score))
+        .collect();
+    let nb = at.config.num_beams;
+    let mut per_live = beam_candidates(
+        logits,
+        &scores,
+        nb,
+        at.k,
+        processors,
+        at.mask_eos(),
+        traffic,
+    )?
+    .into_iter();
+    Ok(states
+        .iter()
+        .map(|s| match s.done {
+            true => None,
+            false => per_live.next(),
+        })
+        .collect())
+}
+
+/// Moves one prompt's beams on by its ranked candidates `top` (best first,
+/// index = beam * vocab + token): finished candidates among the first
+/// `num_beams` enter the finished pool, the best `num_beams` unfinished keep
+/// running, and HF's stopping rule decides whether the prompt is done.
+fn advance_prompt(st: &mut PromptBeams, top: &[(f32, usize)], at: &BeamStep<'_>) {
+    let (v, config) = (at.vocab, at.config);
     let nb = config.num_beams;
-    let v = model.vocab_size;
-    // HF keeps max(2, 1 + #eos) * num_beams candidates so that enough
-    // non-finished ones always remain.
-    let k = 2usize.max(1 + config.eos_token_ids.len()) * nb;
-    let penalty = config.repetition_penalty as f32;
-    let prompt_seen: Vec<Vec<u32>> = pre.input_ids.iter().map(|r| sorted_ids(r)).collect();
-    // Beam j of prompt p starts from prefill row p; only beam 0 is live
-    // (the others get -1e9, as in HF).
-    let mut states: Vec<PromptBeams> = (0..n_prompts)
+    let (is_last, len_div) = (at.is_last(), at.len_div());
+    let cands: Vec<(f32, usize, u32, bool)> = top
+        .iter()
+        .map(|&(s, idx)| {
+            let t = (idx % v) as u32;
+            let fin = is_last || config.eos_token_ids.contains(&t);
+            (s, idx / v, t, fin)
+        })
+        .collect();
+    // Finished candidates among the first num_beams enter the finished pool
+    // (merged by score, existing entries first on ties).
+    let full = st.finished.len() == nb;
+    if !(config.early_stopping && full) {
+        let mut merged = std::mem::take(&mut st.finished);
+        for &(s, j, t, fin) in cands.iter().take(nb) {
+            if fin {
+                let mut tokens = st.running[j].tokens.clone();
+                tokens.push(t);
+                merged.push((s / len_div, tokens));
+            }
+        }
+        merged.sort_by(|a, b| b.0.total_cmp(&a.0));
+        merged.truncate(nb);
+        st.finished = merged;
+    }
+    // The best num_beams unfinished candidates keep running.
+    let next: Vec<Beam> = cands
+        .iter()
+        .filter(|c| !c.3)
+        .take(nb)
+        .map(|&(s, j, t, _)| {
+            let mut tokens = st.running[j].tokens.clone();
+            tokens.push(t);
+            Beam {
+                tokens,
+                score: s,
+                row: st.running[j].row,
+            }
+        })
+        .collect();
+    if next.len() < nb {
+        // Only at the last step (every candidate finished) or with a
+        // vocabulary smaller than the candidate count.
+        st.done = true;
+        st.running = next;
+        return;
+    }
+    st.running = next;
+    // HF early-stop heuristic (early_stopping=False): stop once the pool is
+    // full and the best running beam cannot beat its worst.
+    if st.finished.len() == nb {
+        let best_running = st.running[0].score / len_div;
+        let worst = st
+            .finished
+            .iter()
+            .map(|f| f.0)
+            .fold(f32::INFINITY, f32::min);
+        if best_running <= worst || best_running.is_nan() || config.early_stopping {
+            st.done = true;
+        }
+    }
+}
+
+/// The cache rows (parents) and last tokens of the next decode step, beams
+/// of the live prompts in order; each beam's row becomes its new position.
+fn next_rows(states: &mut [PromptBeams], pad: u32) -> (Vec<usize>, Vec<u32>) {
+    let mut rows = Vec::new();
+    let mut tokens = Vec::new();
+    for st in states.iter_mut().filter(|s| !s.done) {
+        for beam in st.running.iter_mut() {
+            rows.push(beam.row);
+            tokens.push(*beam.tokens.last().unwrap_or(&pad));
+            beam.row = rows.len() - 1;
+        }
+    }
+    (rows, tokens)
+}
+
+/// The initial beams: beam 0 of each prompt live, the others at -1e9 (as
+/// in HF). On the host all beams of prompt `p` read prefill row `p`; on the
+/// device the prefill is expanded to `num_beams` rows per prompt first.
+fn initial_beams(n_prompts: usize, nb: usize, expanded: bool) -> Vec<PromptBeams> {
+    (0..n_prompts)
         .map(|p| PromptBeams {
             running: (0..nb)
                 .map(|j| Beam {
                     tokens: Vec::new(),
                     score: if j == 0 { 0.0 } else { -1.0e9 },
-                    row: p,
+                    row: if expanded { p * nb + j } else { p },
                 })
                 .collect(),
             finished: Vec::new(),
             done: false,
         })
-        .collect();
+        .collect()
+}
+
+fn beam_search<B: Backend>(
+    model: &TextModel<B>,
+    pre: &Prefilled<B>,
+    config: &GenerationConfig,
+    on_device: bool,
+    traffic: &mut DecodeTraffic,
+) -> Result<Vec<GeneratedSequence>, GenerateError> {
+    let n_prompts = pre.input_ids.len();
+    let nb = config.num_beams;
+    // HF keeps max(2, 1 + #eos) * num_beams candidates so that enough
+    // non-finished ones always remain.
+    let k = 2usize.max(1 + config.eos_token_ids.len()) * nb;
+    let prompt_seen: Vec<Vec<u32>> = pre.input_ids.iter().map(|r| sorted_ids(r)).collect();
+    let mut states = initial_beams(n_prompts, nb, on_device);
     let mut cache = pre.cache.clone();
     let mut logits = pre.last_logits.clone();
+    let mut device = None;
+    if on_device {
+        let rows: Vec<usize> = (0..n_prompts * nb).map(|r| r / nb).collect();
+        let mut d = DeviceProcessors::new(
+            &pre.input_ids,
+            config.repetition_penalty as f32,
+            &config.eos_token_ids,
+            model.vocab_size,
+            &model.device(),
+        );
+        d.advance(&rows, &[]);
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &model.device(),
+        );
+        logits = logits.select(0, idx);
+        cache = cache.select(&rows)?;
+        device = Some(d);
+    }
     for step in 0..config.max_new_tokens {
-        let host = host_rows(logits)?;
-        let is_last = step + 1 == config.max_new_tokens;
-        let gen_len = (step + 1) as f64;
-        let len_div = gen_len.powf(config.length_penalty) as f32;
-        let masked: &[u32] = if step < config.min_new_tokens {
-            &config.eos_token_ids
-        } else {
-            &[]
+        traffic.steps += 1;
+        let at = BeamStep {
+            step,
+            vocab: model.vocab_size,
+            k,
+            config,
         };
-        // Log-softmax statistics of every live row (rows of finished
-        // prompts are skipped), rows in parallel.
-        let mut live_rows: Vec<usize> = states
-            .iter()
-            .filter(|s| !s.done)
-            .flat_map(|s| s.running.iter().map(|b| b.row))
-            .collect();
-        live_rows.sort_unstable();
-        live_rows.dedup();
-        let mut stats: Vec<Option<(f32, f32)>> = vec![None; host.len() / v.max(1)];
-        let computed: Vec<(f32, f32)> = live_rows
-            .par_iter()
-            .map(|&r| row_stats(&host[r * v..(r + 1) * v]))
-            .collect();
-        for (&r, st) in live_rows.iter().zip(computed) {
-            stats[r] = Some(st);
-        }
-        // Each live beam's best k continuations, beams in parallel; a
-        // prompt's k best are then the k best of its beams' lists (the
-        // same (score desc, index asc) order, so the same selection as one
-        // scan over all its beams).
-        // Before the first token, beams 1.. are copies of beam 0 held at
-        // -1e9 (HF's way to start from one hypothesis): they are ranked only
-        // when beam 0 alone cannot fill the k candidates (below).
-        let placeholder = |j: usize| step == 0 && j > 0;
-        let beams: Vec<(usize, usize)> = states
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.done)
-            .flat_map(|(p, s)| (0..s.running.len()).map(move |j| (p, j)))
-            .filter(|&(_, j)| !placeholder(j))
-            .collect();
-        let rank_beam = |p: usize, j: usize| {
-            let beam = &states[p].running[j];
-            let row = &host[beam.row * v..(beam.row + 1) * v];
-            let (max, log_sum) = stats[beam.row].unwrap_or_else(|| row_stats(row));
-            let lp = |x: f32| log_prob(x, max, log_sum);
-            // HF applies the processors to the log-probs: the repetition
-            // penalty over prompt + beam tokens, then the EOS mask.
-            let processed = if penalty != 1.0 || !masked.is_empty() {
-                let mut seen = prompt_seen[p].clone();
-                seen.extend_from_slice(&beam.tokens);
-                processed_entries(v, &seen, penalty, masked, |t| lp(row[t]))
-            } else {
-                Vec::new()
-            };
-            let score = beam.score;
-            let mut top = TopK::new(k);
-            top.push_row(row, &processed, j * v, |x| lp(x) + score, |s| s + score);
-            top
+        let tops = match &device {
+            Some(d) => device_beam_candidates(logits, &states, d, &at, traffic)?,
+            None => host_beam_candidates(&host_rows(logits, traffic)?, &states, &prompt_seen, &at),
         };
-        let per_beam: Vec<TopK> = beams.par_iter().map(|&(p, j)| rank_beam(p, j)).collect();
-        let mut per_beam = beams.iter().map(|&(p, _)| p).zip(per_beam).peekable();
-        let mut tops: Vec<Option<TopK>> = Vec::with_capacity(n_prompts);
-        for (p, st) in states.iter().enumerate() {
-            if st.done {
-                tops.push(None);
-                continue;
-            }
-            let mut top = TopK::new(k);
-            while let Some((_, beam_top)) = per_beam.next_if(|(q, _)| *q == p) {
-                for &(s, idx) in &beam_top.items {
-                    top.push(s, idx);
-                }
-            }
-            // A placeholder's candidates score at most -1e9 and come after
-            // beam 0's in index order, so they can enter only if beam 0's
-            // k-th candidate is below -1e9 or missing.
-            let filled = top.items.len() == k && top.items.last().is_some_and(|c| c.0 >= -1.0e9);
-            if !filled {
-                for j in (0..st.running.len()).filter(|&j| placeholder(j)) {
-                    for &(s, idx) in &rank_beam(p, j).items {
-                        top.push(s, idx);
-                    }
-                }
-            }
-            tops.push(Some(top));
-        }
         for (st, top) in states.iter_mut().zip(tops) {
-            let Some(top) = top else {
-                continue;
-            };
-            let cands: Vec<(f32, usize, u32, bool)> = top
-                .items
-                .iter()
-                .map(|&(s, idx)| {
-                    let t = (idx % v) as u32;
-                    let fin = is_last || config.eos_token_ids.contains(&t);
-                    (s, idx / v, t, fin)
-                })
-                .collect();
-            // Finished candidates among the first num_beams enter the
-            // finished pool (merged by score, existing entries first on ties).
-            let full = st.finished.len() == nb;
-            if !(config.early_stopping && full) {
-                let mut merged = std::mem::take(&mut st.finished);
-                for &(s, j, t, fin) in cands.iter().take(nb) {
-                    if fin {
-                        let mut tokens = st.running[j].tokens.clone();
-                        tokens.push(t);
-                        merged.push((s / len_div, tokens));
-                    }
-                }
-                merged.sort_by(|a, b| b.0.total_cmp(&a.0));
-                merged.truncate(nb);
-                st.finished = merged;
-            }
-            // The best num_beams unfinished candidates keep running.
-            let next: Vec<Beam> = cands
-                .iter()
-                .filter(|c| !c.3)
-                .take(nb)
-                .map(|&(s, j, t, _)| {
-                    let mut tokens = st.running[j].tokens.clone();
-                    tokens.push(t);
-                    Beam {
-                        tokens,
-                        score: s,
-                        row: st.running[j].row,
-                    }
-                })
-                .collect();
-            if next.len() < nb {
-                // Only at the last step (every candidate finished) or with a
-                // vocabulary smaller than the candidate count.
-                st.done = true;
-                st.running = next;
-                continue;
-            }
-            st.running = next;
-            // HF early-stop heuristic (early_stopping=False): stop once the
-            // pool is full and the best running beam cannot beat its worst.
-            if st.finished.len() == nb {
-                let best_running = st.running[0].score / len_div;
-                let worst = st
-                    .finished
-                    .iter()
-                    .map(|f| f.0)
-                    .fold(f32::INFINITY, f32::min);
-                if best_running <= worst || best_running.is_nan() || config.early_stopping {
-                    st.done = true;
-                }
+            if let Some(top) = top {
+                advance_prompt(st, &top, &at);
             }
         }
-        if is_last || states.iter().all(|s| s.done) {
+        if at.is_last() || states.iter().all(|s| s.done) {
             break;
         }
         // One batched decode step over the beams of all live prompts.
-        let mut rows = Vec::new();
-        let mut tokens = Vec::new();
-        for st in states.iter_mut().filter(|s| !s.done) {
-            for beam in st.running.iter_mut() {
-                rows.push(beam.row);
-                tokens.push(*beam.tokens.last().unwrap_or(&config.pad_token_id));
-                beam.row = rows.len() - 1;
-            }
-        }
+        let (rows, tokens) = next_rows(&mut states, config.pad_token_id);
         cache = cache.select(&rows)?;
+        if let Some(d) = device.as_mut() {
+            d.advance(&rows, &tokens);
+        }
         logits = model.decode_step(&tokens, &mut cache)?;
     }
     states
@@ -635,10 +825,11 @@ pub fn answer_log_probs<B: Backend>(
     }
     let v = model.vocab_size;
     let device = model.device();
-    let first_logp = host_rows(log_softmax(
-        pre.last_logits.clone().slice([row..row + 1, 0..v]),
-        1,
-    ))?;
+    let mut traffic = DecodeTraffic::default();
+    let first_logp = host_rows(
+        log_softmax(pre.last_logits.clone().slice([row..row + 1, 0..v]), 1),
+        &mut traffic,
+    )?;
     let mut out: Vec<Vec<f64>> = answers
         .iter()
         .map(|a| vec![first_logp[a[0] as usize] as f64])
@@ -663,7 +854,7 @@ pub fn answer_log_probs<B: Backend>(
         let d = model.hidden_size;
         let logits = model.logits(hidden.reshape([n * m, d]));
         let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n * m, 1]), &device);
-        let picked = host_rows(log_softmax(logits, 1).gather(1, tgt))?;
+        let picked = host_rows(log_softmax(logits, 1).gather(1, tgt), &mut traffic)?;
         for (i, a) in answers.iter().enumerate() {
             for j in 1..a.len() {
                 out[i].push(picked[i * m + j - 1] as f64);
@@ -736,7 +927,10 @@ pub fn original_cond_prob<B: Backend>(
         let targets: Vec<i64> = ids[j + 1..=end].iter().map(|&t| t as i64).collect();
         let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
         let logits = model.logits(hidden.clone().slice([j..end, 0..d]));
-        let picked = host_rows(log_softmax(logits, 1).gather(1, tgt))?;
+        let picked = host_rows(
+            log_softmax(logits, 1).gather(1, tgt),
+            &mut DecodeTraffic::default(),
+        )?;
         for (k, lp) in picked.iter().enumerate() {
             if ids[j + 1 + k] != pad_token_id {
                 ce -= *lp as f64;
@@ -759,11 +953,11 @@ pub fn weighted_gt_prob(probs: &[f64], counts: &[usize]) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::models::qwen2_5_vl::config::Qwen25VlConfig;
     use crate::models::qwen2_5_vl::text::tests::{
-        fixture_dir, load_case, load_model, CaseInputs, CASES, TB,
+        fixture_dir, load_case, load_model, load_model_on, CaseInputs, CASES,
     };
     use serde_json::Value;
 
@@ -797,7 +991,11 @@ mod tests {
         out
     }
 
-    fn batch(case: &CaseInputs, model: &TextModel<TB>, cfg: &Qwen25VlConfig) -> PromptBatch<TB> {
+    fn batch<B: Backend>(
+        case: &CaseInputs,
+        model: &TextModel<B>,
+        cfg: &Qwen25VlConfig,
+    ) -> PromptBatch<B> {
         let (embeds, position_ids) = case.tensors(model, cfg);
         PromptBatch {
             embeds,
@@ -818,10 +1016,15 @@ mod tests {
     #[test]
     fn greedy_matches_reference() {
         let (model, cfg) = load_model();
+        check_greedy(&model, &cfg);
+    }
+
+    /// Greedy ids of every case equal the reference's (any backend).
+    pub(crate) fn check_greedy<B: Backend>(model: &TextModel<B>, cfg: &Qwen25VlConfig) {
         let all = cases_json();
         for name in CASES {
             let case = load_case(name);
-            let got = generate(&model, batch(&case, &model, &cfg), &config(1, 1.0)).unwrap();
+            let got = generate(model, batch(&case, model, cfg), &config(1, 1.0)).unwrap();
             let want = &case_json(&all, name)["greedy"];
             for (r, g) in got.iter().enumerate() {
                 assert_eq!(
@@ -837,25 +1040,42 @@ mod tests {
     #[test]
     fn beam_search_matches_reference() {
         let (model, cfg) = load_model();
+        check_beam_search(&model, &cfg, 1.0);
+        check_beam_search(&model, &cfg, 1.05);
+    }
+
+    /// Beam-3 ids of every case equal the reference's and scores are within
+    /// 1e-4, without (1.0) or with (1.05) the repetition penalty (any
+    /// backend).
+    pub(crate) fn check_beam_search<B: Backend>(
+        model: &TextModel<B>,
+        cfg: &Qwen25VlConfig,
+        repetition_penalty: f64,
+    ) {
         let all = cases_json();
-        for (field, rp) in [
-            ("beam_search", 1.0),
-            ("beam_search_repetition_penalty_1_05", 1.05),
-        ] {
-            for name in CASES {
-                let case = load_case(name);
-                let got = generate(&model, batch(&case, &model, &cfg), &config(3, rp)).unwrap();
-                let want = &case_json(&all, name)[field];
-                for (r, g) in got.iter().enumerate() {
-                    assert_eq!(
-                        g.ids,
-                        strip_fill(&want[r]["new_token_ids"]),
-                        "{field} {name} row {r}"
-                    );
-                    let s = want[r]["sequence_score"].as_f64().unwrap();
-                    let diff = (g.score.unwrap() - s).abs();
-                    assert!(diff < 1e-4, "{field} {name} row {r}: score diff {diff}");
-                }
+        let field = match repetition_penalty {
+            1.0 => "beam_search",
+            1.05 => "beam_search_repetition_penalty_1_05",
+            other => panic!("no reference for repetition penalty {other}"),
+        };
+        for name in CASES {
+            let case = load_case(name);
+            let got = generate(
+                model,
+                batch(&case, model, cfg),
+                &config(3, repetition_penalty),
+            )
+            .unwrap();
+            let want = &case_json(&all, name)[field];
+            for (r, g) in got.iter().enumerate() {
+                assert_eq!(
+                    g.ids,
+                    strip_fill(&want[r]["new_token_ids"]),
+                    "{field} {name} row {r}"
+                );
+                let s = want[r]["sequence_score"].as_f64().unwrap();
+                let diff = (g.score.unwrap() - s).abs();
+                assert!(diff < 1e-4, "{field} {name} row {r}: score diff {diff}");
             }
         }
     }
@@ -863,14 +1083,19 @@ mod tests {
     #[test]
     fn batched_prompts_match_single_runs() {
         let (model, cfg) = load_model();
+        check_batched_prompts(&model, &cfg);
+    }
+
+    /// The left-padded `batch3` generates, greedy and beam-3, what each of
+    /// its prompts generates alone (any backend).
+    pub(crate) fn check_batched_prompts<B: Backend>(model: &TextModel<B>, cfg: &Qwen25VlConfig) {
         let case = load_case("batch3");
         for beams in [1, 3] {
-            let together =
-                generate(&model, batch(&case, &model, &cfg), &config(beams, 1.0)).unwrap();
+            let together = generate(model, batch(&case, model, cfg), &config(beams, 1.0)).unwrap();
             for (r, joint) in together.iter().enumerate() {
                 let single = case.row(r, cfg.image_token_id);
                 let alone =
-                    generate(&model, batch(&single, &model, &cfg), &config(beams, 1.0)).unwrap();
+                    generate(model, batch(&single, model, cfg), &config(beams, 1.0)).unwrap();
                 assert_eq!(alone[0].ids, joint.ids, "beams {beams} row {r}");
                 if let (Some(a), Some(b)) = (alone[0].score, joint.score) {
                     assert!((a - b).abs() < 1e-4);
@@ -879,20 +1104,75 @@ mod tests {
         }
     }
 
+    /// The device ranking (every backend but ndarray; here autodiff over
+    /// ndarray, which takes argmax passes where cubecl backends take
+    /// `argtopk`) gives the reference ids and reads back only the chosen
+    /// ids or each prompt's k candidates.
+    #[test]
+    fn device_ranking_matches_the_reference() {
+        type Generic = burn::backend::Autodiff<crate::models::qwen2_5_vl::text::tests::TB>;
+        let (model, cfg) = load_model_on::<Generic>(&Default::default());
+        check_greedy(&model, &cfg);
+        check_beam_search(&model, &cfg, 1.0);
+        check_beam_search(&model, &cfg, 1.05);
+        check_min_and_max_new_tokens(&model, &cfg);
+        check_decode_traffic(&model, &cfg);
+    }
+
+    /// Device ranking reads per step the chosen ids (greedy) or 2k values
+    /// per prompt (beams), host ranking every live row's logits; both give
+    /// the same ids (any backend but the host one).
+    pub(crate) fn check_decode_traffic<B: Backend>(model: &TextModel<B>, cfg: &Qwen25VlConfig) {
+        let case = load_case("batch3");
+        let pre = prefill(model, batch(&case, model, cfg)).unwrap();
+        let prompts = case.batch() as u64;
+        let v = model.vocab_size as u64;
+        for beams in [1, 3] {
+            let c = config(beams, 1.05);
+            let (mut on_device, mut on_host) = (DecodeTraffic::default(), DecodeTraffic::default());
+            let a = generate_counted(model, &pre, &c, Ranking::Auto, &mut on_device).unwrap();
+            let b = generate_counted(model, &pre, &c, Ranking::Host, &mut on_host).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!(x.ids, y.ids, "beams {beams}");
+                let (sx, sy) = (x.score.unwrap_or(0.0), y.score.unwrap_or(0.0));
+                assert!((sx - sy).abs() < 1e-4, "beams {beams}: {sx} vs {sy}");
+            }
+            assert_eq!(on_device.reads, on_device.steps, "beams {beams}");
+            // At most 8-byte ids and f32 values: k = 2 * beams per prompt.
+            let most = prompts
+                * if beams == 1 {
+                    8
+                } else {
+                    2 * 2 * beams as u64 * 4
+                };
+            assert!(on_device.bytes <= on_device.steps * most, "{on_device:?}");
+            assert!(on_host.bytes >= on_host.steps * v * 4, "{on_host:?}");
+        }
+    }
+
     #[test]
     fn min_new_tokens_and_max_new_tokens() {
         let (model, cfg) = load_model();
+        check_min_and_max_new_tokens(&model, &cfg);
+    }
+
+    /// EOS is masked before `min_new_tokens`; `max_new_tokens` cuts every
+    /// row (any backend).
+    pub(crate) fn check_min_and_max_new_tokens<B: Backend>(
+        model: &TextModel<B>,
+        cfg: &Qwen25VlConfig,
+    ) {
         // batch3 row 1 emits EOS as its 3rd greedy token.
         let case = load_case("batch3");
         let mut c = config(1, 1.0);
         c.min_new_tokens = 4;
-        let got = generate(&model, batch(&case, &model, &cfg), &c).unwrap();
+        let got = generate(model, batch(&case, model, cfg), &c).unwrap();
         assert_eq!(got[1].ids.len(), 5);
         assert_ne!(got[1].ids[2], EOS);
         assert!(got.iter().all(|g| !g.ids[..4].contains(&EOS)));
         c.min_new_tokens = 0;
         c.max_new_tokens = 2;
-        let got = generate(&model, batch(&case, &model, &cfg), &c).unwrap();
+        let got = generate(model, batch(&case, model, cfg), &c).unwrap();
         assert!(got.iter().all(|g| g.ids.len() == 2));
         assert!(!got.iter().any(|g| g.ids.contains(&PAD)));
     }
@@ -900,36 +1180,43 @@ mod tests {
     #[test]
     fn answer_log_probs_match_sequential_decoding() {
         let (model, cfg) = load_model();
+        check_answer_log_probs(&model, &cfg);
+    }
+
+    /// Teacher-forced answer log-probs equal sequential decoding's (any
+    /// backend).
+    pub(crate) fn check_answer_log_probs<B: Backend>(model: &TextModel<B>, cfg: &Qwen25VlConfig) {
         let case = load_case("batch3");
-        let pre = prefill(&model, batch(&case, &model, &cfg)).unwrap();
+        let pre = prefill(model, batch(&case, model, cfg)).unwrap();
         let answers = vec![
             vec![10944u32, 84341, 100876],
             vec![49767],
             vec![97625, 34323],
         ];
-        let got = answer_log_probs(&model, &pre, 1, &answers).unwrap();
+        let got = answer_log_probs(model, &pre, 1, &answers).unwrap();
         let v = model.vocab_size;
         for (a, lps) in answers.iter().zip(&got) {
             assert_eq!(a.len(), lps.len());
             let mut cache = pre.cache.select(&[1]).unwrap();
             let mut logits = pre.last_logits.clone().slice([1..2, 0..v]);
             for (j, &t) in a.iter().enumerate() {
-                let lp = host_rows(log_softmax(logits, 1)).unwrap()[t as usize] as f64;
+                let lp = host_rows(log_softmax(logits, 1), &mut DecodeTraffic::default()).unwrap()
+                    [t as usize] as f64;
                 assert!((lp - lps[j]).abs() < 1e-4, "{lp} vs {}", lps[j]);
                 logits = model.decode_step(&[t], &mut cache).unwrap();
             }
         }
-        let p = answer_probabilities(&model, &pre, 1, &answers, AnswerScoring::Product).unwrap();
+        let p = answer_probabilities(model, &pre, 1, &answers, AnswerScoring::Product).unwrap();
         let g =
-            answer_probabilities(&model, &pre, 1, &answers, AnswerScoring::GeometricMean).unwrap();
+            answer_probabilities(model, &pre, 1, &answers, AnswerScoring::GeometricMean).unwrap();
         for i in 0..answers.len() {
             let sum: f64 = got[i].iter().sum();
             assert!((p[i] - sum.exp()).abs() < 1e-12);
             assert!((g[i] - (sum / got[i].len() as f64).exp()).abs() < 1e-12);
             assert!(p[i] <= g[i] + 1e-12);
         }
-        assert!(answer_log_probs(&model, &pre, 3, &answers).is_err());
-        assert!(answer_log_probs(&model, &pre, 0, &[vec![]]).is_err());
+        assert!(answer_log_probs(model, &pre, 3, &answers).is_err());
+        assert!(answer_log_probs(model, &pre, 0, &[vec![]]).is_err());
         assert!((weighted_gt_prob(&[0.5, 0.2], &[4, 1]) - (0.5 + 0.2 / 3.0)).abs() < 1e-12);
     }
 
@@ -988,7 +1275,7 @@ mod tests {
                 &mut cache,
             )
             .unwrap();
-        let rows = host_rows(logits).unwrap();
+        let rows = host_rows(logits, &mut DecodeTraffic::default()).unwrap();
         let row = &rows[..v];
         let (max, log_sum) = row_stats(row);
         let want = (log_prob(row[case.input_ids[0][l - 1] as usize], max, log_sum) as f64).exp();

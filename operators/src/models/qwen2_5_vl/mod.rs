@@ -6,9 +6,11 @@
 //! image embeddings, [`text`] runs the decoder with a KV cache and
 //! [`generate`] drives greedy / beam-search decoding on top of it. `host`
 //! holds the CPU fast paths used when the backend is ndarray, `logprobs`
-//! the per-row vocabulary work of decoding.
+//! the per-row vocabulary work of decoding on the host and `device_decode`
+//! the same work on the device for every other backend (CUDA, wgpu).
 
 pub mod config;
+mod device_decode;
 pub mod generate;
 mod host;
 pub mod image;

@@ -12,8 +12,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::config::{ConfigError, GenerationDefaults, Qwen25VlConfig};
 use super::generate::{
-    answer_probabilities, generate_from_prefill, prefill, AnswerScoring, GenerateError,
-    GenerationConfig, PromptBatch,
+    answer_probabilities, generate_counted, prefill, AnswerScoring, DecodeTraffic, GenerateError,
+    GenerationConfig, PromptBatch, Ranking,
 };
 use super::image::ProcessedImage;
 use super::processor::{ImageSource, Processor, ProcessorError, PromptRequest};
@@ -178,12 +178,28 @@ pub struct QwenStats {
     pub images_cached: u64,
     /// Seconds spent answering.
     pub seconds: f64,
+    /// Decoding steps run (one per generated position of a batch).
+    pub decode_steps: u64,
+    /// Reads of device memory by the decoding loop (0 on the CPU backend,
+    /// which ranks in the tensors' own memory).
+    pub decode_device_reads: u64,
+    /// Bytes those reads carried.
+    pub decode_device_read_bytes: u64,
+}
+
+impl QwenStats {
+    fn add_traffic(&mut self, t: &DecodeTraffic) {
+        self.decode_steps += t.steps;
+        self.decode_device_reads += t.reads;
+        self.decode_device_read_bytes += t.bytes;
+    }
 }
 
 /// One worker's answerer: shares the weights, owns its caches.
 pub struct QwenVqa<B: Backend> {
     model: Arc<Qwen25Vl<B>>,
     generation: GenerationConfig,
+    ranking: Ranking,
     cache: VisionCache<B>,
     stats: QwenStats,
 }
@@ -199,9 +215,17 @@ impl<B: Backend> QwenVqa<B> {
         Self {
             model,
             generation,
+            ranking: Ranking::Auto,
             cache: VisionCache::new(vision_cache_mb),
             stats: QwenStats::default(),
         }
+    }
+
+    /// The same answerer ranking decoding candidates where `ranking` says
+    /// (`bench vqa` compares host and device ranking).
+    pub fn with_ranking(mut self, ranking: Ranking) -> Self {
+        self.ranking = ranking;
+        self
     }
 
     /// The counters so far.
@@ -335,7 +359,10 @@ impl<B: Backend> QwenVqa<B> {
                 input_ids,
             },
         )?;
-        let generated = generate_from_prefill(&m.text, &pre, &self.generation)?;
+        let mut traffic = DecodeTraffic::default();
+        let generated =
+            generate_counted(&m.text, &pre, &self.generation, self.ranking, &mut traffic)?;
+        self.stats.add_traffic(&traffic);
         let mut out = Vec::with_capacity(requests.len());
         for (row, (g, p)) in generated.into_iter().zip(&prompts).enumerate() {
             let raw = m.processor.decode(&g.ids, true)?;

@@ -649,7 +649,7 @@ impl<B: Backend> VisionTower<B> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::models::qwen2_5_vl::config::Qwen25VlConfig;
     use burn::backend::NdArray;
@@ -718,12 +718,17 @@ mod tests {
     }
 
     fn tower() -> VisionTower<B> {
+        tower_on::<B>(&Default::default())
+    }
+
+    /// The fixture's vision tower on `device` of backend `K`.
+    pub(crate) fn tower_on<K: Backend>(device: &K::Device) -> VisionTower<K> {
         let config = Qwen25VlConfig::from_file(&fixture_dir().join("config.json")).unwrap();
         let store = WeightStore::open(&fixture_dir(), true).unwrap();
         VisionTower::load(
             &store,
             &VisionTowerConfig::from_config(&config.vision),
-            &Default::default(),
+            device,
         )
         .unwrap()
     }
@@ -764,9 +769,15 @@ mod tests {
 
     #[test]
     fn forward_matches_fixture() {
+        check_forward(&tower());
+    }
+
+    /// Vision embeddings of every case within 1e-4 of the reference, and
+    /// each image encoded alone equal to its rows of the batch (any
+    /// backend).
+    pub(crate) fn check_forward<K: Backend>(tower: &VisionTower<K>) {
         let cases = Cases::load();
-        let tower = tower();
-        let dev = Default::default();
+        let dev = tower.patch_embed.weight.device();
         let meta: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap(),
         )
@@ -774,7 +785,7 @@ mod tests {
         for case in CASES {
             let grids = cases.grids(case);
             let (px, shape) = cases.floats(&format!("{case}.pixel_values"));
-            let px: Tensor<B, 2> =
+            let px: Tensor<K, 2> =
                 Tensor::from_data(TensorData::new(px, [shape[0], shape[1]]), &dev);
             let out = tower.forward(px.clone(), &grids).unwrap();
             let (want, wshape) = cases.floats(&format!("{case}.vision_embeds"));
