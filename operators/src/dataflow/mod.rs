@@ -33,7 +33,7 @@ pub use driver::{gather_at_worker_zero, run_worker, DriverConfig, SinkFn, Worker
 pub use error::{BoxError, ErrorSlot, StageError};
 pub use graph::{rl_graph, Finished, RecordStages, Stages, Then, VqaStages};
 pub use incremental::{incremental_front, interleave_previous, Planned, SourceItem};
-pub use pending::{batched_pending, PendingStage, Waker};
+pub use pending::{batched_pending, BatchResult, PendingStage, Waker};
 
 use std::sync::Mutex;
 

@@ -18,6 +18,12 @@ use super::{ErrorSlot, StageError};
 /// Wakes the operator of a [`PendingStage`] (callable from any thread).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// A finished batch: its id and its outputs (one per input, in order).
+pub type BatchResult<O> = (u64, Result<Vec<O>, StageError>);
+
+/// Each time's capability in a batch and its share of the batch's records.
+type Groups = Vec<(Capability<u64>, usize)>;
+
 /// A stage whose batches finish later. Built per worker, like a
 /// [`super::BatchFn`].
 pub trait PendingStage<I, O> {
@@ -27,12 +33,12 @@ pub trait PendingStage<I, O> {
 
     /// The batches finished since the last call: one output per input, in
     /// input order.
-    fn finished(&mut self) -> Vec<(u64, Result<Vec<O>, StageError>)>;
+    fn finished(&mut self) -> Vec<BatchResult<O>>;
 }
 
 /// Batches started and not yet finished: each time's capability and its
 /// share of the batch.
-type InFlight = HashMap<u64, (usize, Vec<(Capability<u64>, usize)>)>;
+type InFlight = HashMap<u64, (usize, Groups)>;
 
 /// Wraps `stage` as a timely operator named `name` that starts batches of
 /// `batch_size` records once that many are stashed (or fewer once the input
@@ -96,7 +102,7 @@ where
                     stashed = 0;
                     // Batches of `batch_size` records, each started at once:
                     // their outputs are sent as each finishes.
-                    let mut batches: Vec<(Vec<(Capability<u64>, usize)>, Vec<I>)> = Vec::new();
+                    let mut batches: Vec<(Groups, Vec<I>)> = Vec::new();
                     for (_, (cap, records)) in std::mem::take(&mut stash) {
                         for r in records {
                             match batches.last_mut() {

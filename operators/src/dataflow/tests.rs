@@ -301,13 +301,16 @@ fn previous_keys_are_interleaved_by_query_index() {
     assert_eq!(got, ["p1", "p2", "p5", "p9", "c9", "c0", "bad", "c1"]);
 }
 
+/// A finished batch of [`Delayed`].
+type Squared = BatchResult<(u64, u64)>;
+
 /// A [`PendingStage`] test double that answers each batch (query → square)
 /// on a thread of its own after a delay that shrinks with each batch, so
 /// batches finish out of order, as a server's answers do.
 #[derive(Default)]
 struct Delayed {
     started: u64,
-    done: Arc<Mutex<Vec<(u64, Result<Vec<(u64, u64)>, StageError>)>>>,
+    done: Arc<Mutex<Vec<Squared>>>,
 }
 
 impl PendingStage<u64, (u64, u64)> for Delayed {
@@ -324,7 +327,7 @@ impl PendingStage<u64, (u64, u64)> for Delayed {
         Ok(())
     }
 
-    fn finished(&mut self) -> Vec<(u64, Result<Vec<(u64, u64)>, StageError>)> {
+    fn finished(&mut self) -> Vec<BatchResult<(u64, u64)>> {
         std::mem::take(&mut *self.done.lock().unwrap())
     }
 }

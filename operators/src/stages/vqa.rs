@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use super::{Answer, Counters, Inputs, QueryAnswered, QueryCands, StageError, StageSettings};
 use crate::accuracy::postprocess_generation;
 use crate::config::{MissingImagePolicy, VqaErrorPolicy};
-use crate::dataflow::{PendingStage, Waker};
+use crate::dataflow::{BatchResult, PendingStage, Waker};
 use crate::models::contract::{PromptExample, PromptResult, VqaAnswer, VqaModel, VqaPrompt};
 use crate::state::{encode_value, ImageStamps, Key, RunKeys, StateStore};
 
@@ -183,7 +183,7 @@ pub struct VqaStage {
     /// Batches whose prompts are with a remote model.
     waiting: HashMap<u64, Waiting>,
     /// Batches finished and not yet collected.
-    done: Vec<(u64, Result<Vec<QueryAnswered>, StageError>)>,
+    done: Vec<BatchResult<QueryAnswered>>,
     tx: Sender<(u64, Vec<PromptResult>)>,
     rx: Receiver<(u64, Vec<PromptResult>)>,
 }
@@ -228,7 +228,7 @@ impl PendingStage<QueryCands, QueryAnswered> for VqaStage {
         Ok(())
     }
 
-    fn finished(&mut self) -> Vec<(u64, Result<Vec<QueryAnswered>, StageError>)> {
+    fn finished(&mut self) -> Vec<BatchResult<QueryAnswered>> {
         while let Ok((id, results)) = self.rx.try_recv() {
             let Some(mut w) = self.waiting.remove(&id) else {
                 continue;
