@@ -840,7 +840,7 @@ mod tests {
     #[test]
     fn recorded_settings_hide_url_credentials() {
         let cfg = RunConfig {
-            openai_base_url: Some("http://me:secret@127.0.0.1:1/v1".into()),
+            openai_base_url: Some("http://me:hunter2x@127.0.0.1:1/v1".into()),
             ..Default::default()
         };
         let args = serde_json::to_string(&cfg.recorded()).unwrap();
