@@ -297,16 +297,17 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/fixtures/qwen2_5_vl_tiny"
         );
+        let hub = crate::models::hub::HubSettings::from_env(None, true);
         #[cfg(not(feature = "wgpu"))]
         assert!(matches!(
-            answer_requests(dir, Device::Wgpu(WgpuAdapter::Default), &[]),
+            answer_requests(dir, &hub, Device::Wgpu(WgpuAdapter::Default), &[]),
             Err(BackendError::NoWgpu)
         ));
         #[cfg(not(feature = "cuda"))]
         assert!(matches!(
-            answer_requests(dir, Device::Cuda(0), &[]),
+            answer_requests(dir, &hub, Device::Cuda(0), &[]),
             Err(BackendError::NoCuda)
         ));
-        let _ = (dir, WgpuAdapter::Default);
+        let _ = (dir, &hub, WgpuAdapter::Default);
     }
 }

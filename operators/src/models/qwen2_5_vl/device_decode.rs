@@ -13,8 +13,10 @@
 //! Numerics and order follow the host path: the penalty is HF's
 //! `s * p if s < 0 else s / p`, the mask sets `-inf` after the penalty, the
 //! log-softmax is `(x - max) - ln(sum(exp(x - max)))`, and ties rank the
-//! lower flattened index (beam * vocab + token) first: burn's `argmax` and
-//! `argtopk` on cubecl backends keep the lowest coordinate on equal values.
+//! lower flattened index (beam * vocab + token) first: burn's `argmax`
+//! keeps the lowest coordinate on equal values (ndarray and cubecl), and the
+//! `k` candidates are `k` argmax passes; the host re-sorts the `k` read back
+//! by (score desc, index asc) as well.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -209,12 +211,11 @@ pub(crate) fn log_softmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 /// Indices of the `k` largest entries of every row, best first, the lower
-/// index first on equal values: burn's `argtopk` where the backend has it
-/// (cubecl: CUDA, wgpu), else `k` argmax passes, each masking its pick.
+/// index first on equal values: `k` argmax passes, each masking its pick
+/// with `-inf` (argmax keeps the lowest coordinate on ties on ndarray and on
+/// cubecl). burn 0.21's `argtopk` is not used: ndarray lacks it, and on
+/// wgpu (lavapipe) it gave wrong beams on the parity fixtures.
 fn top_k_indices<B: Backend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
-    if !super::host::ndarray_based::<B>() {
-        return x.argtopk(k, 1);
-    }
     let [rows, _] = x.dims();
     let device = x.device();
     let minus_inf = Tensor::<B, 2>::full([rows, 1], f32::NEG_INFINITY, &device);
@@ -291,11 +292,14 @@ pub(crate) fn beam_candidates<B: Backend>(
     };
     Ok((0..prompts)
         .map(|p| {
-            (0..k)
+            let mut top = (0..k)
                 .map(|j| (vals[p * k + j], ids[p * k + j]))
                 .filter(|&(s, i)| i >= 0 && (i as usize) < width && s > f32::NEG_INFINITY)
                 .map(|(s, i)| (s, i as usize))
-                .collect()
+                .collect::<Vec<_>>();
+            top.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            top.dedup_by_key(|c| c.1);
+            top
         })
         .collect())
 }

@@ -63,19 +63,6 @@ pub(crate) fn is_host<B: Backend>() -> bool {
         && TypeId::of::<B::FloatElem>() == TypeId::of::<f32>()
 }
 
-/// True when the tensors of `B` are ndarray storage (the host backend, or
-/// autodiff over it): burn implements `argtopk` on its cubecl backends
-/// (CUDA, wgpu) but not on ndarray, whose device ranking then takes `k`
-/// argmax passes instead.
-pub(crate) fn ndarray_based<B: Backend>() -> bool {
-    fn float_type<K: Backend>() -> TypeId {
-        TypeId::of::<K::FloatTensorPrimitive>()
-    }
-    type Ad = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-    let t = float_type::<B>();
-    t == TypeId::of::<NdArrayTensor>() || t == float_type::<Ad>()
-}
-
 /// Vocabulary columns per block of the packed LM head (two AVX registers).
 pub(crate) const HEAD_BLOCK: usize = 16;
 
