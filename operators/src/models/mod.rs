@@ -16,9 +16,9 @@
 
 pub mod contract;
 pub mod demo_vlm;
-pub mod hub;
 #[cfg(all(test, any(feature = "wgpu", feature = "cuda")))]
 mod gpu_parity;
+pub mod hub;
 pub mod pointer_selector;
 pub mod qwen2_5_vl;
 
