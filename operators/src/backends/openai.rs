@@ -111,38 +111,7 @@ pub enum OpenAiError {
     Stopped,
 }
 
-/// `url` with the userinfo of its authority (`user:pass@`) replaced by
-/// `***` (as recorded in `_meta.args`).
-pub fn redact_url(url: &str) -> String {
-    match split_userinfo(url) {
-        (rest, Some(_)) => match rest.split_once("://") {
-            Some((scheme, tail)) => format!("{scheme}://***@{tail}"),
-            None => format!("***@{rest}"),
-        },
-        (rest, None) => rest,
-    }
-}
-
-/// Splits the userinfo (`user:pass`, still percent-encoded) off the
-/// authority of `url`: the URL without it, and it.
-pub fn split_userinfo(url: &str) -> (String, Option<String>) {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let bare = match scheme {
-                Some(s) => format!("{s}://{host}{path}"),
-                None => format!("{host}{path}"),
-            };
-            (bare, Some(userinfo.to_string()))
-        }
-        None => (url.to_string(), None),
-    }
-}
+pub use crate::config::{redact_url, split_userinfo};
 
 /// The `Authorization` header of a server: the API key from the environment
 /// variable `key_env` (bearer), else the URL's userinfo, percent-decoded
