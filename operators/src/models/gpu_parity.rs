@@ -132,7 +132,7 @@ macro_rules! parity_tests {
 #[cfg(feature = "wgpu")]
 mod wgpu {
     parity_tests!(
-        crate::backends::qwen2_5_vl::WgpuBackend,
+        burn::backend::Wgpu<f32, i32>, // as `backends::qwen2_5_vl::WgpuBackend`
         burn::backend::wgpu::WgpuDevice,
         burn::backend::wgpu::WgpuDevice::DefaultDevice
     );
