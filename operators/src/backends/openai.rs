@@ -814,7 +814,7 @@ mod tests {
         };
         let args = serde_json::to_string(&cfg.recorded()).unwrap();
         assert!(
-            !args.contains("secret") && !args.contains("me:secret@"),
+            !args.contains("hunter2x") && !args.contains("me:"),
             "{args}"
         );
         assert!(args.contains("http://***@127.0.0.1:1/v1"), "{args}");

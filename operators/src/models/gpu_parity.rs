@@ -120,11 +120,6 @@ macro_rules! parity_tests {
             ps::check_batched_greedy(&ps::model_on::<W>(&device()));
         }
 
-        #[test]
-        $(#[$attr])*
-        fn pointer_selector_beams() {
-            crate::candidates::tests::check_beam_search_parity(&ps::model_on::<W>(&device()));
-        }
     };
 }
 
