@@ -16,41 +16,18 @@ pub fn demo(rel: &str) -> String {
 
 /// The demo's policy inputs: checkpoint, beam data and embeddings.
 pub fn demo_policy_args() -> Vec<String> {
-    [
-        "--sft_ckpt",
-        &demo("sft.ckpt"),
-        "--beam_data",
-        &demo("beam_data.json"),
-        "--query_emb",
-        &demo("query_embeddings.pt"),
-        "--cand_emb",
-        &demo("candidate_embeddings.pt"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    leverflow_operators::bench::demo_policy_flags(&root())
 }
 
 /// The flags every demo run needs, with `out` as output path.
 pub fn demo_args(out: &Path) -> Vec<String> {
     let mut args = demo_policy_args();
-    args.extend(
-        [
-            "--train_ques_path",
-            &demo("data/questions.json"),
-            "--train_ann_path",
-            &demo("data/annotations.json"),
-            "--train_coco_root",
-            &demo("data/images"),
-            "--image_pattern",
-            "COCO_train2014_{image_id:012d}.png",
-            "--output_path",
-            &out.display().to_string(),
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    args.extend(leverflow_operators::bench::demo_data_flags(&root()));
+    args.extend([
+        "--output_path".to_string(),
+        out.display().to_string(),
+        "--quiet".to_string(),
+    ]);
     args
 }
 

@@ -15,7 +15,7 @@ pub mod openai;
 pub mod vqa;
 pub mod workloads;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What a benchmark runs on (the `bench` subcommand's flags).
 #[derive(Debug, Clone)]
@@ -73,6 +73,39 @@ impl BenchError {
     pub fn workload(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         BenchError::Workload(e.into())
     }
+}
+
+/// The demo's policy inputs in `repo` (checkpoint, beam data, embeddings)
+/// as `generate`/`candidates` flags: shared by the benches that run the
+/// binary and by the end-to-end tests.
+pub fn demo_policy_flags(repo: &Path) -> Vec<String> {
+    let demo = |rel: &str| repo.join("demo").join(rel).display().to_string();
+    vec![
+        "--sft_ckpt".into(),
+        demo("sft.ckpt"),
+        "--beam_data".into(),
+        demo("beam_data.json"),
+        "--query_emb".into(),
+        demo("query_embeddings.pt"),
+        "--cand_emb".into(),
+        demo("candidate_embeddings.pt"),
+    ]
+}
+
+/// The demo's dataset inputs in `repo` (questions, annotations, images) as
+/// `generate` flags.
+pub fn demo_data_flags(repo: &Path) -> Vec<String> {
+    let demo = |rel: &str| repo.join("demo").join(rel).display().to_string();
+    vec![
+        "--train_ques_path".into(),
+        demo("data/questions.json"),
+        "--train_ann_path".into(),
+        demo("data/annotations.json"),
+        "--train_coco_root".into(),
+        demo("data/images"),
+        "--image_pattern".into(),
+        "COCO_train2014_{image_id:012d}.png".into(),
+    ]
 }
 
 /// Runs the benchmark `what`.

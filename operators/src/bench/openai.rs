@@ -40,42 +40,28 @@ struct Measured {
 
 /// The demo's `generate` flags, answered by the server.
 fn flags(s: &BenchSettings, o: &OpenAiBench, url: &str, c: usize, out: &Path) -> Vec<String> {
-    let demo = |rel: &str| s.repo.join("demo").join(rel).display().to_string();
-    let mut v: Vec<String> = [
-        "generate",
-        "--sft_ckpt",
-        &demo("sft.ckpt"),
-        "--beam_data",
-        &demo("beam_data.json"),
-        "--query_emb",
-        &demo("query_embeddings.pt"),
-        "--cand_emb",
-        &demo("candidate_embeddings.pt"),
-        "--train_ques_path",
-        &demo("data/questions.json"),
-        "--train_ann_path",
-        &demo("data/annotations.json"),
-        "--train_coco_root",
-        &demo("data/images"),
-        "--image_pattern",
-        "COCO_train2014_{image_id:012d}.png",
-        "--vqa_backend",
-        "openai",
-        "--openai_base_url",
-        url,
-        "--openai_concurrency",
-        &c.to_string(),
-        "--vqa_num_beams",
-        "1",
-        "--end_idx",
-        &s.queries.to_string(),
-        "--quiet",
-        "--output_path",
-        &out.display().to_string(),
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    let mut v = vec!["generate".to_string()];
+    v.extend(super::demo_policy_flags(&s.repo));
+    v.extend(super::demo_data_flags(&s.repo));
+    v.extend(
+        [
+            "--vqa_backend",
+            "openai",
+            "--openai_base_url",
+            url,
+            "--openai_concurrency",
+            &c.to_string(),
+            "--vqa_num_beams",
+            "1",
+            "--end_idx",
+            &s.queries.to_string(),
+            "--quiet",
+            "--output_path",
+            &out.display().to_string(),
+        ]
+        .iter()
+        .map(|x| x.to_string()),
+    );
     if let Some(m) = &o.model {
         v.push("--openai_model".into());
         v.push(m.clone());

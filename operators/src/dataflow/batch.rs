@@ -1,13 +1,12 @@
 //! The batched stage operator.
 
-use std::collections::BTreeMap;
-
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
+use super::stash::TimeStash;
 use super::{ErrorSlot, StageError};
 
 /// A stage's batch function: one output per input, in input order.
@@ -44,42 +43,27 @@ where
         name,
         move |_capability, _info| {
             // Records waiting to be processed, grouped by time.
-            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<I>)> = BTreeMap::new();
-            let mut stashed = 0usize;
+            let mut stash = TimeStash::new();
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     if let Some(cap) = cap.retain_least(output.output_index()) {
-                        let time = *cap.time();
-                        let entry = stash.entry(time).or_insert_with(|| (cap, Vec::new()));
-                        for container in data {
-                            stashed += container.len();
-                            entry.1.append(container);
-                        }
+                        stash.push(cap, data);
                     }
                 });
-                if stash.is_empty() {
-                    return;
-                }
                 if errors.is_set() {
                     stash.clear();
-                    stashed = 0;
                     return;
                 }
-                let complete = stash
-                    .keys()
-                    .next()
-                    .is_some_and(|t| !frontier.frontier().less_equal(t));
-                if stashed < batch_size && !complete {
+                if !stash.is_due(batch_size, frontier.frontier()) {
                     return;
                 }
                 // Run the whole stash as one batch, remembering each time's share.
                 let mut groups: Vec<(Capability<u64>, usize)> = Vec::new();
-                let mut items = Vec::with_capacity(stashed);
-                for (_, (cap, mut records)) in std::mem::take(&mut stash) {
+                let mut items = Vec::with_capacity(stash.len());
+                for (cap, mut records) in stash.take() {
                     groups.push((cap, records.len()));
                     items.append(&mut records);
                 }
-                stashed = 0;
                 let expected = items.len();
                 match logic(items) {
                     Ok(outputs) if outputs.len() == expected => {

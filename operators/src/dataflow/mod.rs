@@ -22,6 +22,7 @@ mod error;
 pub mod graph;
 pub mod incremental;
 mod pending;
+mod stash;
 
 pub use batch::{batched, BatchFn};
 pub use cluster::{

@@ -4,7 +4,7 @@
 //! stages; when the batch is done, the stage wakes the operator (from any
 //! thread) and its outputs are sent with the capability kept for them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use timely::container::CapacityContainerBuilder;
@@ -13,6 +13,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
+use super::stash::TimeStash;
 use super::{ErrorSlot, StageError};
 
 /// Wakes the operator of a [`PendingStage`] (callable from any thread).
@@ -73,37 +74,25 @@ where
                     let _ = a.activate();
                 }
             });
-            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<I>)> = BTreeMap::new();
-            let mut stashed = 0usize;
+            let mut stash = TimeStash::new();
             let mut in_flight: InFlight = HashMap::new();
             let mut next_id = 0u64;
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     if let Some(cap) = cap.retain_least(output.output_index()) {
-                        let time = *cap.time();
-                        let entry = stash.entry(time).or_insert_with(|| (cap, Vec::new()));
-                        for container in data {
-                            stashed += container.len();
-                            entry.1.append(container);
-                        }
+                        stash.push(cap, data);
                     }
                 });
                 if errors.is_set() {
                     stash.clear();
-                    stashed = 0;
                     in_flight.clear();
                     return;
                 }
-                let complete = stash
-                    .keys()
-                    .next()
-                    .is_some_and(|t| !frontier.frontier().less_equal(t));
-                if !stash.is_empty() && (stashed >= batch_size || complete) {
-                    stashed = 0;
+                if stash.is_due(batch_size, frontier.frontier()) {
                     // Batches of `batch_size` records, each started at once:
                     // their outputs are sent as each finishes.
                     let mut batches: Vec<(Groups, Vec<I>)> = Vec::new();
-                    for (_, (cap, records)) in std::mem::take(&mut stash) {
+                    for (cap, records) in stash.take() {
                         for r in records {
                             match batches.last_mut() {
                                 Some((groups, items)) if items.len() < batch_size => {

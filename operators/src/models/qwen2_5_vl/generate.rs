@@ -353,6 +353,21 @@ fn greedy_tokens<B: Backend>(
         .collect())
 }
 
+/// The logits processors that run on the device for `pre`'s prompts.
+fn device_processors<B: Backend>(
+    model: &TextModel<B>,
+    pre: &Prefilled<B>,
+    config: &GenerationConfig,
+) -> DeviceProcessors<B> {
+    DeviceProcessors::new(
+        &pre.input_ids,
+        config.repetition_penalty as f32,
+        &config.eos_token_ids,
+        model.vocab_size,
+        &model.device(),
+    )
+}
+
 fn greedy<B: Backend>(
     model: &TextModel<B>,
     pre: &Prefilled<B>,
@@ -361,15 +376,7 @@ fn greedy<B: Backend>(
     traffic: &mut DecodeTraffic,
 ) -> Result<Vec<GeneratedSequence>, GenerateError> {
     let n = pre.input_ids.len();
-    let mut device = on_device.then(|| {
-        DeviceProcessors::new(
-            &pre.input_ids,
-            config.repetition_penalty as f32,
-            &config.eos_token_ids,
-            model.vocab_size,
-            &model.device(),
-        )
-    });
+    let mut device = on_device.then(|| device_processors(model, pre, config));
     // Host path: each prompt's seen tokens (the device keeps its own).
     let mut seen: Vec<Vec<u32>> = match device {
         Some(_) => vec![Vec::new(); n],
@@ -469,6 +476,10 @@ impl BeamStep<'_> {
     }
 }
 
+/// One prompt's `k` best `(score, beam * vocab + token)` at a beam step,
+/// best first; `None` once the prompt has finished.
+type PromptCandidates = Option<Vec<(f32, usize)>>;
+
 /// Each live prompt's `k` best `(score, beam * vocab + token)`, best first,
 /// ranked on the host (`None` for finished prompts).
 fn host_beam_candidates(
@@ -476,7 +487,7 @@ fn host_beam_candidates(
     states: &[PromptBeams],
     prompt_seen: &[Vec<u32>],
     at: &BeamStep<'_>,
-) -> Vec<Option<Vec<(f32, usize)>>> {
+) -> Vec<PromptCandidates> {
     let (v, k, step) = (at.vocab, at.k, at.step);
     let penalty = at.config.repetition_penalty as f32;
     let masked: &[u32] = if at.mask_eos() {
@@ -573,7 +584,7 @@ fn device_beam_candidates<B: Backend>(
     processors: &DeviceProcessors<B>,
     at: &BeamStep<'_>,
     traffic: &mut DecodeTraffic,
-) -> Result<Vec<Option<Vec<(f32, usize)>>>, GenerateError> {
+) -> Result<Vec<PromptCandidates>, GenerateError> {
     let scores: Vec<f32> = states
         .iter()
         .filter(|s| !s.done)
@@ -722,13 +733,7 @@ fn beam_search<B: Backend>(
     let mut device = None;
     if on_device {
         let rows: Vec<usize> = (0..n_prompts * nb).map(|r| r / nb).collect();
-        let mut d = DeviceProcessors::new(
-            &pre.input_ids,
-            config.repetition_penalty as f32,
-            &config.eos_token_ids,
-            model.vocab_size,
-            &model.device(),
-        );
+        let mut d = device_processors(model, pre, config);
         d.advance(&rows, &[]);
         let idx = Tensor::<B, 1, Int>::from_data(
             TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
