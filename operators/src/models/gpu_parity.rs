@@ -103,6 +103,12 @@ macro_rules! parity_tests {
 
         #[test]
         $(#[$attr])*
+        fn qwen_wide_rows_argmax() {
+            crate::models::qwen2_5_vl::device_decode::tests::check_wide_rows_argmax::<W>(&device());
+        }
+
+        #[test]
+        $(#[$attr])*
         fn qwen_answer_log_probs() {
             let (m, c) = text_model();
             gen::check_answer_log_probs(&m, &c);

@@ -210,11 +210,42 @@ pub(crate) fn log_softmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     shifted - log_sum
 }
 
+/// Columns per chunk of [`argmax_rows`]. burn 0.21's `argmax` and
+/// `max_dim` on wgpu return a wrong entry for wide rows (measured on Mesa's
+/// lavapipe: right for every position at 200,000 columns, wrong for the
+/// maximum placed past about 2^17 at 262,143 columns and beyond), and beam
+/// ranking reduces rows of beams × vocabulary (455,808 for Qwen2.5-VL at 3
+/// beams): that was the beam-3 drift on wgpu.
+const ARGMAX_CHUNK: usize = 1 << 16;
+
+/// Index of every row's largest entry, the lowest index on equal values, as
+/// a [rows, 1] tensor. Rows wider than [`ARGMAX_CHUNK`] are reduced in two
+/// passes that no backend gets wrong: the best of each chunk, then the best
+/// chunk (the lowest chunk on ties, so the tie rule holds across chunks).
+pub(crate) fn argmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2, Int> {
+    let [rows, width] = x.dims();
+    if width <= ARGMAX_CHUNK {
+        return x.argmax(1);
+    }
+    let chunks = width.div_ceil(ARGMAX_CHUNK);
+    let padded = chunks * ARGMAX_CHUNK;
+    let x = if padded > width {
+        let fill = Tensor::<B, 2>::full([rows, padded - width], f32::NEG_INFINITY, &x.device());
+        Tensor::cat(vec![x, fill], 1)
+    } else {
+        x
+    };
+    let x = x.reshape([rows, chunks, ARGMAX_CHUNK]);
+    let within = x.clone().argmax(2).reshape([rows, chunks]);
+    let chunk = x.max_dim(2).reshape([rows, chunks]).argmax(1);
+    let offset = within.gather(1, chunk.clone());
+    chunk.mul_scalar(ARGMAX_CHUNK as i64) + offset
+}
+
 /// Indices of the `k` largest entries of every row, best first, the lower
-/// index first on equal values: `k` argmax passes, each masking its pick
-/// with `-inf` (argmax keeps the lowest coordinate on ties on ndarray and on
-/// cubecl). burn 0.21's `argtopk` is not used: ndarray lacks it, and on
-/// wgpu (lavapipe) it gave wrong beams on the parity fixtures.
+/// index first on equal values: `k` argmax passes ([`argmax_rows`]), each
+/// masking its pick with `-inf`. burn 0.21's `argtopk` is not used: ndarray
+/// lacks it, and on wgpu it reduces the same wide rows.
 fn top_k_indices<B: Backend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
     let [rows, _] = x.dims();
     let device = x.device();
@@ -222,7 +253,7 @@ fn top_k_indices<B: Backend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
     let mut x = x;
     let mut picks = Vec::with_capacity(k);
     for _ in 0..k {
-        let best = x.clone().argmax(1);
+        let best = argmax_rows(x.clone());
         x = x.scatter(1, best.clone(), minus_inf.clone(), IndexingUpdateOp::Add);
         picks.push(best);
     }
@@ -237,7 +268,7 @@ pub(crate) fn greedy_choice<B: Backend>(
     mask_eos: bool,
     traffic: &mut DecodeTraffic,
 ) -> Result<Vec<u32>, GenerateError> {
-    let ids = processors.apply(logits, mask_eos).argmax(1);
+    let ids = argmax_rows(processors.apply(logits, mask_eos));
     Ok(read_ints(ids, traffic)?
         .into_iter()
         .map(|t| t as u32)
@@ -302,4 +333,62 @@ pub(crate) fn beam_candidates<B: Backend>(
             top
         })
         .collect())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// [`argmax_rows`] and [`top_k_indices`] on rows narrower and wider than
+    /// a chunk, with the maximum at the start, the middle, the last column
+    /// and on a tie across chunks, equal a host scan (any backend; on wgpu
+    /// this is the reduction that went wrong on wide rows).
+    pub(crate) fn check_wide_rows_argmax<B: Backend>(device: &B::Device) {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * -20.0
+        };
+        for width in [1_000, ARGMAX_CHUNK, ARGMAX_CHUNK + 1, 262_143, 455_808] {
+            let places = [0, width / 2, width - 1];
+            let mut data: Vec<f32> = (0..places.len() * width).map(|_| next()).collect();
+            for (r, &p) in places.iter().enumerate() {
+                data[r * width + p] = 1.0;
+            }
+            // A tie: row 1's maximum again in its last column.
+            data[2 * width - 1] = 1.0;
+            let x = Tensor::<B, 2>::from_data(
+                TensorData::new(data.clone(), [places.len(), width]),
+                device,
+            );
+            let got: Vec<i64> = argmax_rows(x.clone())
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .unwrap();
+            assert_eq!(
+                got,
+                vec![0, (width / 2) as i64, (width - 1) as i64],
+                "width {width}"
+            );
+            let top: Vec<i64> = top_k_indices(x, 3)
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .unwrap();
+            for (r, row) in data.chunks(width).enumerate() {
+                let mut order: Vec<usize> = (0..width).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                let want: Vec<i64> = order[..3].iter().map(|&i| i as i64).collect();
+                assert_eq!(top[r * 3..r * 3 + 3], want[..], "width {width} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn wide_rows_argmax() {
+        check_wide_rows_argmax::<burn::backend::NdArray<f32>>(&Default::default());
+    }
 }

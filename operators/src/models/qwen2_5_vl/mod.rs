@@ -10,7 +10,7 @@
 //! the same work on the device for every other backend (CUDA, wgpu).
 
 pub mod config;
-mod device_decode;
+pub(crate) mod device_decode;
 pub mod generate;
 mod host;
 pub mod image;
