@@ -565,6 +565,10 @@ fn host_beam_candidates(
     tops
 }
 
+/// Per live prompt, its ranked (score, flat index) candidates (`None` for a
+/// finished prompt).
+type PromptCandidates = Vec<Option<Vec<(f32, usize)>>>;
+
 /// Each live prompt's `k` best candidates, ranked on the device: the live
 /// prompts' beams are the cache rows, `num_beams` per prompt in order.
 fn device_beam_candidates<B: Backend>(
@@ -573,7 +577,7 @@ fn device_beam_candidates<B: Backend>(
     processors: &DeviceProcessors<B>,
     at: &BeamStep<'_>,
     traffic: &mut DecodeTraffic,
-) -> Result<Vec<Option<Vec<(f32, usize)>>>, GenerateError> {
+) -> Result<PromptCandidates, GenerateError> {
     let scores: Vec<f32> = states
         .iter()
         .filter(|s| !s.done)
