@@ -48,7 +48,7 @@ Qwen2.5-VL-3B-Instruct (bf16, 4 shards), 8 prompts:
 
     cargo build --release --bin leverflow
     ~/.cache/leverflow/serve-venv/bin/python tools/bench_hf_vqa.py \
-        --synthetic-3b /tmp/qwen3b --leverflow target/release/leverflow
+        --synthetic-3b /tmp/qwen3b --leverflow target/release/leverflow --reps 1
 
 1. `leverflow bench vqa --synthetic 3b --keep_dir DIR` writes the checkpoint
    into DIR (reused when DIR already holds one) and prints leverflow's
