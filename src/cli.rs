@@ -3,9 +3,10 @@
 //! (`--sft-ckpt`), plus leverflow's own.
 
 use clap::{Args, Parser, Subcommand};
+use leverflow_operators::bench::vqa::SyntheticModel;
 use leverflow_operators::config::{
-    CorrectnessMode, Formats, MissingImagePolicy, OutputMode, ProgressMode, RewardMode, RunConfig,
-    VqaBackend, VqaErrorPolicy,
+    CorrectnessMode, Formats, GtProbMode, MissingImagePolicy, OutputMode, ProgressMode, RewardMode,
+    RunConfig, VqaBackend, VqaErrorPolicy,
 };
 use serde::Serialize;
 use std::path::PathBuf;
@@ -362,6 +363,18 @@ pub struct GenerateArgs {
     /// Compute vqa_gt_prob (teacher-forced probability of the ground-truth answers).
     #[arg(long = "gt_prob", visible_alias = "gt-prob")]
     pub gt_prob: bool,
+    /// How vqa_gt_prob scores an answer: answer (the answer tokens after the
+    /// prompt, geometric mean) or original (the original project's
+    /// get_cond_prob, whose scored span starts at the token count of a
+    /// plain-text rendering of the prompt, so it also covers most of the
+    /// prompt; qwen2_5_vl backend only).
+    #[arg(
+        long = "gt_prob_mode",
+        visible_alias = "gt-prob-mode",
+        value_enum,
+        default_value_t = d().gt_prob_mode
+    )]
+    pub gt_prob_mode: GtProbMode,
     /// Vision-embedding cache size in MB.
     #[arg(
         long = "vision_cache_mb",
@@ -699,6 +712,17 @@ pub struct BenchArgs {
     /// batching buys once weights, not per-token work, dominate.
     #[arg(long = "synthetic_3b_layers", visible_alias = "synthetic-3b-layers")]
     pub synthetic_3b_layers: Option<usize>,
+    /// vqa bench: `3b` writes a random-weight checkpoint with every shape
+    /// of Qwen2.5-VL-3B-Instruct (vision tower included; bf16, 4 shards,
+    /// 7.5 GB; in --keep_dir and reused from there when given, else in a
+    /// temporary directory) and measures 8 prompts at batch 1 and at
+    /// --batch_size, each in a fresh process, with each one's peak RSS.
+    #[arg(long, value_enum)]
+    pub synthetic: Option<SyntheticModel>,
+    /// vqa bench: measure only --batch_size, not batch 1 first (so the
+    /// reported peak RSS is that batch size's own).
+    #[arg(long = "batch_only", visible_alias = "batch-only")]
+    pub batch_only: bool,
     /// pipeline / rerun / cluster benches: prepare the synthetic inputs in
     /// this directory and keep them (and the runs' outputs and state) after
     /// the benchmark, to profile a run by hand. Default: a temporary
@@ -755,6 +779,8 @@ mod tests {
             "json",
             "--format",
             "parquet",
+            "--gt_prob_mode",
+            "original",
         ])
         .into_config()
         .unwrap();
@@ -765,6 +791,7 @@ mod tests {
         assert_eq!(c.output_mode, OutputMode::Delta);
         assert_eq!(c.progress, ProgressMode::Json);
         assert_eq!(c.format.to_string(), "parquet");
+        assert_eq!(c.gt_prob_mode, GtProbMode::Original);
         let err = Cli::try_parse_from(["leverflow", "generate", "--reward_mode", "best"])
             .unwrap_err()
             .to_string();

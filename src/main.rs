@@ -117,6 +117,8 @@ fn bench(a: &cli::BenchArgs) -> Result<()> {
         vqa_model: a.vqa_model.clone(),
         batch_size: a.batch_size,
         synthetic_3b_layers: a.synthetic_3b_layers,
+        synthetic: a.synthetic,
+        batch_only: a.batch_only,
         device: a
             .device
             .parse()

@@ -42,6 +42,27 @@ Output lines look like
      "prompts_per_s": ..., "torch": "...", "transformers": "..."}
 Check results go to stderr as lines starting with "check:".
 
+At the real size (`--synthetic-3b DIR`): one invocation measures both
+sides on the same random-weight checkpoint with every shape of
+Qwen2.5-VL-3B-Instruct (bf16, 4 shards), 8 prompts:
+
+    cargo build --release --bin leverflow
+    ~/.cache/leverflow/serve-venv/bin/python tools/bench_hf_vqa.py \
+        --synthetic-3b /tmp/qwen3b --leverflow target/release/leverflow --reps 1
+
+1. `leverflow bench vqa --synthetic 3b --keep_dir DIR` writes the checkpoint
+   into DIR (reused when DIR already holds one) and prints leverflow's
+   lines, batch 1 and batch 8, each run in a fresh process with its peak RSS;
+2. `leverflow vqa` answers the first 4 prompts (as one batch); their
+   generated ids are kept;
+3. HF loads DIR with transformers from the same config.json (f32, sdpa) in a
+   fresh Python process per batch size (`--only-batch`), prints its line with
+   `peak_rss_bytes` (getrusage of that process) and compares its generated
+   ids of the first 4 prompts with leverflow's (`ids_match_leverflow`).
+   HF at f32 needs about 23 GB: step 3 runs only when /proc/meminfo shows at
+   least --min-free-gb (default 21) GB available, else it prints a
+   `vqa_hf_skipped` line saying so.
+
 Note: leverflow keeps a per-image vision-embedding cache within a run (each
 distinct image is preprocessed and encoded once per run); HF transformers has
 no such cache, so here every prompt preprocesses and encodes its 3 images.
@@ -229,6 +250,57 @@ def check(model, processor, reqs, args, eos, attn):
     return ok
 
 
+SYNTH_QUERIES = 8
+SYNTH_CHECK_N = 4
+
+
+def mem_available_gb():
+    """MemAvailable of /proc/meminfo in GB (None where it does not exist)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        return None
+    return None
+
+
+def synthetic_3b(args):
+    """Both sides at the 3B's size on the checkpoint in args.synthetic_3b."""
+    model_dir = args.synthetic_3b
+    proc = subprocess.run(
+        [args.leverflow, "bench", "vqa", "--synthetic", "3b", "--keep_dir", model_dir,
+         "--batch_size", "8", "--reps", str(max(1, args.reps))],
+        stdout=subprocess.PIPE, text=True,
+    )
+    for line in proc.stdout.splitlines():
+        print(line, flush=True)
+    if proc.returncode != 0:
+        sys.exit(f"leverflow bench vqa --synthetic 3b failed ({proc.returncode})")
+    reqs = build_requests(model_dir, SYNTH_QUERIES)
+    lf = run_leverflow(args.leverflow, model_dir, reqs[:SYNTH_CHECK_N])
+    expect = os.path.join(model_dir, "leverflow_ids.json")
+    with open(expect, "w") as f:
+        json.dump([l["generated_ids"] for l in lf], f)
+    free = mem_available_gb()
+    if free is not None and free < args.min_free_gb:
+        print(json.dumps({
+            "bench": "vqa_hf_skipped",
+            "reason": f"{free:.1f} GB available, HF f32 at the 3B size needs about 23 GB "
+                      f"(--min-free-gb {args.min_free_gb})",
+        }), flush=True)
+        return
+    for bs in BATCH_SIZES:
+        sub = subprocess.run(
+            [sys.executable, __file__, "--model", model_dir, "--attn", "sdpa", "--only-batch", str(bs),
+             "--queries", str(SYNTH_QUERIES), "--reps", str(max(1, args.reps)), "--threads",
+             str(args.threads), "--expect-ids", expect, "--no-check"],
+        )
+        if sub.returncode != 0:
+            log(f"HF at batch {bs} failed ({sub.returncode})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tests/fixtures/qwen2_5_vl_tiny")
@@ -238,7 +310,15 @@ def main():
     ap.add_argument("--attn", nargs="+", default=["eager", "sdpa"])
     ap.add_argument("--leverflow", default="target/debug/leverflow")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--synthetic-3b", metavar="DIR",
+                    help="measure leverflow and HF at the 3B's size on the checkpoint in DIR")
+    ap.add_argument("--min-free-gb", type=float, default=21.0)
+    ap.add_argument("--only-batch", type=int, help="measure this batch size only (no warm-up run)")
+    ap.add_argument("--expect-ids", help="JSON list of leverflow's generated ids of the first prompts")
     args = ap.parse_args()
+    if args.synthetic_3b:
+        synthetic_3b(args)
+        return
 
     import torch
     import transformers
@@ -266,18 +346,28 @@ def main():
         matched = None
         if not args.no_check:
             matched = check(model, processor, reqs, args, eos, attn)
-        for bs in BATCH_SIZES:
-            def work():
-                for s in range(0, len(reqs), bs):
-                    answer(model, processor, reqs[s : s + bs])
+        for bs in [args.only_batch] if args.only_batch else BATCH_SIZES:
+            last = []
 
-            work()  # warm-up
+            def work():
+                last.clear()
+                for s in range(0, len(reqs), bs):
+                    last.extend(answer(model, processor, reqs[s : s + bs]))
+
+            if not args.only_batch:
+                work()  # warm-up
             secs = []
             for _ in range(max(1, args.reps)):
                 t0 = time.perf_counter()
                 work()
                 secs.append(time.perf_counter() - t0)
             med = statistics.median(secs)
+            if args.expect_ids:
+                with open(args.expect_ids) as f:
+                    want = json.load(f)
+                matched = all(trim(h[1], eos) == trim(w, eos) for h, w in zip(last, want))
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             print(json.dumps({
                 "bench": "vqa_hf",
                 "batch_size": bs,
@@ -290,6 +380,8 @@ def main():
                 "items_per_run": queries,
                 "threads": args.threads,
                 "ids_match_leverflow": matched,
+                "peak_rss_bytes": peak,
+                "model": args.model,
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
             }), flush=True)

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::models::contract::GtProbMode;
 pub use crate::outputs::OutputFormat;
 pub use crate::reward::{CorrectnessMode, RewardMode};
 
@@ -127,6 +128,10 @@ pub struct RunConfig {
     pub repetition_penalty: Option<f64>,
     /// Compute vqa_gt_prob.
     pub gt_prob: bool,
+    /// How `vqa_gt_prob` scores an answer (`answer`, the default, or the
+    /// original project's `original`); recorded only when not the default.
+    #[serde(default, skip_serializing_if = "GtProbMode::is_answer")]
+    pub gt_prob_mode: GtProbMode,
     /// Vision-embedding cache size in MB.
     pub vision_cache_mb: usize,
     /// What to do when an image is missing.
@@ -256,6 +261,7 @@ impl Default for RunConfig {
             min_new_tokens: 0,
             repetition_penalty: None,
             gt_prob: false,
+            gt_prob_mode: GtProbMode::Answer,
             vision_cache_mb: 512,
             on_missing_image: MissingImagePolicy::Error,
             system_prompt: None,
@@ -340,6 +346,13 @@ impl RunConfig {
         }
         if !(self.openai_timeout.is_finite() && self.openai_timeout > 0.0) {
             return Err(ConfigError::new("openai_timeout", "must be > 0 seconds"));
+        }
+        if self.gt_prob_mode == GtProbMode::Original && self.vqa_backend == VqaBackend::Openai {
+            return Err(ConfigError::new(
+                "gt_prob_mode",
+                "`original` runs the prompt with each answer through the model in one forward, \
+                 which only the qwen2_5_vl backend does; use `answer` with the openai backend",
+            ));
         }
         if self.max_image_side == 0 || self.max_image_mb == 0 {
             return Err(ConfigError::new(
@@ -609,6 +622,28 @@ mod tests {
         assert_eq!(keys[3], "sft_ckpt");
         let back: RunConfig = serde_json::from_value(v).unwrap();
         assert_eq!(back, RunConfig::default());
+    }
+
+    #[test]
+    fn gt_prob_mode_is_recorded_only_when_not_the_default() {
+        // `_meta.args` of a run that does not set it stays byte-identical.
+        let text = serde_json::to_string(&RunConfig::default()).unwrap();
+        assert!(!text.contains("gt_prob_mode"), "{text}");
+        let back: RunConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.gt_prob_mode, GtProbMode::Answer);
+        let c = RunConfig {
+            gt_prob_mode: GtProbMode::Original,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["gt_prob_mode"], "original");
+        assert_eq!(serde_json::from_value::<RunConfig>(v).unwrap(), c);
+        c.validate().unwrap();
+        let openai = RunConfig {
+            vqa_backend: VqaBackend::Openai,
+            ..c
+        };
+        assert_eq!(openai.validate().unwrap_err().setting, "gt_prob_mode");
     }
 
     #[test]

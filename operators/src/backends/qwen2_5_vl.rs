@@ -15,7 +15,7 @@ use super::request::VqaRequest;
 use super::{BackendContext, BackendError, LoadedBackend, VqaFactory};
 use crate::config::RunConfig;
 use crate::image_decode::ImageLimits;
-use crate::models::contract::VqaModel;
+use crate::models::contract::{GtProbMode, VqaModel};
 use crate::models::hub::HubSettings;
 use crate::models::qwen2_5_vl::generate::{GenerationConfig, GenerationOverrides};
 use crate::models::qwen2_5_vl::model::{request_of, Qwen25Vl, QwenVqa};
@@ -83,6 +83,7 @@ pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
     let kind = device_kind(ctx.devices)?;
     let limits = cfg.image_limits();
     let (cache_mb, devs) = (cfg.vision_cache_mb, ctx.devices);
+    let over = (over, cfg.gt_prob_mode);
     let mut loaded = match kind {
         DeviceKind::Cpu => factory_on::<Cpu>(&dir, on_cpu(devs), over, cache_mb, limits)?,
         #[cfg(feature = "cuda")]
@@ -151,7 +152,7 @@ fn on_wgpu(
 fn factory_on<B: Backend>(
     dir: &Path,
     devices: Vec<(Device, B::Device)>,
-    over: GenerationOverrides,
+    (over, gt_mode): (GenerationOverrides, GtProbMode),
     cache_mb: usize,
     limits: ImageLimits,
 ) -> Result<LoadedBackend, BackendError>
@@ -175,13 +176,16 @@ where
     let first = of_worker.first().cloned().ok_or(BackendError::NoDevice)?;
     let generation = GenerationConfig::resolve(&over, &first.generation_defaults)
         .map_err(|e| BackendError::Qwen(e.into()))?;
-    let identity = QwenVqa::new(first, generation.clone(), 0).identity();
+    let identity = QwenVqa::new(first, generation.clone(), 0)
+        .with_gt_prob_mode(gt_mode)
+        .identity();
     let factory: VqaFactory = Arc::new(move |worker: usize| {
         let model = of_worker
             .get(worker % of_worker.len().max(1))
             .cloned()
             .ok_or(BackendError::NoDevice)?;
-        Ok(Box::new(QwenVqa::new(model, generation.clone(), cache_mb)) as Box<dyn VqaModel>)
+        let vqa = QwenVqa::new(model, generation.clone(), cache_mb).with_gt_prob_mode(gt_mode);
+        Ok(Box::new(vqa) as Box<dyn VqaModel>)
     });
     Ok(LoadedBackend {
         factory,

@@ -8,10 +8,11 @@
 //! | `score` | [`workloads`] | official-accuracy evaluations per second |
 //! | `candidates` | [`workloads`] | pointer-selector candidate generation |
 //! | `pipeline`, `rerun`, `cluster` | [`workloads`] | whole runs of the binary on synthetic inputs |
-//! | `vqa` | [`vqa`] | Qwen2.5-VL prompts per second at batch 1 and batch N |
+//! | `vqa` | [`vqa`] | Qwen2.5-VL prompts per second at batch 1 and batch N (with `--synthetic 3b`, at the 3B's full size, [`synthetic_3b`]) |
 //! | `openai` | [`openai`] | answers per second through a running OpenAI-compatible server, and leverflow's time per request |
 
 pub mod openai;
+pub mod synthetic_3b;
 pub mod vqa;
 pub mod workloads;
 
@@ -36,6 +37,11 @@ pub struct BenchSettings {
     pub device: crate::backends::Device,
     /// vqa: decoder layers of the 3B's width on a synthetic checkpoint.
     pub synthetic_3b_layers: Option<usize>,
+    /// vqa: a synthetic checkpoint with every shape of a published model.
+    pub synthetic: Option<vqa::SyntheticModel>,
+    /// vqa: measure only `batch_size` (not batch 1 first), so the line's
+    /// peak RSS is that batch size's own.
+    pub batch_only: bool,
     /// pipeline / rerun / cluster: keep the inputs and outputs here.
     pub keep_dir: Option<PathBuf>,
     /// The `leverflow` binary the whole-run benchmarks start.
@@ -140,6 +146,21 @@ pub fn time_runs<F: FnMut() -> Result<(), BenchError>>(
     Ok(secs)
 }
 
+/// The peak resident set size of this process so far, in bytes (`VmHWM`
+/// of `/proc/self/status`; `None` where that file does not exist).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
 /// Median of a non-empty sample.
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
@@ -178,6 +199,15 @@ pub fn report(name: &str, unit: &str, items: f64, secs: &[f64], extra: serde_jso
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn peak_rss_is_read_where_proc_exists() {
+        if Path::new("/proc/self/status").exists() {
+            let rss = peak_rss_bytes().unwrap();
+            assert!(rss > 1 << 20, "{rss}");
+        }
+    }
 
     #[test]
     fn median_of_odd_and_even_samples() {

@@ -5,6 +5,12 @@
 //! decode step; off the CPU each batch size runs twice, ranking on the
 //! device (`ranking: device`, the default path) and on the host
 //! (`ranking: host`, every live row's logits read back each step).
+//!
+//! `--synthetic 3b` measures the real size: it writes a random-weight
+//! checkpoint with every shape of Qwen2.5-VL-3B-Instruct (bf16, 4 shards;
+//! see [`super::synthetic_3b`]) and runs each batch size in a fresh
+//! process of the binary (`--batch_only`), so each line's `peak_rss_bytes`
+//! is that batch size's own peak, loading included.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,9 +26,24 @@ use crate::models::qwen2_5_vl::processor::{ImageSource, PromptRequest, VqaExampl
 
 type Result<T> = std::result::Result<T, BenchError>;
 
+/// A synthetic checkpoint with every shape of a published model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum SyntheticModel {
+    /// Qwen2.5-VL-3B-Instruct (3.75 B parameters, bf16).
+    #[cfg_attr(feature = "clap", value(name = "3b"))]
+    Full3b,
+}
+
+/// Prompts of `bench vqa --synthetic 3b` (each takes seconds at that size).
+const SYNTHETIC_PROMPTS: usize = 8;
+
 /// `leverflow bench vqa`: prompts/s at batch 1 (a loop) and at `--batch_size`
 /// on the same prompts (the tiny fixture model unless `--vqa_model`).
 pub fn bench_vqa(args: &BenchSettings) -> Result<()> {
+    if args.synthetic == Some(SyntheticModel::Full3b) {
+        return bench_synthetic_3b(args);
+    }
     let dir = args
         .vqa_model
         .clone()
@@ -54,6 +75,60 @@ pub fn bench_vqa(args: &BenchSettings) -> Result<()> {
         #[cfg(not(feature = "wgpu"))]
         Device::Wgpu(_) => Err(BenchError::workload(BackendError::NoWgpu)),
     }
+}
+
+/// `bench vqa --synthetic 3b`: writes the checkpoint (in `--keep_dir`,
+/// reused when it already holds one, else in a temporary directory) and
+/// runs batch 1 and `--batch_size`, each in its own process.
+fn bench_synthetic_3b(args: &BenchSettings) -> Result<()> {
+    let fixture = args.repo.join("tests/fixtures/qwen2_5_vl_tiny");
+    let tmp;
+    let dir = match &args.keep_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let index = dir.join(crate::models::qwen2_5_vl::weights::INDEX_FILE);
+    if index.exists() {
+        eprintln!("reusing the synthetic 3B checkpoint in {}", dir.display());
+    } else {
+        eprintln!(
+            "writing a synthetic Qwen2.5-VL-3B checkpoint (random weights, bf16, {} shards) to {}",
+            super::synthetic_3b::SHARDS,
+            dir.display()
+        );
+        let started = std::time::Instant::now();
+        let n = super::synthetic_3b::write(&fixture, &dir)?;
+        eprintln!(
+            "wrote {n} parameters in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    for batch in [1, args.batch_size.max(1)] {
+        let status = std::process::Command::new(&args.exe)
+            .arg("bench")
+            .arg("vqa")
+            .arg("--vqa_model")
+            .arg(&dir)
+            .args(["--batch_size", &batch.to_string(), "--batch_only"])
+            .args(["--queries", &SYNTHETIC_PROMPTS.to_string()])
+            .args(["--reps", &args.reps.clamp(1, 3).to_string()])
+            .args(["--device", &args.device.to_string()])
+            .status()?;
+        if !status.success() {
+            return Err(BenchError::Run(format!(
+                "{} bench vqa at batch {batch} on {} failed: {status}",
+                args.exe.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `n` prompts of two in-context examples over the fixture's easy-VQA images.
@@ -109,8 +184,10 @@ impl BenchRun<'_> {
     /// Loads the model on `device` of backend `B` and reports every batch
     /// size (and, off the CPU, both rankings).
     fn on<B: Backend>(&self, device: &B::Device) -> Result<()> {
+        let started = std::time::Instant::now();
         let model =
             Arc::new(Qwen25Vl::<B>::load(self.model_dir, device).map_err(BenchError::workload)?);
+        let load_s = started.elapsed().as_secs_f64();
         let generation = GenerationConfig::resolve(
             &GenerationOverrides {
                 max_new_tokens: Some(5),
@@ -128,7 +205,12 @@ impl BenchRun<'_> {
             _ => &[(Ranking::Auto, "device"), (Ranking::Host, "host")],
         };
         let n = self.reqs.len();
-        for batch in [1usize, self.args.batch_size.max(1)] {
+        let batches = if self.args.batch_only {
+            vec![self.args.batch_size.max(1)]
+        } else {
+            vec![1usize, self.args.batch_size.max(1)]
+        };
+        for batch in batches {
             for &(ranking, ranking_name) in rankings {
                 let mut stats = QwenStats::default();
                 let secs = super::time_runs(self.args.reps.max(1), || {
@@ -157,6 +239,8 @@ impl BenchRun<'_> {
                         "device_read_bytes_per_step": stats.decode_device_read_bytes as f64 / steps,
                         "model": self.dir.display().to_string(),
                         "synthetic_3b_layers": self.args.synthetic_3b_layers,
+                        "load_s": load_s,
+                        "peak_rss_bytes": super::peak_rss_bytes(),
                     }),
                 );
             }

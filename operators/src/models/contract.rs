@@ -170,6 +170,36 @@ pub fn chat_messages<'a>(
     ]
 }
 
+/// How `vqa_gt_prob` scores a ground-truth answer.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum GtProbMode {
+    /// The geometric mean of the answer tokens' probabilities after the
+    /// prompt (teacher forcing, reusing the prompt's prefill): the
+    /// probability of the answer only.
+    #[default]
+    Answer,
+    /// As the original project computes it: the prompt is rebuilt with the
+    /// answer inside the user turn and run whole, and `exp(-mean CE)` is
+    /// taken from position `mask_length - 1` on, where `mask_length` is the
+    /// token count of a plain-text rendering of the prompt (no chat
+    /// template, no image expansion). That count is far below the prompt's
+    /// real length, so the scored span also covers most of the system
+    /// prompt, the images and the examples, not just the answer.
+    Original,
+}
+
+impl GtProbMode {
+    /// Whether this is the default (`answer`): such a run records no
+    /// `gt_prob_mode` in `_meta.args`, as before the setting existed.
+    pub fn is_answer(&self) -> bool {
+        *self == GtProbMode::Answer
+    }
+}
+
 /// A backend's answer to one prompt.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct VqaAnswer {

@@ -19,6 +19,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData, TensorPrimitive};
 use ndarray::ArrayViewD;
 use rayon::prelude::*;
 
+use super::host_bf16::{widen, HostBf16};
 use super::logprobs::softmax_weights;
 
 /// A zero-copy handle on the f32 storage of an ndarray-backend tensor.
@@ -70,22 +71,40 @@ pub(crate) const HEAD_BLOCK: usize = 16;
 /// re-laid for [`lm_head`]: block `b` holds columns `16b..16b + 16` as a
 /// contiguous [d, 16] panel, so the kernel streams the weight exactly once,
 /// front to back, with no copy per call. Returned with its 2-D shape
-/// [ceil(v / 16), d · 16]; columns past `v` are zero.
-pub(crate) fn pack_lm_head(w: &[f32], v: usize, d: usize) -> (Vec<f32>, [usize; 2]) {
+/// [ceil(v / 16), d · 16]; columns past `v` are zero. Elements are f32, or
+/// bf16 words (`u16`) that the kernel widens.
+pub(crate) fn pack_lm_head<E: Copy + Default>(w: &[E], v: usize, d: usize) -> (Vec<E>, [usize; 2]) {
+    let (mut out, shape) = packed_head_buffer(v, d);
+    pack_head_rows(&mut out, 0, &w[..v * d], d);
+    (out, shape)
+}
+
+/// A zeroed buffer for a packed head of `v` rows of width `d`, with its
+/// shape (see [`pack_lm_head`]).
+pub(crate) fn packed_head_buffer<E: Copy + Default>(v: usize, d: usize) -> (Vec<E>, [usize; 2]) {
     let blocks = v.div_ceil(HEAD_BLOCK);
-    let mut out = vec![0f32; blocks * d * HEAD_BLOCK];
-    for (c, row) in w.chunks_exact(d).take(v).enumerate() {
+    (
+        vec![E::default(); blocks * d * HEAD_BLOCK],
+        [blocks, d * HEAD_BLOCK],
+    )
+}
+
+/// Writes checkpoint rows `first..first + rows.len() / d` of the head into
+/// the packed buffer `out` (see [`pack_lm_head`]), so a head can be packed
+/// while it is read, a few rows at a time.
+pub(crate) fn pack_head_rows<E: Copy>(out: &mut [E], first: usize, rows: &[E], d: usize) {
+    for (i, row) in rows.chunks_exact(d).enumerate() {
+        let c = first + i;
         let base = (c / HEAD_BLOCK) * d * HEAD_BLOCK + c % HEAD_BLOCK;
         for (k, &x) in row.iter().enumerate() {
             out[base + k * HEAD_BLOCK] = x;
         }
     }
-    (out, [blocks, d * HEAD_BLOCK])
 }
 
 /// The inverse of [`pack_lm_head`]: rows [v, d] (for exporting weights).
-pub(crate) fn unpack_lm_head(packed: &[f32], v: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v * d];
+pub(crate) fn unpack_lm_head<E: Copy + Default>(packed: &[E], v: usize, d: usize) -> Vec<E> {
+    let mut out = vec![E::default(); v * d];
     for (c, row) in out.chunks_exact_mut(d).enumerate() {
         let base = (c / HEAD_BLOCK) * d * HEAD_BLOCK + c % HEAD_BLOCK;
         for (k, x) in row.iter_mut().enumerate() {
@@ -93,6 +112,29 @@ pub(crate) fn unpack_lm_head(packed: &[f32], v: usize, d: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The checkpoint rows [v, d] of a packed head tensor as f32, whether it
+/// holds f32 or bf16 words (for exporting weights). `None` off the host.
+pub(crate) fn packed_head_rows<B: Backend>(
+    packed: &Tensor<B, 2>,
+    v: usize,
+    d: usize,
+) -> Option<Tensor<B, 2>> {
+    let rows: Vec<f32> = if let Some(h) = HostBf16::of(packed) {
+        let view = h.view();
+        unpack_lm_head(view.to_slice()?, v, d)
+            .into_iter()
+            .map(widen)
+            .collect()
+    } else {
+        let h = HostF32::of(packed)?;
+        unpack_lm_head(h.as_slice()?, v, d)
+    };
+    Some(Tensor::from_data(
+        TensorData::new(rows, [v, d]),
+        &packed.device(),
+    ))
 }
 
 /// Rows `ids` [n, d] of the matrix packed by [`pack_lm_head`] (the token
@@ -103,14 +145,20 @@ pub(crate) fn packed_rows<B: Backend>(
     d: usize,
     ids: &[i64],
 ) -> Option<Tensor<B, 2>> {
-    let hw = HostF32::of(packed)?;
-    let w = hw.as_slice()?;
-    let mut out = Vec::with_capacity(ids.len() * d);
-    for &id in ids {
-        let c = usize::try_from(id).ok()?;
-        let base = (c / HEAD_BLOCK) * d * HEAD_BLOCK + c % HEAD_BLOCK;
-        out.extend((0..d).map(|k| w[base + k * HEAD_BLOCK]));
+    fn gather<E: Copy>(w: &[E], d: usize, ids: &[i64], f: impl Fn(E) -> f32) -> Option<Vec<f32>> {
+        let mut out = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            let c = usize::try_from(id).ok()?;
+            let base = (c / HEAD_BLOCK) * d * HEAD_BLOCK + c % HEAD_BLOCK;
+            out.extend((0..d).map(|k| f(w[base + k * HEAD_BLOCK])));
+        }
+        Some(out)
     }
+    let out = if let Some(h) = HostBf16::of(packed) {
+        gather(h.view().to_slice()?, d, ids, widen)?
+    } else {
+        gather(HostF32::of(packed)?.as_slice()?, d, ids, |x| x)?
+    };
     Some(Tensor::from_data(
         TensorData::new(out, [ids.len(), d]),
         &packed.device(),
@@ -131,12 +179,36 @@ pub(crate) fn lm_head<B: Backend>(
     v: usize,
 ) -> Option<Tensor<B, 2>> {
     let hh = HostF32::of(hidden)?;
-    let hw = HostF32::of(packed)?;
     let hv = hh.view();
     let hc = hv.as_standard_layout();
     let h = hc.as_slice()?;
-    let ws = hw.as_slice()?;
-    let (&[n, d], &[blocks, width]) = (hv.shape(), hw.view().shape()) else {
+    let &[n, d] = hv.shape() else {
+        return None;
+    };
+    let out = if let Some(hw) = HostBf16::of(packed) {
+        let wv = hw.view();
+        lm_head_packed(h, n, d, wv.to_slice()?, wv.shape(), v)?
+    } else {
+        let hw = HostF32::of(packed)?;
+        lm_head_packed(h, n, d, hw.as_slice()?, hw.view().shape(), v)?
+    };
+    Some(Tensor::from_data(
+        TensorData::new(out, [n, v]),
+        &hidden.device(),
+    ))
+}
+
+/// The packed-head product of [`lm_head`] on host slices: `h` [n, d] and
+/// the packed weight `ws` of shape `wshape` (f32 or bf16 words).
+fn lm_head_packed<E: PackedElem>(
+    h: &[f32],
+    n: usize,
+    d: usize,
+    ws: &[E],
+    wshape: &[usize],
+    v: usize,
+) -> Option<Vec<f32>> {
+    let &[blocks, width] = wshape else {
         return None;
     };
     if width != d * HEAD_BLOCK || blocks != v.div_ceil(HEAD_BLOCK) {
@@ -160,10 +232,56 @@ pub(crate) fn lm_head<B: Backend>(
     // SAFETY: the chunks cover all blocks, hence columns 0..v of all n rows,
     // and each call writes every element of its columns.
     unsafe { out.set_len(n * v) };
-    Some(Tensor::from_data(
-        TensorData::new(out, [n, v]),
-        &hidden.device(),
-    ))
+    Some(out)
+}
+
+/// An element of a packed LM head: f32, or a bf16 word widened when read
+/// (exact, so both give the same logits for the same values).
+pub(crate) trait PackedElem: Copy + Send + Sync + 'static {
+    /// The value as f32.
+    fn value(self) -> f32;
+    /// The 16 values at `p` as two AVX registers.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable elements; the CPU must have AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
+}
+
+impl PackedElem for f32 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        use std::arch::x86_64::_mm256_loadu_ps;
+        // SAFETY: the caller guarantees 16 readable floats and AVX.
+        unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+    }
+}
+
+impl PackedElem for u16 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        widen(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable words and AVX2; each
+        // word goes to the top half of a 32-bit lane (the exact widening).
+        unsafe {
+            let lo = _mm_loadu_si128(p.cast());
+            let hi = _mm_loadu_si128(p.add(8).cast());
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16)),
+            )
+        }
+    }
 }
 
 /// Columns per parallel task of [`lm_head`].
@@ -193,11 +311,11 @@ unsafe impl<P> Sync for Shared<P> {}
 /// `out` must point to `n * v` writable floats not written concurrently in
 /// these columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn lm_head_blocks(
+unsafe fn lm_head_blocks<E: PackedElem>(
     h: &[f32],
     n: usize,
     d: usize,
-    packed: &[f32],
+    packed: &[E],
     v: usize,
     b0: usize,
     b1: usize,
@@ -216,7 +334,7 @@ unsafe fn lm_head_blocks(
             for j in 0..cols {
                 let mut acc = 0f32;
                 for k in 0..d {
-                    acc = h[r * d + k].mul_add(panel[k * HEAD_BLOCK + j], acc);
+                    acc = h[r * d + k].mul_add(panel[k * HEAD_BLOCK + j].value(), acc);
                 }
                 // SAFETY: r < n and the column is below v, owned by the caller.
                 unsafe { *out.0.add(r * v + b * HEAD_BLOCK + j) = acc };
@@ -227,17 +345,17 @@ unsafe fn lm_head_blocks(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::HEAD_BLOCK;
+    use super::{PackedElem, HEAD_BLOCK};
     use std::arch::x86_64::*;
 
     /// One tile: rows `r0..r0 + R` × the 16 columns of one packed block,
     /// written to columns `c0..c0 + cols` of `out`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile<E: PackedElem, const R: usize>(
         h: &[f32],
         d: usize,
-        panel: *const f32,
+        panel: *const E,
         r0: usize,
         out: *mut f32,
         v: usize,
@@ -251,9 +369,7 @@ mod avx2 {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             let hp = h.as_ptr().add(r0 * d);
             for k in 0..d {
-                let wp = panel.add(k * HEAD_BLOCK);
-                let w0 = _mm256_loadu_ps(wp);
-                let w1 = _mm256_loadu_ps(wp.add(8));
+                let (w0, w1) = E::load16(panel.add(k * HEAD_BLOCK));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let x = _mm256_broadcast_ss(&*hp.add(r * d + k));
                     a[0] = _mm256_fmadd_ps(x, w0, a[0]);
@@ -278,11 +394,11 @@ mod avx2 {
     /// AVX2 + FMA version of `super::lm_head_blocks` (same contract).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn lm_head_blocks(
+    pub(super) unsafe fn lm_head_blocks<E: PackedElem>(
         h: &[f32],
         n: usize,
         d: usize,
-        packed: &[f32],
+        packed: &[E],
         v: usize,
         b0: usize,
         b1: usize,
@@ -297,15 +413,15 @@ mod avx2 {
                 let cols = HEAD_BLOCK.min(v - c0);
                 let mut r0 = 0;
                 while r0 + 6 <= n {
-                    tile::<6>(h, d, panel, r0, out, v, c0, cols);
+                    tile::<E, 6>(h, d, panel, r0, out, v, c0, cols);
                     r0 += 6;
                 }
                 match n - r0 {
-                    5 => tile::<5>(h, d, panel, r0, out, v, c0, cols),
-                    4 => tile::<4>(h, d, panel, r0, out, v, c0, cols),
-                    3 => tile::<3>(h, d, panel, r0, out, v, c0, cols),
-                    2 => tile::<2>(h, d, panel, r0, out, v, c0, cols),
-                    1 => tile::<1>(h, d, panel, r0, out, v, c0, cols),
+                    5 => tile::<E, 5>(h, d, panel, r0, out, v, c0, cols),
+                    4 => tile::<E, 4>(h, d, panel, r0, out, v, c0, cols),
+                    3 => tile::<E, 3>(h, d, panel, r0, out, v, c0, cols),
+                    2 => tile::<E, 2>(h, d, panel, r0, out, v, c0, cols),
+                    1 => tile::<E, 1>(h, d, panel, r0, out, v, c0, cols),
                     _ => {}
                 }
             }
@@ -325,10 +441,13 @@ pub(crate) fn linear<B: Backend, const D: usize>(
 ) -> Option<Tensor<B, D>> {
     let hx = HostF32::of(x)?;
     let w = lin.weight.val();
-    let hw = HostF32::of(&w)?;
     let xv = hx.view();
     let xc = xv.as_standard_layout();
     let xs = xc.as_slice()?;
+    if let Some(hw) = HostBf16::of(&w) {
+        return linear_bf16(x, xs, &hw, lin);
+    }
+    let hw = HostF32::of(&w)?;
     let wv = hw.view();
     let (&[d_in, d_out], &[rsw, csw]) = (wv.shape(), wv.strides()) else {
         return None;
@@ -390,6 +509,29 @@ pub(crate) fn linear<B: Backend, const D: usize>(
         }
     }
     let mut shape = dims;
+    shape[D - 1] = d_out;
+    Some(Tensor::from_data(TensorData::new(out, shape), &x.device()))
+}
+
+/// [`linear`] with a bf16 weight: `xs` is `x` row-major.
+fn linear_bf16<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    xs: &[f32],
+    w: &HostBf16,
+    lin: &burn::nn::Linear<B>,
+) -> Option<Tensor<B, D>> {
+    let mut shape = x.dims();
+    let d_in = shape[D - 1];
+    let n = xs.len() / d_in.max(1);
+    let hb = match &lin.bias {
+        Some(b) => Some(HostF32::of(&b.val())?),
+        None => None,
+    };
+    let bias = match &hb {
+        Some(h) => Some(h.as_slice()?),
+        None => None,
+    };
+    let (out, d_out) = super::host_bf16::linear(xs, n, w, bias)?;
     shape[D - 1] = d_out;
     Some(Tensor::from_data(TensorData::new(out, shape), &x.device()))
 }

@@ -12,15 +12,15 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::config::{ConfigError, GenerationDefaults, Qwen25VlConfig};
 use super::generate::{
-    answer_probabilities, generate_counted, prefill, AnswerScoring, DecodeTraffic, GenerateError,
-    GenerationConfig, PromptBatch, Ranking,
+    answer_probabilities, generate_counted, original_cond_prob, prefill, AnswerScoring,
+    DecodeTraffic, GenerateError, GenerationConfig, PromptBatch, Ranking,
 };
 use super::image::ProcessedImage;
 use super::processor::{ImageSource, Processor, ProcessorError, PromptRequest};
 use super::text::{TextError, TextModel};
 use super::vision::{VisionError, VisionTower, VisionTowerConfig};
 use super::weights::{WeightStore, WeightsError};
-use crate::models::contract::{VqaAnswer, VqaError, VqaModel, VqaPrompt};
+use crate::models::contract::{GtProbMode, VqaAnswer, VqaError, VqaModel, VqaPrompt};
 
 /// Errors while loading or running the model.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +200,7 @@ pub struct QwenVqa<B: Backend> {
     model: Arc<Qwen25Vl<B>>,
     generation: GenerationConfig,
     ranking: Ranking,
+    gt_prob_mode: GtProbMode,
     cache: VisionCache<B>,
     stats: QwenStats,
 }
@@ -216,6 +217,7 @@ impl<B: Backend> QwenVqa<B> {
             model,
             generation,
             ranking: Ranking::Auto,
+            gt_prob_mode: GtProbMode::Answer,
             cache: VisionCache::new(vision_cache_mb),
             stats: QwenStats::default(),
         }
@@ -225,6 +227,12 @@ impl<B: Backend> QwenVqa<B> {
     /// (`bench vqa` compares host and device ranking).
     pub fn with_ranking(mut self, ranking: Ranking) -> Self {
         self.ranking = ranking;
+        self
+    }
+
+    /// The same answerer scoring ground-truth answers as `mode` says.
+    pub fn with_gt_prob_mode(mut self, mode: GtProbMode) -> Self {
+        self.gt_prob_mode = mode;
         self
     }
 
@@ -335,7 +343,7 @@ impl<B: Backend> QwenVqa<B> {
             .chunks(l.max(1))
             .map(|r| r.iter().map(|&x| x != 0).collect())
             .collect();
-        let image_rows: Vec<Tensor<B, 2>> = embeds_per_prompt.into_iter().flatten().collect();
+        let image_rows: Vec<Tensor<B, 2>> = embeds_per_prompt.iter().flatten().cloned().collect();
         let image_embeds = if image_rows.is_empty() {
             None
         } else {
@@ -367,26 +375,12 @@ impl<B: Backend> QwenVqa<B> {
         for (row, (g, p)) in generated.into_iter().zip(&prompts).enumerate() {
             let raw = m.processor.decode(&g.ids, true)?;
             let gt_prob = match gt_answers.and_then(|all| all.get(row)) {
-                Some(answers) if !answers.is_empty() => {
-                    let mut ids = Vec::with_capacity(answers.len());
-                    let mut weights = Vec::with_capacity(answers.len());
-                    for (a, w) in answers {
-                        // Dataset text: never control tokens.
-                        let t = m.processor.encode_text(a)?;
-                        if !t.is_empty() {
-                            ids.push(t);
-                            weights.push(*w);
-                        }
+                Some(answers) if !answers.is_empty() => Some(match self.gt_prob_mode {
+                    GtProbMode::Answer => self.answer_only_gt_prob(&pre, row, answers)?,
+                    GtProbMode::Original => {
+                        self.original_gt_prob(&requests[row], p, &embeds_per_prompt[row], answers)?
                     }
-                    let probs = answer_probabilities(
-                        &m.text,
-                        &pre,
-                        row,
-                        &ids,
-                        AnswerScoring::GeometricMean,
-                    )?;
-                    Some(probs.iter().zip(&weights).map(|(p, w)| p * w).sum())
-                }
+                }),
                 Some(_) => Some(0.0),
                 None => None,
             };
@@ -401,6 +395,81 @@ impl<B: Backend> QwenVqa<B> {
         self.stats.prompts += requests.len() as u64;
         self.stats.seconds += started.elapsed().as_secs_f64();
         Ok(out)
+    }
+}
+
+impl<B: Backend> QwenVqa<B> {
+    /// `sum_a w(a) p(a)` with `p(a)` the geometric mean of the answer
+    /// tokens' probabilities after prompt `row` of `pre` (`answer` mode).
+    fn answer_only_gt_prob(
+        &self,
+        pre: &super::generate::Prefilled<B>,
+        row: usize,
+        answers: &[(String, f64)],
+    ) -> Result<f64, ModelError> {
+        let m = &*self.model;
+        let mut ids = Vec::with_capacity(answers.len());
+        let mut weights = Vec::with_capacity(answers.len());
+        for (a, w) in answers {
+            // Dataset text: never control tokens.
+            let t = m.processor.encode_text(a)?;
+            if !t.is_empty() {
+                ids.push(t);
+                weights.push(*w);
+            }
+        }
+        let probs = answer_probabilities(&m.text, pre, row, &ids, AnswerScoring::GeometricMean)?;
+        Ok(probs.iter().zip(&weights).map(|(p, w)| p * w).sum())
+    }
+
+    /// `sum_a w(a) p(a)` with `p(a)` the original project's `get_cond_prob`
+    /// (`original` mode): the prompt of `req` is rendered again with `a`
+    /// after the query's `Short answer:` (no generation prompt), run in one
+    /// forward with the prompt's image embeddings `images`, and scored from
+    /// [`original_prompt::mask_length`](super::original_prompt::mask_length)
+    /// on.
+    fn original_gt_prob(
+        &self,
+        req: &PromptRequest,
+        prompt: &super::processor::ProcessedPrompt,
+        images: &[Tensor<B, 2>],
+        answers: &[(String, f64)],
+    ) -> Result<f64, ModelError> {
+        let m = &*self.model;
+        let mask_length = super::original_prompt::mask_length(req, |t| m.processor.encode(t))?;
+        let mut total = 0.0;
+        for (answer, weight) in answers {
+            let rendered = m.processor.render_with_answer(req, answer)?;
+            let full = m
+                .processor
+                .encode_rendered(rendered, prompt.images.clone())?;
+            let l = full.input_ids.len();
+            let image_embeds = (!images.is_empty()).then(|| Tensor::cat(images.to_vec(), 0));
+            let embeds = m.text.embed_inputs(
+                std::slice::from_ref(&full.input_ids),
+                m.config.image_token_id,
+                image_embeds,
+            )?;
+            let positions: Vec<i64> = full.position_ids.iter().flatten().copied().collect();
+            let position_ids =
+                Tensor::<B, 3, Int>::from_data(TensorData::new(positions, [3, 1, l]), &m.device);
+            let p = original_cond_prob(
+                &m.text,
+                PromptBatch {
+                    embeds,
+                    position_ids,
+                    attention_mask: vec![vec![true; l]],
+                    input_ids: vec![full.input_ids],
+                },
+                mask_length,
+                // The original ignores the tokenizer's pad id.
+                m.processor
+                    .pad_token_id()
+                    .unwrap_or(self.generation.pad_token_id),
+            )?;
+            total += p * weight;
+        }
+        Ok(total)
     }
 }
 
@@ -434,7 +503,7 @@ pub fn request_of(prompt: &VqaPrompt) -> PromptRequest {
 impl<B: Backend> VqaModel for QwenVqa<B> {
     fn identity(&self) -> serde_json::Value {
         let g = &self.generation;
-        serde_json::json!({
+        let mut id = serde_json::json!({
             "backend": "qwen2_5_vl",
             "dir": self.model.dir.display().to_string(),
             "generation": {
@@ -447,7 +516,14 @@ impl<B: Backend> VqaModel for QwenVqa<B> {
                 "eos_token_ids": g.eos_token_ids,
                 "pad_token_id": g.pad_token_id,
             },
-        })
+        });
+        // Answers scored the original's way differ in `gt_prob`: stored
+        // answers of the default mode must not be reused for them. The
+        // default adds nothing, so earlier identities stay valid.
+        if let (GtProbMode::Original, serde_json::Value::Object(o)) = (self.gt_prob_mode, &mut id) {
+            o.insert("gt_prob_mode".into(), "original".into());
+        }
+        id
     }
 
     fn answer(&mut self, prompts: &[VqaPrompt]) -> Result<Vec<VqaAnswer>, VqaError> {
@@ -472,5 +548,154 @@ impl<B: Backend> VqaModel for QwenVqa<B> {
 
     fn stats(&self) -> serde_json::Value {
         serde_json::to_value(self.qwen_stats()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::qwen2_5_vl::generate::GenerationOverrides;
+    use burn::backend::NdArray;
+    use serde_json::Value;
+
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2_5_vl_tiny")
+    }
+
+    /// Row 0 of a fixture case as a request (its image files, questions and
+    /// example answers).
+    fn case_request(case: &Value) -> PromptRequest {
+        let msgs = &case["messages"][0];
+        let system = msgs[0]["content"].as_str().map(str::to_string);
+        let mut pairs = Vec::new();
+        let mut image = PathBuf::new();
+        for item in msgs[1]["content"].as_array().unwrap() {
+            if item["type"] == "image" {
+                image = fixture_dir().join(item["image"].as_str().unwrap());
+            } else {
+                let text = item["text"].as_str().unwrap();
+                let (q, a) = text["Question:".len()..]
+                    .split_once(" Short answer:")
+                    .unwrap();
+                pairs.push((image.clone(), q.to_string(), a.to_string()));
+            }
+        }
+        let (qi, qq, _) = pairs.pop().unwrap();
+        PromptRequest::from_paths(system, pairs, (qi, qq))
+    }
+
+    /// `--gt_prob_mode original` reproduces the original's `get_cond_prob`
+    /// as HF computes it (tools/gt_prob_original_refs.py), answer by answer
+    /// and weighted; the default mode scores the answer only and differs.
+    #[test]
+    fn original_gt_prob_matches_hf_reference() {
+        let refs: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_dir().join("gt_prob_original.json")).unwrap(),
+        )
+        .unwrap();
+        let cases: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap(),
+        )
+        .unwrap();
+        let model =
+            Arc::new(Qwen25Vl::<NdArray<f32>>::load(&fixture_dir(), &Default::default()).unwrap());
+        let generation = GenerationConfig::resolve(
+            &GenerationOverrides {
+                max_new_tokens: Some(1),
+                do_sample: Some(false),
+                repetition_penalty: Some(1.0),
+                ..Default::default()
+            },
+            &model.generation_defaults,
+        )
+        .unwrap();
+        let close = |got: f64, want: f64, what: &str| {
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs() + 1e-12,
+                "{what}: {got:e} vs HF {want:e}"
+            );
+        };
+        for r in refs["cases"].as_array().unwrap() {
+            let name = r["name"].as_str().unwrap();
+            let case = cases["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap();
+            let req = case_request(case);
+            let mask = original_prompt_mask(&model, &req);
+            assert_eq!(mask, r["mask_length"].as_u64().unwrap() as usize, "{name}");
+            let answers: Vec<(String, f64)> = r["answers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    (
+                        a["answer"].as_str().unwrap().to_string(),
+                        a["weight"].as_f64().unwrap(),
+                    )
+                })
+                .collect();
+            let mut vqa = QwenVqa::new(Arc::clone(&model), generation.clone(), 16)
+                .with_gt_prob_mode(GtProbMode::Original);
+            for (a, ra) in answers.iter().zip(r["answers"].as_array().unwrap()) {
+                let one = [(a.0.clone(), 1.0)];
+                let got = vqa
+                    .answer_requests(std::slice::from_ref(&req), Some(&[one.to_vec()]))
+                    .unwrap()[0]
+                    .gt_prob
+                    .unwrap();
+                close(
+                    got,
+                    ra["cond_prob"].as_f64().unwrap(),
+                    &format!("{name} {}", a.0),
+                );
+            }
+            let all = vqa
+                .answer_requests(
+                    std::slice::from_ref(&req),
+                    Some(std::slice::from_ref(&answers)),
+                )
+                .unwrap()[0]
+                .gt_prob
+                .unwrap();
+            close(all, r["gt_prob"].as_f64().unwrap(), name);
+            let mut answer_only = QwenVqa::new(Arc::clone(&model), generation.clone(), 16);
+            let other = answer_only
+                .answer_requests(std::slice::from_ref(&req), Some(&[answers]))
+                .unwrap()[0]
+                .gt_prob
+                .unwrap();
+            assert!(
+                (other - all).abs() > 1e-3 * all.abs(),
+                "{name}: {other} vs {all}"
+            );
+        }
+    }
+
+    fn original_prompt_mask(model: &Qwen25Vl<NdArray<f32>>, req: &PromptRequest) -> usize {
+        crate::models::qwen2_5_vl::original_prompt::mask_length(req, |t| model.processor.encode(t))
+            .unwrap()
+    }
+
+    #[test]
+    fn identity_names_the_original_mode_only() {
+        let model =
+            Arc::new(Qwen25Vl::<NdArray<f32>>::load(&fixture_dir(), &Default::default()).unwrap());
+        let generation = GenerationConfig::resolve(
+            &GenerationOverrides {
+                do_sample: Some(false),
+                ..Default::default()
+            },
+            &model.generation_defaults,
+        )
+        .unwrap();
+        let plain = QwenVqa::new(Arc::clone(&model), generation.clone(), 0).identity();
+        assert!(plain.get("gt_prob_mode").is_none(), "{plain}");
+        let orig = QwenVqa::new(model, generation, 0)
+            .with_gt_prob_mode(GtProbMode::Original)
+            .identity();
+        assert_eq!(orig["gt_prob_mode"], "original");
     }
 }

@@ -629,10 +629,47 @@ impl Processor {
     /// added token's text; see [`RenderedPrompt`]. The text is the same as
     /// [`Self::render`]'s.
     pub fn render_prompt(&self, req: &PromptRequest) -> Result<RenderedPrompt, ProcessorError> {
-        let messages = vqa_messages(req);
-        let text = self.render_messages(&messages, true)?;
+        self.render_spans(&vqa_messages(req), true)
+    }
+
+    /// The prompt of `req` with `answer` written after the query's
+    /// `Short answer:` inside the user turn, rendered without the generation
+    /// prompt (so `<|im_end|>\n` follows the answer): the sequence the
+    /// original project scores for `vqa_gt_prob`. User spans as in
+    /// [`Self::render_prompt`].
+    pub fn render_with_answer(
+        &self,
+        req: &PromptRequest,
+        answer: &str,
+    ) -> Result<RenderedPrompt, ProcessorError> {
+        let mut messages = vqa_messages(req);
+        let last_text = messages
+            .as_array_mut()
+            .and_then(|m| m.last_mut())
+            .and_then(|m| m.get_mut("content"))
+            .and_then(Value::as_array_mut)
+            .and_then(|parts| parts.last_mut())
+            .and_then(|p| p.get_mut("text"));
+        match last_text {
+            Some(Value::String(q)) => q.push_str(answer),
+            _ => {
+                return Err(ProcessorError::Batch(
+                    "internal: the VQA messages do not end with the query's text".into(),
+                ))
+            }
+        }
+        self.render_spans(&messages, false)
+    }
+
+    /// Renders VQA messages and locates their user-provided texts.
+    fn render_spans(
+        &self,
+        messages: &Value,
+        add_generation_prompt: bool,
+    ) -> Result<RenderedPrompt, ProcessorError> {
+        let text = self.render_messages(messages, add_generation_prompt)?;
         let mut user_texts = Vec::new();
-        collect_message_texts(&messages, &mut user_texts);
+        collect_message_texts(messages, &mut user_texts);
         if !user_texts.iter().any(|t| self.contains_added_token(t)) {
             return Ok(RenderedPrompt {
                 text,
@@ -644,11 +681,11 @@ impl Processor {
         // write each text verbatim (the published ones do); checked below.
         let tag = sentinel_tag(&text);
         let mut n = 0usize;
-        let marked = map_message_texts(&messages, &mut |_| {
+        let marked = map_message_texts(messages, &mut |_| {
             n += 1;
             format!("{tag}{}{tag}", n - 1)
         });
-        let skeleton = self.render_messages(&marked, true)?;
+        let skeleton = self.render_messages(&marked, add_generation_prompt)?;
         let mut out = String::with_capacity(text.len());
         let mut spans = Vec::with_capacity(user_texts.len());
         let mut rest = skeleton.as_str();

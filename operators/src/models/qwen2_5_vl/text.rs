@@ -11,6 +11,8 @@
 
 use super::config::TextConfig;
 use super::host;
+use super::host_bf16;
+use super::host_head;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
@@ -42,6 +44,25 @@ pub trait TensorSource {
     /// Whether the checkpoint stores `key` itself (a tied head that only
     /// falls back to the embedding does not count).
     fn contains(&self, key: &str) -> bool;
+    /// The tensor `key` as its bf16 words (row-major) when the checkpoint
+    /// stores it in bf16, checking that its shape equals `shape`; `None`
+    /// otherwise (the default: a source without bf16 tensors).
+    fn tensor_bf16(&self, key: &str, shape: &[usize]) -> Result<Option<Vec<u16>>, TextError> {
+        let _ = (key, shape);
+        Ok(None)
+    }
+    /// Streams the rows of the bf16 matrix `key` of `shape` to `f` as
+    /// (first row, whole rows), a few at a time; `false` when it is not
+    /// stored in bf16 (the default).
+    fn bf16_rows(
+        &self,
+        key: &str,
+        shape: [usize; 2],
+        f: &mut dyn FnMut(usize, &[u16]),
+    ) -> Result<bool, TextError> {
+        let _ = (key, shape, f);
+        Ok(false)
+    }
 }
 
 /// Rotary settings of the text model (M-RoPE).
@@ -128,9 +149,21 @@ fn linear_from<B: Backend>(
     device: &B::Device,
 ) -> Result<Linear<B>, TextError> {
     let key = format!("{prefix}.weight");
-    let w = src.tensor_f32(&key, &[d_out, d_in])?;
-    // PyTorch stores [out, in]; burn's Linear multiplies by [in, out].
-    let weight = Tensor::<B, 2>::from_data(TensorData::new(w, [d_out, d_in]), device).transpose();
+    // On the host a bf16 checkpoint's matrix stays bf16 (see `host_bf16`).
+    let host_bf16 = if host::is_host::<B>() {
+        src.tensor_bf16(&key, &[d_out, d_in])?
+            .and_then(|w| host_bf16::bf16_linear_weight::<B>(w, d_out, d_in))
+    } else {
+        None
+    };
+    let weight = match host_bf16 {
+        Some(w) => w,
+        None => {
+            let w = src.tensor_f32(&key, &[d_out, d_in])?;
+            // PyTorch stores [out, in]; burn's Linear multiplies by [in, out].
+            Tensor::<B, 2>::from_data(TensorData::new(w, [d_out, d_in]), device).transpose()
+        }
+    };
     let bias = if bias {
         let key = format!("{prefix}.bias");
         let b = src.tensor_f32(&key, &[d_out])?;
@@ -465,7 +498,7 @@ impl<B: Backend> TextModel<B> {
         let (h, kvh) = (config.num_attention_heads, config.num_key_value_heads);
         let v = config.vocab_size;
         let eps = config.rms_norm_eps;
-        let emb = src.tensor_f32(&format!("{prefix}.embed_tokens.weight"), &[v, d])?;
+        let emb_key = format!("{prefix}.embed_tokens.weight");
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("{prefix}.layers.{i}");
@@ -504,37 +537,30 @@ impl<B: Backend> TextModel<B> {
             });
         }
         let norm = rms_from(src, &format!("{prefix}.norm.weight"), d, eps, device)?;
-        let head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
-            None
-        } else {
-            Some(src.tensor_f32("lm_head.weight", &[v, d])?)
-        };
-        // A tied checkpoint that also stores a head equal to the embedding:
-        // hold the matrix once.
-        let head = head.filter(|h| !(config.tie_word_embeddings && *h == emb));
         let (embed_tokens, lm_head, head_layout) = if host::is_host::<B>() {
-            let (packed, shape) = host::pack_lm_head(head.as_deref().unwrap_or(&emb), v, d);
-            let (table, layout) = match head {
-                Some(_) => (TensorData::new(emb, [v, d]), HeadLayout::Packed),
-                None => (
-                    TensorData::new(Vec::<f32>::new(), [0, d]),
-                    HeadLayout::PackedTied,
-                ),
-            };
-            (table, TensorData::new(packed, shape), layout)
+            host_head::load::<B>(src, &emb_key, config.tie_word_embeddings, v, d, device)?
         } else {
+            let emb = src.tensor_f32(&emb_key, &[v, d])?;
+            let head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
+                None
+            } else {
+                Some(src.tensor_f32("lm_head.weight", &[v, d])?)
+            };
+            // A tied checkpoint that also stores a head equal to the
+            // embedding: hold the matrix once.
+            let head = head.filter(|h| !(config.tie_word_embeddings && *h == emb));
             let head_t = transpose_host(head.as_deref().unwrap_or(&emb), v, d);
             (
-                TensorData::new(emb, [v, d]),
-                TensorData::new(head_t, [d, v]),
+                Param::from_tensor(Tensor::from_data(TensorData::new(emb, [v, d]), device)),
+                Param::from_tensor(Tensor::from_data(TensorData::new(head_t, [d, v]), device)),
                 HeadLayout::Transposed,
             )
         };
         Ok(Self {
-            embed_tokens: Param::from_tensor(Tensor::from_data(embed_tokens, device)),
+            embed_tokens,
             layers,
             norm,
-            lm_head: Param::from_tensor(Tensor::from_data(lm_head, device)),
+            lm_head,
             head_layout,
             rope: MRope::new(hd, config.rope_theta, &config.mrope_section),
             hidden_size: d,
@@ -557,7 +583,7 @@ impl<B: Backend> TextModel<B> {
     pub fn token_embedding(&self) -> Tensor<B, 2> {
         match self.head_layout {
             HeadLayout::PackedTied => self.lm_head_rows(),
-            _ => self.embed_tokens.val(),
+            _ => host_bf16::widened(self.embed_tokens.val()),
         }
     }
 
@@ -568,10 +594,9 @@ impl<B: Backend> TextModel<B> {
         match self.head_layout {
             HeadLayout::Transposed => head.transpose(),
             HeadLayout::Packed | HeadLayout::PackedTied => {
-                let (v, d) = (self.vocab_size, self.hidden_size);
-                let packed = head.into_data().into_vec::<f32>().unwrap_or_default();
-                let rows = host::unpack_lm_head(&packed, v, d);
-                Tensor::from_data(TensorData::new(rows, [v, d]), &self.device())
+                host::packed_head_rows(&head, self.vocab_size, self.hidden_size)
+                    // Packed layouts are only built on the host backend.
+                    .expect("a packed LM head is a host tensor")
             }
         }
     }
@@ -582,6 +607,9 @@ impl<B: Backend> TextModel<B> {
             if let Some(t) = host::packed_rows(&self.lm_head.val(), self.hidden_size, &ids) {
                 return t;
             }
+        }
+        if let Some(t) = host_bf16::gather_rows(&self.embed_tokens.val(), &ids) {
+            return t;
         }
         let n = ids.len();
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device());

@@ -1,8 +1,11 @@
 //! Weights of a Hugging Face Qwen2.5-VL checkpoint directory.
 //!
-//! A [`WeightStore`] memory-maps `model.safetensors` (or every shard listed in
-//! `model.safetensors.index.json`) and converts single tensors to `f32` on
-//! demand, so the process never holds two full copies of the weights.
+//! A [`WeightStore`] reads the headers of `model.safetensors` (or of every
+//! shard listed in `model.safetensors.index.json`) and then reads single
+//! tensors on demand, with plain file reads in chunks: as `f32`, or, for a
+//! bf16 tensor, as its 16-bit words ([`WeightStore::read_bf16`]). Nothing
+//! stays mapped, so the pages of the files never count towards the
+//! process's memory, and no tensor is held twice while it is converted.
 //!
 //! Key names are normalised to one canonical form, the *published* layout of
 //! the Qwen2.5-VL checkpoints (`model.layers.*`, `model.embed_tokens.weight`,
@@ -29,6 +32,10 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const LM_HEAD: &str = "lm_head.weight";
 /// Canonical name of the token embedding (the LM head when tied).
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+/// A bf16 tensor's words (row-major) and its shape.
+pub type Bf16Tensor = (Vec<u16>, Vec<usize>);
+/// Bytes per read of [`WeightStore`] (a multiple of every element size).
+const READ_CHUNK: usize = 1 << 20;
 
 /// Errors while opening a checkpoint or reading a tensor from it.
 #[derive(Debug, thiserror::Error)]
@@ -103,10 +110,9 @@ pub enum WeightsError {
     },
 }
 
-/// One memory-mapped safetensors file with its parsed header.
+/// One safetensors file with its parsed header.
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
     /// Offset of the data section (8 + header length).
     data_start: usize,
     metadata: Metadata,
@@ -170,9 +176,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
 
 fn open_shard(path: &Path) -> Result<Shard, WeightsError> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
-    // SAFETY: the checkpoint files are treated as read-only for the lifetime
-    // of the store; modifying them while mapped is a caller error, as with any
-    // memory-mapped model loader.
+    // SAFETY: the file is mapped only while its header is parsed, and
+    // treated as read-only meanwhile; modifying it then is a caller error,
+    // as with any memory-mapped model loader. Only the header's pages are
+    // touched (the parser checks the data offsets against the file's size).
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
     let (header_len, metadata) =
         SafeTensors::read_metadata(&mmap).map_err(|e| WeightsError::Format {
@@ -181,7 +188,6 @@ fn open_shard(path: &Path) -> Result<Shard, WeightsError> {
         })?;
     Ok(Shard {
         path: path.to_path_buf(),
-        mmap,
         data_start: 8 + header_len,
         metadata,
     })
@@ -316,40 +322,108 @@ impl WeightStore {
     /// Reads a tensor converted to `f32` (row-major) with its stored shape.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), WeightsError> {
         let loc = self.locate(name)?;
-        let shard = &self.shards[loc.shard];
         let info = self.info(loc);
-        let (start, end) = info.data_offsets;
-        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        let values: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|c| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    f64::from_le_bytes(a) as f32
-                })
-                .collect(),
+        let width = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F64 => 8,
             other => {
                 return Err(WeightsError::UnsupportedDtype {
-                    path: shard.path.clone(),
+                    path: self.shards[loc.shard].path.clone(),
                     key: canonical_name(name),
                     dtype: format!("{other:?}"),
                 })
             }
         };
+        let (start, end) = info.data_offsets;
+        let mut values = Vec::with_capacity((end - start) / width);
+        self.read_chunks(loc, &mut |bytes| match info.dtype {
+            Dtype::F32 => values.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            Dtype::BF16 => values.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            ),
+            Dtype::F16 => values.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            ),
+            _ => values.extend(bytes.chunks_exact(8).map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                f64::from_le_bytes(a) as f32
+            })),
+        })?;
         Ok((values, info.shape.clone()))
+    }
+
+    /// The words of a tensor stored in bf16, with its stored shape; `None`
+    /// when it is stored in another dtype. The words are read into their
+    /// final buffer: no other copy exists at any time.
+    pub fn read_bf16(&self, name: &str) -> Result<Option<Bf16Tensor>, WeightsError> {
+        let loc = self.locate(name)?;
+        let info = self.info(loc);
+        if info.dtype != Dtype::BF16 {
+            return Ok(None);
+        }
+        let (start, end) = info.data_offsets;
+        let mut words = Vec::with_capacity((end - start) / 2);
+        self.read_chunks(loc, &mut |bytes| {
+            words.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]])),
+            )
+        })?;
+        Ok(Some((words, info.shape.clone())))
+    }
+
+    /// The dtype a tensor is stored in.
+    pub fn dtype(&self, name: &str) -> Result<Dtype, WeightsError> {
+        let loc = self.locate(name)?;
+        Ok(self.info(loc).dtype)
+    }
+
+    /// Streams the bytes of a tensor to `f` in chunks of at most
+    /// [`READ_CHUNK`] bytes, each a whole number of elements (plain reads,
+    /// no mapping).
+    fn read_chunks(&self, loc: &Location, f: &mut dyn FnMut(&[u8])) -> Result<(), WeightsError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let shard = &self.shards[loc.shard];
+        let info = self.info(loc);
+        let (start, end) = info.data_offsets;
+        let bad = |message: String| WeightsError::Format {
+            path: shard.path.clone(),
+            message,
+        };
+        let first = shard
+            .data_start
+            .checked_add(start)
+            .and_then(|x| u64::try_from(x).ok())
+            .ok_or_else(|| bad(format!("tensor `{}`: offset out of range", loc.file_key)))?;
+        let mut file = std::fs::File::open(&shard.path).map_err(io_err(&shard.path))?;
+        file.seek(SeekFrom::Start(first))
+            .map_err(io_err(&shard.path))?;
+        let mut left = end.checked_sub(start).ok_or_else(|| {
+            bad(format!(
+                "tensor `{}`: data offsets out of order",
+                loc.file_key
+            ))
+        })?;
+        let mut buf = vec![0u8; READ_CHUNK.min(left)];
+        while left > 0 {
+            let n = READ_CHUNK.min(left);
+            file.read_exact(&mut buf[..n])
+                .map_err(io_err(&shard.path))?;
+            f(&buf[..n]);
+            left -= n;
+        }
+        Ok(())
     }
 
     fn check_shape(&self, name: &str, expected: &[usize]) -> Result<(), WeightsError> {
@@ -390,7 +464,14 @@ impl WeightStore {
         bias: bool,
         device: &B::Device,
     ) -> Result<Linear<B>, WeightsError> {
-        let w: Tensor<B, 2> = self.tensor(&format!("{prefix}.weight"), [d_out, d_in], device)?;
+        let key = format!("{prefix}.weight");
+        let weight = match self.host_bf16_linear::<B>(&key, d_in, d_out)? {
+            Some(w) => w,
+            None => {
+                let w: Tensor<B, 2> = self.tensor(&key, [d_out, d_in], device)?;
+                w.transpose()
+            }
+        };
         let bias = if bias {
             let b: Tensor<B, 1> = self.tensor(&format!("{prefix}.bias"), [d_out], device)?;
             Some(Param::from_tensor(b))
@@ -398,9 +479,65 @@ impl WeightStore {
             None
         };
         Ok(Linear {
-            weight: Param::from_tensor(w.transpose()),
+            weight: Param::from_tensor(weight),
             bias,
         })
+    }
+
+    /// On the host backend, the weight `key` [d_out, d_in] of a linear
+    /// layer held in bf16 as the checkpoint stores it (see
+    /// `host_bf16::bf16_linear_weight`); `None` when it is stored in
+    /// another dtype or `B` is not the host backend.
+    fn host_bf16_linear<B: Backend>(
+        &self,
+        key: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Option<Tensor<B, 2>>, WeightsError> {
+        if !super::host::is_host::<B>() || self.dtype(key)? != Dtype::BF16 {
+            return Ok(None);
+        }
+        self.check_shape(key, &[d_out, d_in])?;
+        let Some((words, _)) = self.read_bf16(key)? else {
+            return Ok(None);
+        };
+        Ok(super::host_bf16::bf16_linear_weight::<B>(
+            words, d_out, d_in,
+        ))
+    }
+
+    /// Streams the rows of a bf16 matrix `key` [rows, d] to `f` as
+    /// (first row, whole rows), a few at a time, so a caller can re-lay it
+    /// while it is read. `false` (nothing read) when it is not stored in
+    /// bf16.
+    pub fn bf16_rows(
+        &self,
+        key: &str,
+        shape: [usize; 2],
+        f: &mut dyn FnMut(usize, &[u16]),
+    ) -> Result<bool, WeightsError> {
+        if self.dtype(key)? != Dtype::BF16 {
+            return Ok(false);
+        }
+        self.check_shape(key, &shape)?;
+        let d = shape[1].max(1);
+        let loc = self.locate(key)?;
+        let mut pending: Vec<u16> = Vec::with_capacity(READ_CHUNK / 2 + d);
+        let mut row = 0usize;
+        self.read_chunks(loc, &mut |bytes| {
+            pending.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]])),
+            );
+            let full = pending.len() / d * d;
+            if full > 0 {
+                f(row, &pending[..full]);
+                row += full / d;
+                pending.drain(..full);
+            }
+        })?;
+        Ok(true)
     }
 
     /// Loads an RMSNorm weight `name` `[d]` as a burn [`RmsNorm`] with `eps`
@@ -545,6 +682,31 @@ impl super::text::TensorSource for WeightStore {
             });
         }
         Ok(data)
+    }
+
+    fn tensor_bf16(
+        &self,
+        key: &str,
+        shape: &[usize],
+    ) -> Result<Option<Vec<u16>>, super::text::TextError> {
+        let weight_err = |e: WeightsError| super::text::TextError::Weight {
+            key: key.to_string(),
+            message: e.to_string(),
+        };
+        self.check_shape(key, shape).map_err(weight_err)?;
+        Ok(self.read_bf16(key).map_err(weight_err)?.map(|(w, _)| w))
+    }
+
+    fn bf16_rows(
+        &self,
+        key: &str,
+        shape: [usize; 2],
+        f: &mut dyn FnMut(usize, &[u16]),
+    ) -> Result<bool, super::text::TextError> {
+        WeightStore::bf16_rows(self, key, shape, f).map_err(|e| super::text::TextError::Weight {
+            key: key.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// Stored under this name: unlike [`WeightStore::contains`], a tied
@@ -806,11 +968,16 @@ mod tests {
         let want: Vec<f32> = (0..32)
             .map(|o| b[o] + (0..32).map(|i| w[o * 32 + i] * x[i]).sum::<f32>())
             .collect();
-        let got = lin
-            .forward(Tensor::<B, 2>::from_data(TensorData::new(x, [1, 32]), &dev))
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
+        // The fixture is bf16: on the host the weight stays bf16, read by
+        // the host kernel.
+        assert!(super::super::host_bf16::HostBf16::of(&lin.weight.val()).is_some());
+        let got = super::super::host::apply_linear(
+            &lin,
+            Tensor::<B, 2>::from_data(TensorData::new(x, [1, 32]), &dev),
+        )
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
         }
