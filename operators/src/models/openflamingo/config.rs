@@ -27,7 +27,7 @@ pub const OPEN_CLIP_HEAD_WIDTH: usize = 64;
 /// weights.
 pub const OPENAI_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// open_clip's `OPENAI_DATASET_STD`.
-pub const OPENAI_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const OPENAI_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 /// LayerNorm epsilon of every part (PyTorch's default, used by MosaicGPT,
 /// open_clip and open-flamingo alike).
 pub const LN_EPS: f32 = 1e-5;
@@ -210,7 +210,7 @@ impl LmConfig {
             softmax_scale: f.nullable_f64("softmax_scale")?,
             logit_scale: f.nullable_f64("logit_scale")?,
         };
-        if cfg.d_model % cfg.n_heads != 0 {
+        if !cfg.d_model.is_multiple_of(cfg.n_heads) {
             return Err(f.invalid(format!(
                 "`d_model` {} is not a multiple of `n_heads` {}",
                 cfg.d_model, cfg.n_heads
@@ -282,7 +282,7 @@ impl VisionConfig {
             None => OPEN_CLIP_HEAD_WIDTH,
             Some(_) => vision.usize("head_width")?,
         };
-        if width % head_width != 0 {
+        if !width.is_multiple_of(head_width) {
             return Err(vision.invalid(format!(
                 "`{vision_prefix}width` {width} is not a multiple of `head_width` {head_width}"
             )));
@@ -300,7 +300,7 @@ impl VisionConfig {
         };
         let image_size = vision.usize("image_size")?;
         let patch_size = vision.usize("patch_size")?;
-        if image_size % patch_size != 0 {
+        if !image_size.is_multiple_of(patch_size) {
             return Err(vision.invalid(format!(
                 "`{vision_prefix}image_size` {image_size} is not a multiple of `patch_size` {patch_size}"
             )));

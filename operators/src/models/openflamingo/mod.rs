@@ -8,7 +8,8 @@
 //! [`prompt`] builds the ids, [`lm`] runs the language model with its
 //! cross-attention, [`model`] ties them together and generates with the
 //! search shared with Qwen2.5-VL
-//! ([`crate::models::qwen2_5_vl::generate::search`]).
+//! ([`crate::models::qwen2_5_vl::generate::search`]), and [`vqa`] answers
+//! the VQA contract's prompts with it.
 
 pub mod config;
 pub mod image;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod perceiver;
 pub mod prompt;
 pub mod vision;
+pub mod vqa;
 pub mod weights;
 
 #[cfg(test)]

@@ -101,25 +101,34 @@ impl FlamingoFiles {
     }
 
     /// Every file that defines the model's behaviour (configs, tokenizer,
-    /// weights), for the model's identity.
-    pub fn all(&self) -> Result<Vec<PathBuf>, FlamingoError> {
-        let mut out = model_files(&self.lm_dir)?;
-        for name in [
+    /// weights) with a label that does not depend on where the files live
+    /// (`lm/<name>`, `vision/<name>`, the checkpoint's name), for the
+    /// model's identity.
+    pub fn all(&self) -> Result<Vec<(String, PathBuf)>, FlamingoError> {
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut out: Vec<(String, PathBuf)> = model_files(&self.lm_dir)?
+            .into_iter()
+            .map(|p| (format!("lm/{}", name(&p)), p))
+            .collect();
+        for file in [
             "config.json",
             "tokenizer.json",
             "tokenizer_config.json",
             "special_tokens_map.json",
         ] {
-            let p = self.lm_dir.join(name);
+            let p = self.lm_dir.join(file);
             if p.is_file() {
-                out.push(p);
+                out.push((format!("lm/{file}"), p));
             }
         }
-        out.extend([
-            self.vision_config.clone(),
-            self.vision_weights.clone(),
-            self.checkpoint.clone(),
-        ]);
+        for p in [&self.vision_config, &self.vision_weights] {
+            out.push((format!("vision/{}", name(p)), p.clone()));
+        }
+        out.push((name(&self.checkpoint), self.checkpoint.clone()));
         Ok(out)
     }
 }

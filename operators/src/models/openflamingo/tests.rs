@@ -322,3 +322,103 @@ fn a_left_padded_batch_gives_the_ids_of_one_prompt_at_a_time() {
         }
     }
 }
+
+/// Copies `from` to `to`.
+fn copy(from: &Path, to: &Path) {
+    std::fs::copy(from, to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+}
+
+/// The real artifacts' layout, written by `tools/make_flamingo_pickles.py`:
+/// `lm/` with a pickled `pytorch_model.bin`, `vision/` an open_clip
+/// repository (`open_clip_config.json` + `open_clip_pytorch_model.bin`), a
+/// pickled `checkpoint.pt`; read through the bounded torch reader, it is the
+/// reference model. A missing file or config field is an error naming it.
+#[test]
+fn the_pickled_layout_of_the_real_artifacts_loads_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let fx = fixture_dir();
+    std::fs::create_dir_all(d.join("lm")).unwrap();
+    std::fs::create_dir_all(d.join("vision")).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        copy(&fx.join("lm").join(f), &d.join("lm").join(f));
+    }
+    let pickled = fx.join("pickled");
+    copy(
+        &pickled.join("pytorch_model.bin"),
+        &d.join("lm/pytorch_model.bin"),
+    );
+    copy(
+        &pickled.join("open_clip_pytorch_model.bin"),
+        &d.join("vision/open_clip_pytorch_model.bin"),
+    );
+    copy(&pickled.join("checkpoint.pt"), &d.join("checkpoint.pt"));
+    let model_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("vision_config.json")).unwrap())
+            .unwrap();
+    let open_clip = serde_json::json!({
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"mean": super::config::OPENAI_MEAN, "std": super::config::OPENAI_STD},
+    });
+    std::fs::write(
+        d.join("vision/open_clip_config.json"),
+        open_clip.to_string(),
+    )
+    .unwrap();
+
+    let files = super::FlamingoFiles::from_dir(d).unwrap();
+    assert_eq!(files.checkpoint, d.join("checkpoint.pt"));
+    assert_eq!(
+        files.vision_weights,
+        d.join("vision/open_clip_pytorch_model.bin")
+    );
+    let m: OpenFlamingo<Cpu> = OpenFlamingo::load(d, &Default::default()).unwrap();
+    let c = cases();
+    for case in c["cases"].as_array().unwrap() {
+        let b = batch(&m, &[prompt_of(case)]);
+        let (_, logits) = m.prefill(&b, false).unwrap();
+        close(
+            "last logits",
+            &to_vec(logits)[..8],
+            &floats(&case["last_logits_first8"]),
+            1e-4,
+        );
+        let out = m.generate(&b, &model_generation()).unwrap();
+        assert_eq!(out[0].ids, ids(&case["generate"]["beam3"]["new_token_ids"]));
+    }
+
+    let err = |d: &Path| {
+        OpenFlamingo::<Cpu>::load(d, &Default::default())
+            .unwrap_err()
+            .to_string()
+    };
+    std::fs::rename(d.join("checkpoint.pt"), d.join("moved.pt")).unwrap();
+    let e = err(d);
+    assert!(e.contains("checkpoint.pt") && e.contains("none of"), "{e}");
+    std::fs::rename(d.join("moved.pt"), d.join("checkpoint.pt")).unwrap();
+    std::fs::remove_file(d.join("lm/pytorch_model.bin")).unwrap();
+    let e = err(d);
+    assert!(
+        e.contains("pytorch_model.bin") && e.contains("none of"),
+        "{e}"
+    );
+    copy(
+        &pickled.join("pytorch_model.bin"),
+        &d.join("lm/pytorch_model.bin"),
+    );
+    let cfg_path = d.join("lm/config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("max_seq_len");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = err(d);
+    assert!(
+        e.contains("missing field `max_seq_len`") && e.contains("config.json"),
+        "{e}"
+    );
+}

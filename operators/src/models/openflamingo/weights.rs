@@ -374,4 +374,29 @@ mod tests {
         assert!(lm_key("visual.proj").is_none());
         assert_eq!(lm_key(WTE).unwrap(), WTE);
     }
+
+    #[test]
+    fn a_missing_or_misshapen_tensor_is_an_error_naming_it() {
+        let mut w = WeightSet::default();
+        let e = w
+            .take("perceiver.latents", &[64, 1024])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing tensor `perceiver.latents`"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let data = vec![0u8; 4 * 6];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3], &data)
+            .unwrap();
+        safetensors::serialize_to_file(vec![("perceiver.latents", view)], None, &path).unwrap();
+        w.add_file(&path, flamingo_key, &|_, t| Ok(t)).unwrap();
+        let e = w
+            .take("perceiver.latents", &[3, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("expected shape [3, 2], found [2, 3]") && e.contains("w.safetensors"),
+            "{e}"
+        );
+    }
 }

@@ -633,6 +633,10 @@ fn host_beam_candidates(
     tops
 }
 
+/// Each prompt's ranked `(score, beam * vocab + token)` candidates, `None`
+/// for finished prompts.
+type PromptCandidates = Vec<Option<Vec<(f32, usize)>>>;
+
 /// Each live prompt's `k` best candidates, ranked on the device: the live
 /// prompts' beams are the cache rows, `num_beams` per prompt in order.
 fn device_beam_candidates<B: Backend>(
@@ -641,7 +645,7 @@ fn device_beam_candidates<B: Backend>(
     processors: &DeviceProcessors<B>,
     at: &BeamStep<'_>,
     traffic: &mut DecodeTraffic,
-) -> Result<Vec<Option<Vec<(f32, usize)>>>, GenerateError> {
+) -> Result<PromptCandidates, GenerateError> {
     let scores: Vec<f32> = states
         .iter()
         .filter(|s| !s.done)
