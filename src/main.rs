@@ -93,7 +93,7 @@ fn score(a: &cli::ScoreArgs) -> Result<()> {
 
 /// `leverflow vqa`: answers a request file, printing one JSON line per request.
 fn vqa(a: &cli::VqaArgs) -> Result<()> {
-    use leverflow_operators::backends::{qwen2_5_vl, request};
+    use leverflow_operators::backends::{openflamingo, qwen2_5_vl, request};
     let requests = request::read_requests(&a.request)?;
     let device = a
         .device
@@ -101,7 +101,12 @@ fn vqa(a: &cli::VqaArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--device {}: {e}", a.device))?;
     let hub =
         leverflow_operators::models::hub::HubSettings::from_env(a.revision.as_deref(), a.offline);
-    for line in qwen2_5_vl::answer_requests(&a.vqa_model, &hub, device, &requests)? {
+    let lines = if openflamingo::is_openflamingo(&a.vqa_model) {
+        openflamingo::answer_requests(&a.vqa_model, &hub, device, &requests)?
+    } else {
+        qwen2_5_vl::answer_requests(&a.vqa_model, &hub, device, &requests)?
+    };
+    for line in lines {
         println!("{}", serde_json::to_string(&line)?);
     }
     Ok(())

@@ -624,3 +624,47 @@ fn candidates_without_the_training_split_carry_the_query_index_only() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--train_ques_path"));
 }
+
+/// `generate` answers with OpenFlamingo when `--vqa_model` is an
+/// OpenFlamingo directory (here the tiny fixture, on the demo's data):
+/// `_meta.vqa_model` names the backend and hashes its files, and a rerun
+/// asks the model nothing (answers and records are stored under the
+/// model's identity).
+#[test]
+fn generate_answers_with_openflamingo() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rl.json");
+    let model = root().join("tests/fixtures/openflamingo_tiny");
+    let mut args = vec!["generate".to_string()];
+    args.extend(demo_args(&out));
+    args.extend(
+        [
+            "--vqa_model",
+            &model.display().to_string(),
+            "--end_idx",
+            "4",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    ok(&leverflow(&args));
+    let v = read_json(&out);
+    let meta = &v["_meta"];
+    assert_eq!(meta["vqa_model"]["backend"], "openflamingo", "{meta}");
+    assert_eq!(meta["vqa_model"]["generation"]["num_beams"], 3, "{meta}");
+    assert!(
+        meta["vqa_model"]["files_sha256"]["flamingo_checkpoint.safetensors"].is_string(),
+        "{meta}"
+    );
+    assert!(meta["counts"]["vqa_calls"].as_u64().unwrap() > 0, "{meta}");
+    assert!(v.as_object().unwrap().len() > 1, "no query records");
+    let records = without_meta(&out);
+    ok(&leverflow(&args));
+    let again = read_json(&out);
+    assert_eq!(
+        again["_meta"]["counts"]["vqa_calls"], 0,
+        "{}",
+        again["_meta"]
+    );
+    assert_eq!(without_meta(&out), records);
+}

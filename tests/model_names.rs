@@ -164,15 +164,107 @@ fn a_missing_repository_offline_says_what_is_missing_and_how_to_fetch_it() {
 }
 
 #[test]
-fn openflamingo_is_named_as_not_supported_yet() {
+fn openflamingo_9b_is_named_as_not_supported_yet() {
     let dir = tempfile::tempdir().unwrap();
     let req = request(dir.path());
-    let out = vqa(&["--vqa_model", "flamingo_3B"], &req, &[]);
+    let out = vqa(&["--vqa_model", "flamingo_9B"], &req, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("OpenFlamingo is not supported yet"), "{err}");
+    assert!(
+        err.contains("OpenFlamingo model is not supported yet"),
+        "{err}"
+    );
     assert!(
         err.contains("qwen2.5_vl_3B") && err.contains("Qwen/Qwen2.5-VL-3B-Instruct"),
         "{err}"
+    );
+}
+
+/// A cache holding `files` (name, source) as `repo` at `main`, linked from
+/// blobs as `huggingface_hub` lays them out.
+fn cache_files(hub: &Path, repo: &str, files: &[(&str, PathBuf)]) {
+    let folder = hub.join(format!("models--{}", repo.replace('/', "--")));
+    let snapshot = folder.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(folder.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), COMMIT).unwrap();
+    for (name, src) in files {
+        let blob = format!("blob-{name}");
+        std::fs::copy(src, folder.join("blobs").join(&blob)).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(name)).unwrap();
+    }
+}
+
+/// `--vqa_model flamingo_3B` finds OpenFlamingo's three repositories (the
+/// language model, open_clip's weights, OpenFlamingo's `checkpoint.pt`) in
+/// the Hugging Face cache, offline, and answers as the reference (the tiny
+/// fixture stands in for each repository, in the real files' formats).
+#[test]
+fn flamingo_3b_is_found_in_the_cache() {
+    let fx = root().join("tests/fixtures/openflamingo_tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let hub = dir.path().join("hub");
+    let lm: Vec<(&str, PathBuf)> = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
+    .iter()
+    .map(|n| (*n, fx.join("lm").join(n)))
+    .collect();
+    cache_files(&hub, "anas-awadalla/mpt-1b-redpajama-200b", &lm);
+    let model_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("vision_config.json")).unwrap())
+            .unwrap();
+    let open_clip = dir.path().join("open_clip_config.json");
+    std::fs::write(&open_clip, json!({"model_cfg": model_cfg}).to_string()).unwrap();
+    cache_files(
+        &hub,
+        "timm/vit_large_patch14_clip_224.openai",
+        &[
+            ("open_clip_config.json", open_clip),
+            (
+                "open_clip_pytorch_model.bin",
+                fx.join("pickled/open_clip_pytorch_model.bin"),
+            ),
+        ],
+    );
+    cache_files(
+        &hub,
+        "openflamingo/OpenFlamingo-3B-vitl-mpt1b",
+        &[("checkpoint.pt", fx.join("pickled/checkpoint.pt"))],
+    );
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("cases.json")).unwrap()).unwrap();
+    let case = &cases["cases"][0];
+    let r = &case["request"];
+    let abs = |v: &serde_json::Value| fx.join(v.as_str().unwrap());
+    let req = dir.path().join("req.json");
+    let request = json!([{
+        "examples": r["examples"].as_array().unwrap().iter().map(|e| json!({
+            "image": abs(&e["image"]), "question": e["question"], "answer": e["answer"],
+        })).collect::<Vec<_>>(),
+        "query": {"image": abs(&r["query"]["image"]), "question": r["query"]["question"]},
+    }]);
+    std::fs::write(&req, request.to_string()).unwrap();
+    let out = vqa(
+        &["--vqa_model", "flamingo_3B", "--offline"],
+        &req,
+        &[("HF_HUB_CACHE", &hub)],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(line["input_ids"], case["input_ids"]);
+    assert_eq!(
+        line["generated_ids"],
+        case["generate"]["beam3"]["new_token_ids"]
     );
 }

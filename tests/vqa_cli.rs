@@ -156,3 +156,62 @@ fn vqa_command_explains_a_missing_model_directory() {
         "{err}"
     );
 }
+
+/// `leverflow vqa` on the OpenFlamingo fixture directory answers the same
+/// request JSON as for Qwen: the printed prompt ids and beam-search ids
+/// are the reference's (open-flamingo 2.0.1, transformers 4.33.3), for
+/// both cases in one request file (answered as one left-padded batch).
+#[test]
+fn vqa_command_answers_with_openflamingo() {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openflamingo_tiny");
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("cases.json")).unwrap())
+            .unwrap();
+    let cases = cases["cases"].as_array().unwrap();
+    let absolute = |p: &Value| fixture.join(p.as_str().unwrap());
+    let requests: Vec<Value> = cases
+        .iter()
+        .map(|c| {
+            let r = &c["request"];
+            json!({
+                "examples": r["examples"].as_array().unwrap().iter().map(|e| json!({
+                    "image": absolute(&e["image"]), "question": e["question"], "answer": e["answer"],
+                })).collect::<Vec<_>>(),
+                "query": {"image": absolute(&r["query"]["image"]), "question": r["query"]["question"]},
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("req.json");
+    std::fs::write(&req, serde_json::to_string(&requests).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_leverflow"))
+        .args(["vqa", "--vqa_model"])
+        .arg(&fixture)
+        .arg("--request")
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), cases.len());
+    for (got, case) in lines.iter().zip(cases) {
+        assert_eq!(got["prompt_text"], case["text"]);
+        assert_eq!(got["input_ids"], case["input_ids"]);
+        assert_eq!(
+            got["generated_ids"],
+            case["generate"]["beam3"]["new_token_ids"]
+        );
+        assert_eq!(
+            got["raw_generation"],
+            case["generate"]["beam3"]["decoded_skip_special"]
+        );
+    }
+}

@@ -12,6 +12,7 @@
 //! | backend | file | answers with |
 //! |---|---|---|
 //! | `qwen2_5_vl` | [`qwen2_5_vl`] | a Qwen2.5-VL checkpoint in burn (CPU, CUDA or wgpu) |
+//! | `qwen2_5_vl` with an OpenFlamingo directory | [`openflamingo`] | OpenFlamingo in burn (CPU) |
 //! | `replay` | [`replay`] | the raw generations of an earlier output |
 //! | `openai` | [`openai`] | an OpenAI-compatible server (vLLM, SGLang, `transformers serve`, ...) |
 //!
@@ -20,6 +21,7 @@
 
 pub mod device;
 pub mod openai;
+pub mod openflamingo;
 pub mod qwen2_5_vl;
 pub mod replay;
 pub mod request;
@@ -108,6 +110,12 @@ pub enum BackendError {
     /// The Qwen2.5-VL checkpoint failed to load or run.
     #[error(transparent)]
     Qwen(#[from] ModelError),
+    /// The OpenFlamingo model failed to load or run.
+    #[error(transparent)]
+    Flamingo(#[from] crate::models::openflamingo::FlamingoError),
+    /// OpenFlamingo asked of a device other than the CPU.
+    #[error("the OpenFlamingo backend runs on the cpu device only")]
+    FlamingoDevice,
     /// The replay file is unusable.
     #[error(transparent)]
     Replay(#[from] ReplayError),
@@ -116,6 +124,9 @@ pub enum BackendError {
 /// Loads the backend `ctx.config.vqa_backend` names.
 pub fn load(ctx: &BackendContext<'_>) -> Result<LoadedBackend, BackendError> {
     match ctx.config.vqa_backend {
+        VqaBackend::Qwen2_5Vl if openflamingo::is_openflamingo(&ctx.config.vqa_model) => {
+            openflamingo::load(ctx)
+        }
         VqaBackend::Qwen2_5Vl => qwen2_5_vl::load(ctx),
         VqaBackend::Replay => replay::load(ctx),
         VqaBackend::Openai => openai::load(ctx),

@@ -1,7 +1,8 @@
 //! `--vqa_model` names, resolved as the Hugging Face libraries resolve them:
 //! a local checkpoint directory, a hub repository id
 //! (`Qwen/Qwen2.5-VL-3B-Instruct`, at `--revision`), or one of the original
-//! project's aliases (`qwen2.5_vl_3B`, `qwen2.5_vl_7B`).
+//! project's aliases (`qwen2.5_vl_3B`, `qwen2.5_vl_7B`); `flamingo_3B`
+//! stands for OpenFlamingo's three repositories ([`resolve_openflamingo`]).
 //!
 //! A repository id is looked up in the local Hugging Face cache, laid out as
 //! `huggingface_hub` lays it out:
@@ -27,7 +28,26 @@ pub const ALIASES: &[(&str, &str)] = &[
 ];
 
 /// The original project's model names that leverflow cannot run (yet).
-pub const UNSUPPORTED: &[&str] = &["flamingo_3B", "flamingo_9B"];
+pub const UNSUPPORTED: &[&str] = &["flamingo_9B"];
+
+/// The original project's name of OpenFlamingo-3B-vitl-mpt1b.
+pub const FLAMINGO_3B: &str = "flamingo_3B";
+
+/// The repositories of `flamingo_3B` and the file each must hold: the
+/// language model (MPT-1b, with its tokenizer), open_clip's ViT-L-14
+/// `openai` weights and OpenFlamingo's checkpoint, as open-flamingo's
+/// factory and Lever-Plus load them.
+pub const FLAMINGO_3B_REPOS: [(&str, &str); 3] = [
+    ("anas-awadalla/mpt-1b-redpajama-200b", "config.json"),
+    (
+        "timm/vit_large_patch14_clip_224.openai",
+        "open_clip_config.json",
+    ),
+    ("openflamingo/OpenFlamingo-3B-vitl-mpt1b", "checkpoint.pt"),
+];
+
+/// The files of the `flamingo_3B` repositories a download fetches.
+const FLAMINGO_SUFFIXES: &[&str] = &[".json", ".safetensors", ".bin", ".pt", ".txt", ".model"];
 
 /// The files of a checkpoint that a download fetches (everything that
 /// defines the model: configs, tokenizer, chat template, weights).
@@ -37,7 +57,7 @@ const CHECKPOINT_SUFFIXES: &[&str] = &[".json", ".safetensors", ".jinja", ".txt"
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     /// The name is one of the original's models that leverflow cannot run.
-    #[error("`{0}`: OpenFlamingo is not supported yet; the supported VQA models are Qwen2.5-VL checkpoints: a local checkpoint directory, a Hugging Face repository id such as `Qwen/Qwen2.5-VL-3B-Instruct`, or the aliases {aliases}", aliases = alias_list())]
+    #[error("`{0}`: this OpenFlamingo model is not supported yet; the supported VQA models are OpenFlamingo-3B (`flamingo_3B`, or an OpenFlamingo directory) and Qwen2.5-VL checkpoints: a local checkpoint directory, a Hugging Face repository id such as `Qwen/Qwen2.5-VL-3B-Instruct`, or the aliases {aliases}", aliases = alias_list())]
     Unsupported(String),
     /// The name is neither a directory nor a repository id.
     #[error("`{0}`: neither a local directory nor a Hugging Face repository id (`owner/name`); pass the directory of a Qwen2.5-VL checkpoint (config.json, model*.safetensors, tokenizer.json, ...), a repository id such as `Qwen/Qwen2.5-VL-3B-Instruct`, or one of the aliases {aliases}", aliases = alias_list())]
@@ -195,6 +215,16 @@ pub fn cached_snapshot(
     repo: &str,
     revision: &str,
 ) -> Result<Result<PathBuf, String>, HubError> {
+    cached_snapshot_with(cache, repo, revision, "config.json")
+}
+
+/// Like [`cached_snapshot`], a snapshot counting only with `marker`.
+pub fn cached_snapshot_with(
+    cache: &Path,
+    repo: &str,
+    revision: &str,
+    marker: &str,
+) -> Result<Result<PathBuf, String>, HubError> {
     let folder = repo_folder(cache, repo);
     let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         revision.to_string()
@@ -215,13 +245,10 @@ pub fn cached_snapshot(
         )));
     }
     let snapshot = folder.join("snapshots").join(&commit);
-    if snapshot.join("config.json").is_file() {
+    if snapshot.join(marker).is_file() {
         Ok(Ok(snapshot))
     } else {
-        Ok(Err(format!(
-            "no {}",
-            snapshot.join("config.json").display()
-        )))
+        Ok(Err(format!("no {}", snapshot.join(marker).display())))
     }
 }
 
@@ -245,12 +272,49 @@ pub fn resolve(name: &str, settings: &HubSettings) -> Result<PathBuf, HubError> 
             why,
         });
     }
-    download(&repo, settings)
+    download(&repo, settings, CHECKPOINT_SUFFIXES, "config.json")
+}
+
+/// The snapshot directories of `flamingo_3B`'s repositories
+/// ([`FLAMINGO_3B_REPOS`], in that order), downloading what is not cached
+/// (unless offline).
+pub fn resolve_openflamingo(settings: &HubSettings) -> Result<[PathBuf; 3], HubError> {
+    let [lm, vision, checkpoint] =
+        FLAMINGO_3B_REPOS.map(|(repo, marker)| snapshot_or_download(repo, marker, settings));
+    Ok([lm?, vision?, checkpoint?])
+}
+
+/// The cached snapshot of `repo` holding `marker`, else a download of its
+/// files (unless offline).
+fn snapshot_or_download(
+    repo: &str,
+    marker: &str,
+    settings: &HubSettings,
+) -> Result<PathBuf, HubError> {
+    let missing = match cached_snapshot_with(&settings.cache, repo, &settings.revision, marker)? {
+        Ok(dir) => return Ok(dir),
+        Err(missing) => missing,
+    };
+    match settings.offline {
+        Some(why) => Err(HubError::NotCached {
+            repo: repo.to_string(),
+            revision: settings.revision.clone(),
+            cache: settings.cache.clone(),
+            missing,
+            why,
+        }),
+        None => download(repo, settings, FLAMINGO_SUFFIXES, marker),
+    }
 }
 
 /// Downloads the checkpoint files of `repo` into the cache (hf-hub lays
 /// them out as the Python libraries do) and returns the snapshot directory.
-fn download(repo: &str, settings: &HubSettings) -> Result<PathBuf, HubError> {
+fn download(
+    repo: &str,
+    settings: &HubSettings,
+    suffixes: &[&str],
+    marker: &str,
+) -> Result<PathBuf, HubError> {
     use hf_hub::api::sync::ApiBuilder;
     let fail = |message: String| HubError::Download {
         repo: repo.to_string(),
@@ -274,10 +338,10 @@ fn download(repo: &str, settings: &HubSettings) -> Result<PathBuf, HubError> {
         .siblings
         .into_iter()
         .map(|s| s.rfilename)
-        .filter(|f| !f.contains('/') && CHECKPOINT_SUFFIXES.iter().any(|x| f.ends_with(x)))
+        .filter(|f| !f.contains('/') && suffixes.iter().any(|x| f.ends_with(x)))
         .collect();
-    if !files.iter().any(|f| f == "config.json") {
-        return Err(fail("the repository has no config.json".into()));
+    if !files.iter().any(|f| f == marker) {
+        return Err(fail(format!("the repository has no {marker}")));
     }
     let mut snapshot = None;
     for f in &files {
@@ -343,8 +407,8 @@ mod tests {
                 "{bad}"
             );
         }
-        let e = parse_name("flamingo_3B").unwrap_err().to_string();
-        assert!(e.contains("OpenFlamingo is not supported yet"), "{e}");
+        let e = parse_name("flamingo_9B").unwrap_err().to_string();
+        assert!(e.contains("OpenFlamingo model is not supported yet"), "{e}");
         assert!(e.contains("qwen2.5_vl_3B") && e.contains("Qwen/Qwen2.5-VL-3B-Instruct"));
     }
 
@@ -408,6 +472,28 @@ mod tests {
         assert_eq!(
             repo_folder(Path::new("/c"), "Qwen/Qwen2.5-VL-3B-Instruct"),
             PathBuf::from("/c/models--Qwen--Qwen2.5-VL-3B-Instruct")
+        );
+    }
+
+    #[test]
+    fn flamingo_3b_is_its_three_repositories() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snaps = Vec::new();
+        for (i, (repo, marker)) in FLAMINGO_3B_REPOS.iter().enumerate() {
+            let commit = format!("{i}").repeat(40);
+            let snap = cache_with(dir.path(), repo, "main", &commit);
+            std::fs::write(snap.join(marker), "{}").unwrap();
+            snaps.push(snap);
+        }
+        let got = resolve_openflamingo(&settings(dir.path(), true)).unwrap();
+        assert_eq!(got.to_vec(), snaps);
+        std::fs::remove_file(snaps[2].join("checkpoint.pt")).unwrap();
+        let e = resolve_openflamingo(&settings(dir.path(), true))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("openflamingo/OpenFlamingo-3B-vitl-mpt1b") && e.contains("checkpoint.pt"),
+            "{e}"
         );
     }
 }

@@ -11,6 +11,7 @@
 //! | [`contract`] | what every VQA model answers and returns |
 //! | [`pointer_selector`] | the SFT pointer selector (candidate sequences) |
 //! | [`qwen2_5_vl`] | Qwen2.5-VL (the VQA model of the original) |
+//! | [`openflamingo`] | OpenFlamingo-3B (the original's `flamingo_3B`) |
 //! | [`demo_vlm`] | the demo's tiny Qwen2.5-VL, trained on easy-VQA by burn code |
 //! | [`hub`] | `vqa_model` names: directories, hub repository ids, aliases |
 
@@ -19,6 +20,7 @@ pub mod demo_vlm;
 #[cfg(all(test, any(feature = "wgpu", feature = "cuda")))]
 mod gpu_parity;
 pub mod hub;
+pub mod openflamingo;
 pub mod pointer_selector;
 pub mod qwen2_5_vl;
 

@@ -267,9 +267,77 @@ pub fn generate_counted<B: Backend>(
     ranking: Ranking,
     traffic: &mut DecodeTraffic,
 ) -> Result<Vec<GeneratedSequence>, GenerateError> {
+    let start = SearchStart {
+        cache: &pre.cache,
+        last_logits: &pre.last_logits,
+        input_ids: &pre.input_ids,
+    };
+    search(model, start, config, ranking, traffic)
+}
+
+/// A language model that decodes a batch of rows one token at a time from a
+/// cache: what greedy and beam search need of a model, so that every VQA
+/// model shares the one HF-matching search (Qwen2.5-VL's [`TextModel`],
+/// OpenFlamingo's MPT).
+pub trait StepDecoder<B: Backend> {
+    /// The decoding state of a batch of rows (KV cache and whatever else a
+    /// row carries).
+    type Cache: Clone;
+    /// Columns of the logits.
+    fn vocab_size(&self) -> usize;
+    /// Device the logits live on.
+    fn logits_device(&self) -> B::Device;
+    /// The state holding `rows` in that order (rows may repeat): beam
+    /// reordering, dropping finished rows, expanding a prompt.
+    fn select_rows(
+        &self,
+        cache: &Self::Cache,
+        rows: &[usize],
+    ) -> Result<Self::Cache, GenerateError>;
+    /// Feeds one token per row and returns the next-token logits
+    /// `[rows, vocab]`.
+    fn step(&self, tokens: &[u32], cache: &mut Self::Cache) -> Result<Tensor<B, 2>, GenerateError>;
+}
+
+impl<B: Backend> StepDecoder<B> for TextModel<B> {
+    type Cache = KvCache<B>;
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn logits_device(&self) -> B::Device {
+        self.device()
+    }
+    fn select_rows(&self, cache: &KvCache<B>, rows: &[usize]) -> Result<KvCache<B>, GenerateError> {
+        Ok(cache.select(rows)?)
+    }
+    fn step(&self, tokens: &[u32], cache: &mut KvCache<B>) -> Result<Tensor<B, 2>, GenerateError> {
+        Ok(self.decode_step(tokens, cache)?)
+    }
+}
+
+/// Where a search starts: the prefilled state of the prompts, their
+/// last-position logits `[prompts, vocab]` and their ids (with padding).
+pub struct SearchStart<'a, B: Backend, C> {
+    /// State after the prefill, one row per prompt.
+    pub cache: &'a C,
+    /// Logits of each prompt's last position.
+    pub last_logits: &'a Tensor<B, 2>,
+    /// Prompt token ids per row (the repetition penalty looks at them).
+    pub input_ids: &'a [Vec<u32>],
+}
+
+/// Greedy search (`num_beams == 1`) or beam search from a prefill, for any
+/// [`StepDecoder`]; one result per prompt, in order.
+pub fn search<B: Backend, M: StepDecoder<B>>(
+    model: &M,
+    start: SearchStart<'_, B, M::Cache>,
+    config: &GenerationConfig,
+    ranking: Ranking,
+    traffic: &mut DecodeTraffic,
+) -> Result<Vec<GeneratedSequence>, GenerateError> {
     config.validate()?;
-    if pre.input_ids.is_empty() || config.max_new_tokens == 0 {
-        return Ok(pre
+    if start.input_ids.is_empty() || config.max_new_tokens == 0 {
+        return Ok(start
             .input_ids
             .iter()
             .map(|_| GeneratedSequence {
@@ -280,9 +348,9 @@ pub fn generate_counted<B: Backend>(
     }
     let on_device = ranking == Ranking::Auto && !is_host::<B>();
     if config.num_beams == 1 {
-        greedy(model, pre, config, on_device, traffic)
+        greedy(model, start, config, on_device, traffic)
     } else {
-        beam_search(model, pre, config, on_device, traffic)
+        beam_search(model, start, config, on_device, traffic)
     }
 }
 
@@ -353,30 +421,31 @@ fn greedy_tokens<B: Backend>(
         .collect())
 }
 
-/// The logits processors that run on the device for `pre`'s prompts.
-fn device_processors<B: Backend>(
-    model: &TextModel<B>,
-    pre: &Prefilled<B>,
+/// The logits processors that run on the device for the prompts
+/// `input_ids` of `model`.
+fn device_processors<B: Backend, M: StepDecoder<B>>(
+    model: &M,
+    input_ids: &[Vec<u32>],
     config: &GenerationConfig,
 ) -> DeviceProcessors<B> {
     DeviceProcessors::new(
-        &pre.input_ids,
+        input_ids,
         config.repetition_penalty as f32,
         &config.eos_token_ids,
-        model.vocab_size,
-        &model.device(),
+        model.vocab_size(),
+        &model.logits_device(),
     )
 }
 
-fn greedy<B: Backend>(
-    model: &TextModel<B>,
-    pre: &Prefilled<B>,
+fn greedy<B: Backend, M: StepDecoder<B>>(
+    model: &M,
+    pre: SearchStart<'_, B, M::Cache>,
     config: &GenerationConfig,
     on_device: bool,
     traffic: &mut DecodeTraffic,
 ) -> Result<Vec<GeneratedSequence>, GenerateError> {
     let n = pre.input_ids.len();
-    let mut device = on_device.then(|| device_processors(model, pre, config));
+    let mut device = on_device.then(|| device_processors(model, pre.input_ids, config));
     // Host path: each prompt's seen tokens (the device keeps its own).
     let mut seen: Vec<Vec<u32>> = match device {
         Some(_) => vec![Vec::new(); n],
@@ -419,13 +488,13 @@ fn greedy<B: Backend>(
             break;
         }
         if keep_rows.len() != live.len() {
-            cache = cache.select(&keep_rows)?;
+            cache = model.select_rows(&cache, &keep_rows)?;
         }
         if let Some(d) = device.as_mut() {
             d.advance(&keep_rows, &tokens);
         }
         live = next_live;
-        logits = model.decode_step(&tokens, &mut cache)?;
+        logits = model.step(&tokens, &mut cache)?;
     }
     Ok(out
         .into_iter()
@@ -714,9 +783,9 @@ fn initial_beams(n_prompts: usize, nb: usize, expanded: bool) -> Vec<PromptBeams
         .collect()
 }
 
-fn beam_search<B: Backend>(
-    model: &TextModel<B>,
-    pre: &Prefilled<B>,
+fn beam_search<B: Backend, M: StepDecoder<B>>(
+    model: &M,
+    pre: SearchStart<'_, B, M::Cache>,
     config: &GenerationConfig,
     on_device: bool,
     traffic: &mut DecodeTraffic,
@@ -733,21 +802,21 @@ fn beam_search<B: Backend>(
     let mut device = None;
     if on_device {
         let rows: Vec<usize> = (0..n_prompts * nb).map(|r| r / nb).collect();
-        let mut d = device_processors(model, pre, config);
+        let mut d = device_processors(model, pre.input_ids, config);
         d.advance(&rows, &[]);
         let idx = Tensor::<B, 1, Int>::from_data(
             TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
-            &model.device(),
+            &model.logits_device(),
         );
         logits = logits.select(0, idx);
-        cache = cache.select(&rows)?;
+        cache = model.select_rows(&cache, &rows)?;
         device = Some(d);
     }
     for step in 0..config.max_new_tokens {
         traffic.steps += 1;
         let at = BeamStep {
             step,
-            vocab: model.vocab_size,
+            vocab: model.vocab_size(),
             k,
             config,
         };
@@ -765,11 +834,11 @@ fn beam_search<B: Backend>(
         }
         // One batched decode step over the beams of all live prompts.
         let (rows, tokens) = next_rows(&mut states, config.pad_token_id);
-        cache = cache.select(&rows)?;
+        cache = model.select_rows(&cache, &rows)?;
         if let Some(d) = device.as_mut() {
             d.advance(&rows, &tokens);
         }
-        logits = model.decode_step(&tokens, &mut cache)?;
+        logits = model.step(&tokens, &mut cache)?;
     }
     states
         .into_iter()
