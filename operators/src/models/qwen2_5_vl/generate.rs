@@ -1208,8 +1208,12 @@ pub(crate) mod tests {
             let b = generate_counted(model, &pre, &c, Ranking::Host, &mut on_host).unwrap();
             for (x, y) in a.iter().zip(&b) {
                 assert_eq!(x.ids, y.ids, "beams {beams}");
+                // Each ranking's score is within 1e-4 of HF's (the beam
+                // parity checks), so the two are within 2e-4 of each other:
+                // on wgpu the device's log-softmax sums differ from the
+                // host's by ~1e-4 over 5 steps (measured 1.1e-4 on lavapipe).
                 let (sx, sy) = (x.score.unwrap_or(0.0), y.score.unwrap_or(0.0));
-                assert!((sx - sy).abs() < 1e-4, "beams {beams}: {sx} vs {sy}");
+                assert!((sx - sy).abs() < 2e-4, "beams {beams}: {sx} vs {sy}");
             }
             assert_eq!(on_device.reads, on_device.steps, "beams {beams}");
             // At most 8-byte ids and f32 values: k = 2 * beams per prompt.
