@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::generate::{GenerationConfig, GenerationOverrides};
 use super::host_bf16::{storage_bytes, HostBf16};
+use super::model::tests::case_request;
 use super::model::{Qwen25Vl, QwenVqa};
 use super::processor::PromptRequest;
 use super::weights::{expected_shapes, WeightStore, EMBED_TOKENS, LM_HEAD};
@@ -166,27 +167,6 @@ fn f32_copy(out: &Path) {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
-}
-
-/// Row `r` of a fixture case as a request.
-fn case_request(case: &Value, r: usize) -> PromptRequest {
-    let msgs = &case["messages"][r];
-    let system = msgs[0]["content"].as_str().map(str::to_string);
-    let mut pairs = Vec::new();
-    let mut image = PathBuf::new();
-    for item in msgs[1]["content"].as_array().unwrap() {
-        if item["type"] == "image" {
-            image = fixture_dir().join(item["image"].as_str().unwrap());
-        } else {
-            let text = item["text"].as_str().unwrap();
-            let (q, a) = text["Question:".len()..]
-                .split_once(" Short answer:")
-                .unwrap();
-            pairs.push((image.clone(), q.to_string(), a.to_string()));
-        }
-    }
-    let (qi, qq, _) = pairs.pop().unwrap();
-    PromptRequest::from_paths(system, pairs, (qi, qq))
 }
 
 #[test]

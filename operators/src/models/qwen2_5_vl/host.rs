@@ -22,6 +22,18 @@ use rayon::prelude::*;
 use super::host_bf16::{widen, HostBf16};
 use super::logprobs::softmax_weights;
 
+/// The ndarray storage behind `t` (shared, not copied), or `None` on
+/// another backend.
+pub(crate) fn ndarray_storage<B: Backend, const D: usize>(
+    t: &Tensor<B, D>,
+) -> Option<NdArrayTensor> {
+    let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
+        return None;
+    };
+    let any: &dyn Any = &p;
+    any.downcast_ref::<NdArrayTensor>().cloned()
+}
+
 /// A zero-copy handle on the f32 storage of an ndarray-backend tensor.
 pub(crate) struct HostF32(NdArrayTensor);
 
@@ -29,12 +41,8 @@ impl HostF32 {
     /// The host storage of `t`, or `None` when `B` is not the ndarray backend
     /// with f32 elements (the caller then uses the generic tensor path).
     pub(crate) fn of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Self> {
-        let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
-            return None;
-        };
-        let any: &dyn Any = &p;
-        match any.downcast_ref::<NdArrayTensor>()? {
-            inner @ NdArrayTensor::F32(_) => Some(Self(inner.clone())),
+        match ndarray_storage(t)? {
+            inner @ NdArrayTensor::F32(_) => Some(Self(inner)),
             _ => None,
         }
     }

@@ -34,12 +34,8 @@ impl HostBf16 {
     /// The bf16 storage of `t`, or `None` when `t` is not a host tensor
     /// holding bf16 words.
     pub(crate) fn of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Self> {
-        let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
-            return None;
-        };
-        let any: &dyn Any = &p;
-        match any.downcast_ref::<NdArrayTensor>()? {
-            inner @ NdArrayTensor::U16(_) => Some(Self(inner.clone())),
+        match super::host::ndarray_storage(t)? {
+            inner @ NdArrayTensor::U16(_) => Some(Self(inner)),
             _ => None,
         }
     }

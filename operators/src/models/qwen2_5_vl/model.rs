@@ -552,7 +552,7 @@ impl<B: Backend> VqaModel for QwenVqa<B> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::models::qwen2_5_vl::generate::GenerationOverrides;
     use burn::backend::NdArray;
@@ -562,10 +562,10 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2_5_vl_tiny")
     }
 
-    /// Row 0 of a fixture case as a request (its image files, questions and
-    /// example answers).
-    fn case_request(case: &Value) -> PromptRequest {
-        let msgs = &case["messages"][0];
+    /// Row `r` of a fixture case as a request (its image files, questions
+    /// and example answers).
+    pub(crate) fn case_request(case: &Value, r: usize) -> PromptRequest {
+        let msgs = &case["messages"][r];
         let system = msgs[0]["content"].as_str().map(str::to_string);
         let mut pairs = Vec::new();
         let mut image = PathBuf::new();
@@ -623,7 +623,7 @@ mod tests {
                 .iter()
                 .find(|c| c["name"] == name)
                 .unwrap();
-            let req = case_request(case);
+            let req = case_request(case, 0);
             let mask = original_prompt_mask(&model, &req);
             assert_eq!(mask, r["mask_length"].as_u64().unwrap() as usize, "{name}");
             let answers: Vec<(String, f64)> = r["answers"]
