@@ -116,14 +116,12 @@ pub fn answer_requests(
             .collect();
         let answers = fv.answer_prompts(&prompts)?;
         for (i, a) in idx.into_iter().zip(answers) {
-            let answer = crate::accuracy::postprocess_generation(Some(&a.raw_generation));
-            outputs[i] = Some(serde_json::json!({
-                "prompt_text": a.prompt_text,
-                "input_ids": a.input_ids,
-                "generated_ids": a.generated_ids,
-                "raw_generation": a.raw_generation,
-                "answer": answer,
-            }));
+            outputs[i] = Some(super::request::answer_line(
+                &a.prompt_text,
+                &a.input_ids,
+                &a.generated_ids,
+                &a.raw_generation,
+            ));
         }
     }
     Ok(outputs.into_iter().flatten().collect())

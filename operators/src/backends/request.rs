@@ -121,6 +121,24 @@ pub struct VqaRequest {
     pub gen: RequestGen,
 }
 
+/// One answer of `leverflow vqa` as the command prints it (the same line
+/// for every backend): the prompt, its ids, the generated ids, the raw
+/// generation and the post-processed answer.
+pub fn answer_line(
+    prompt_text: &str,
+    input_ids: &[u32],
+    generated_ids: &[u32],
+    raw_generation: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_text": prompt_text,
+        "input_ids": input_ids,
+        "generated_ids": generated_ids,
+        "raw_generation": raw_generation,
+        "answer": crate::accuracy::postprocess_generation(Some(raw_generation)),
+    })
+}
+
 /// Reads a request file (one request object, or a list of them).
 pub fn read_requests(path: &Path) -> Result<Vec<VqaRequest>, RequestError> {
     let text = std::fs::read_to_string(path).map_err(|source| RequestError::Io {
