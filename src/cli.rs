@@ -723,6 +723,15 @@ pub struct BenchArgs {
     /// reported peak RSS is that batch size's own).
     #[arg(long = "batch_only", visible_alias = "batch-only")]
     pub batch_only: bool,
+    /// vqa bench: the vision-embedding cache in MB kept across batches
+    /// (0: off, every prompt encodes its own images, as HF does; with the
+    /// cache, an image is encoded once per run).
+    #[arg(
+        long = "vision_cache_mb",
+        visible_alias = "vision-cache-mb",
+        default_value_t = 256
+    )]
+    pub vision_cache_mb: usize,
     /// pipeline / rerun / cluster benches: prepare the synthetic inputs in
     /// this directory and keep them (and the runs' outputs and state) after
     /// the benchmark, to profile a run by hand. Default: a temporary

@@ -124,6 +124,7 @@ fn bench(a: &cli::BenchArgs) -> Result<()> {
         synthetic_3b_layers: a.synthetic_3b_layers,
         synthetic: a.synthetic,
         batch_only: a.batch_only,
+        vision_cache_mb: a.vision_cache_mb,
         device: a
             .device
             .parse()

@@ -53,6 +53,7 @@ Qwen2.5-VL-3B-Instruct (bf16, 4 shards), 8 prompts:
 1. `leverflow bench vqa --synthetic 3b --keep_dir DIR` writes the checkpoint
    into DIR (reused when DIR already holds one) and prints leverflow's
    lines, batch 1 and batch 8, each run in a fresh process with its peak RSS;
+   then both batch sizes again with the vision cache off (`--vision_cache_mb 0`);
 2. `leverflow vqa` answers the first 4 prompts (as one batch); their
    generated ids are kept;
 3. HF loads DIR with transformers from the same config.json (f32, sdpa) in a
@@ -278,6 +279,18 @@ def synthetic_3b(args):
         print(line, flush=True)
     if proc.returncode != 0:
         sys.exit(f"leverflow bench vqa --synthetic 3b failed ({proc.returncode})")
+    # The vision cache off (HF has none): every prompt encodes its own images.
+    for bs in BATCH_SIZES:
+        proc = subprocess.run(
+            [args.leverflow, "bench", "vqa", "--vqa_model", model_dir, "--batch_size", str(bs),
+             "--batch_only", "--queries", str(SYNTH_QUERIES), "--reps", str(max(1, args.reps)),
+             "--vision_cache_mb", "0"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        for line in proc.stdout.splitlines():
+            print(line, flush=True)
+        if proc.returncode != 0:
+            sys.exit(f"leverflow bench vqa with the vision cache off failed ({proc.returncode})")
     reqs = build_requests(model_dir, SYNTH_QUERIES)
     lf = run_leverflow(args.leverflow, model_dir, reqs[:SYNTH_CHECK_N])
     expect = os.path.join(model_dir, "leverflow_ids.json")

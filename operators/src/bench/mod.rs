@@ -9,11 +9,13 @@
 //! | `candidates` | [`workloads`] | pointer-selector candidate generation |
 //! | `pipeline`, `rerun`, `cluster` | [`workloads`] | whole runs of the binary on synthetic inputs |
 //! | `vqa` | [`vqa`] | Qwen2.5-VL prompts per second at batch 1 and batch N (with `--synthetic 3b`, at the 3B's full size, [`synthetic_3b`]) |
+//! | `vqa --vqa_model <OpenFlamingo dir>` | [`vqa_flamingo`] | OpenFlamingo prompts per second at batch 1 and batch N |
 //! | `openai` | [`openai`] | answers per second through a running OpenAI-compatible server, and leverflow's time per request |
 
 pub mod openai;
 pub mod synthetic_3b;
 pub mod vqa;
+pub mod vqa_flamingo;
 pub mod workloads;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +44,8 @@ pub struct BenchSettings {
     /// vqa: measure only `batch_size` (not batch 1 first), so the line's
     /// peak RSS is that batch size's own.
     pub batch_only: bool,
+    /// vqa: the vision-embedding cache kept across batches, in MB (0: off).
+    pub vision_cache_mb: usize,
     /// pipeline / rerun / cluster: keep the inputs and outputs here.
     pub keep_dir: Option<PathBuf>,
     /// The `leverflow` binary the whole-run benchmarks start.

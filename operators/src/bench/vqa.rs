@@ -48,6 +48,9 @@ pub fn bench_vqa(args: &BenchSettings) -> Result<()> {
         .vqa_model
         .clone()
         .unwrap_or_else(|| args.repo.join("tests/fixtures/qwen2_5_vl_tiny"));
+    if crate::backends::openflamingo::is_openflamingo(&dir.to_string_lossy()) {
+        return super::vqa_flamingo::bench_flamingo(args, &dir);
+    }
     let synthetic = match args.synthetic_3b_layers {
         Some(layers) => Some(synthetic_3b_checkpoint(&dir, layers)?),
         None => None,
@@ -119,6 +122,7 @@ fn bench_synthetic_3b(args: &BenchSettings) -> Result<()> {
             .args(["--queries", &SYNTHETIC_PROMPTS.to_string()])
             .args(["--reps", &args.reps.clamp(1, 3).to_string()])
             .args(["--device", &args.device.to_string()])
+            .args(["--vision_cache_mb", &args.vision_cache_mb.to_string()])
             .status()?;
         if !status.success() {
             return Err(BenchError::Run(format!(
@@ -133,27 +137,7 @@ fn bench_synthetic_3b(args: &BenchSettings) -> Result<()> {
 
 /// `n` prompts of two in-context examples over the fixture's easy-VQA images.
 fn bench_requests(dir: &Path, n: usize) -> Result<Vec<PromptRequest>> {
-    let images: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
-        .map_err(|e| {
-            BenchError::Run(format!(
-                "{}: no images/ folder with prompt images: {e}",
-                dir.display()
-            ))
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("easyvqa"))
-        })
-        .collect();
-    let mut images = images;
-    images.sort();
-    if images.len() < 3 {
-        return Err(BenchError::Run(format!(
-            "{}: need at least 3 easyvqa_*.png images",
-            dir.display()
-        )));
-    }
+    let images = prompt_images(dir, "easyvqa_*.png", |name| name.starts_with("easyvqa"))?;
     Ok((0..n)
         .map(|i| PromptRequest {
             system_prompt: None,
@@ -170,6 +154,44 @@ fn bench_requests(dir: &Path, n: usize) -> Result<Vec<PromptRequest>> {
             },
         })
         .collect())
+}
+
+/// The sorted files of `dir/images` whose names pass `keep` (at least 3:
+/// each prompt shows three), for the benchmarks' prompts.
+pub(super) fn prompt_images(
+    dir: &Path,
+    what: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<PathBuf>> {
+    let folder = dir.join("images");
+    let mut images: Vec<PathBuf> = std::fs::read_dir(&folder)
+        .map_err(|e| {
+            BenchError::Run(format!(
+                "{}: no images/ folder with prompt images: {e}",
+                dir.display()
+            ))
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| keep(&n.to_string_lossy())))
+        .collect();
+    images.sort();
+    if images.len() < 3 {
+        return Err(BenchError::Run(format!(
+            "{}: need at least 3 {what} images",
+            folder.display()
+        )));
+    }
+    Ok(images)
+}
+
+/// The batch sizes a `bench vqa` run measures: batch 1 (a loop) and
+/// `--batch_size`, or only `--batch_size` with `--batch_only`.
+pub(super) fn batch_sizes(args: &BenchSettings) -> Vec<usize> {
+    if args.batch_only {
+        vec![args.batch_size.max(1)]
+    } else {
+        vec![1, args.batch_size.max(1)]
+    }
 }
 
 /// One `bench vqa` invocation's inputs.
@@ -205,18 +227,17 @@ impl BenchRun<'_> {
             _ => &[(Ranking::Auto, "device"), (Ranking::Host, "host")],
         };
         let n = self.reqs.len();
-        let batches = if self.args.batch_only {
-            vec![self.args.batch_size.max(1)]
-        } else {
-            vec![1usize, self.args.batch_size.max(1)]
-        };
-        for batch in batches {
+        for batch in batch_sizes(self.args) {
             for &(ranking, ranking_name) in rankings {
                 let mut stats = QwenStats::default();
                 let secs = super::time_runs(self.args.reps.max(1), || {
                     // A fresh cache each run: every image is encoded again.
-                    let mut qv = QwenVqa::new(Arc::clone(&model), generation.clone(), 256)
-                        .with_ranking(ranking);
+                    let mut qv = QwenVqa::new(
+                        Arc::clone(&model),
+                        generation.clone(),
+                        self.args.vision_cache_mb,
+                    )
+                    .with_ranking(ranking);
                     for chunk in self.reqs.chunks(batch) {
                         qv.answer_requests(chunk, None)
                             .map_err(BenchError::workload)?;
@@ -235,6 +256,8 @@ impl BenchRun<'_> {
                         "device": self.args.device.to_string(),
                         "ranking": ranking_name,
                         "decode_steps": stats.decode_steps,
+                        "vision_cache_mb": self.args.vision_cache_mb,
+                        "images_encoded": stats.images_encoded,
                         "device_reads_per_step": stats.decode_device_reads as f64 / steps,
                         "device_read_bytes_per_step": stats.decode_device_read_bytes as f64 / steps,
                         "model": self.dir.display().to_string(),

@@ -93,6 +93,11 @@ impl<B: Backend> FlamingoVqa<B> {
         }
     }
 
+    /// The answerer's counters so far.
+    pub fn flamingo_stats(&self) -> &FlamingoStats {
+        &self.stats
+    }
+
     /// Answers `prompts` as one batch, with their ids.
     pub fn answer_prompts(
         &mut self,
