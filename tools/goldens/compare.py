@@ -4,7 +4,8 @@
 JSON: the record bytes (everything before `_meta`) must be identical, and
 `_meta` equal apart from `created_at`, `timings`, the backend's seconds, the
 output directory in paths, and the settings named in LEVERFLOW_NEW_ARGS
-(comma separated: flags added since A was recorded). Parquet: rows, schema,
+(comma separated: flags added since A was recorded) and the backend counters
+named in LEVERFLOW_NEW_COUNTS. Parquet: rows, schema,
 row groups and key-value metadata equal (`leverflow_meta` as `_meta`).
 """
 import json, sys, os, pyarrow.parquet as pq
@@ -12,12 +13,17 @@ A, B = sys.argv[1], sys.argv[2]
 VOL = {"created_at", "timings"}
 # Settings added since the goldens were recorded (a new key of _meta.args).
 NEW_ARGS = set(os.environ.get("LEVERFLOW_NEW_ARGS", "").split(",")) - {""}
+# Counters of the VQA backend added since the goldens were recorded
+# (keys of _meta.counts.vqa_backend, comma separated).
+NEW_COUNTS = set(os.environ.get("LEVERFLOW_NEW_COUNTS", "").split(",")) - {""}
 bad = 0
 def strip(m):
     m = json.loads(json.dumps(m).replace(os.path.abspath(B), os.path.abspath(A)))
     [m.pop(k, None) for k in VOL]
     vb = m.get('counts', {}).get('vqa_backend')
-    if isinstance(vb, dict): vb.pop('seconds', None)
+    if isinstance(vb, dict):
+        vb.pop('seconds', None)
+        for k in NEW_COUNTS: vb.pop(k, None)
     args = m.get('args')
     if isinstance(args, dict):
         for k in NEW_ARGS: args.pop(k, None)
