@@ -16,7 +16,8 @@
 //!   flight, from a pool of that many threads shared by its workers; the
 //!   `vqa` stage submits prompts and goes on ([`RemoteVqa`]), so the
 //!   dataflow's other stages keep running.
-//! * **Failures.** Connection errors, 429 and 5xx are retried
+//! * **Failures.** Connection errors (an answer cut off mid-body among
+//!   them), 429 and 5xx are retried
 //!   `openai_retries` times with exponential backoff (0.5 s, 1 s, 2 s, ...,
 //!   at most 30 s; a 429's `Retry-After` is honoured up to that); then the
 //!   prompt fails with an error naming the server, the query and the last
@@ -264,9 +265,8 @@ impl Server {
         }
         let listed: Value = req
             .call()
-            .map_err(|e| fail(format!("GET /models: {}", describe(&e))))?
-            .into_json()
-            .map_err(|e| fail(format!("GET /models: not JSON: {e}")))?;
+            .map_err(|e| fail(format!("GET /models: {}", describe(&e))))
+            .and_then(|resp| read_json_body(resp).map_err(|e| fail(format!("GET /models: {e}"))))?;
         let models: Vec<(String, String)> = listed["data"]
             .as_array()
             .map(|a| {
@@ -441,13 +441,27 @@ impl Server {
                 req = req.set("Authorization", a);
             }
             let (retry, wait, last) = match req.send_json(body) {
-                Ok(resp) => {
-                    return resp.into_json().map_err(|e| OpenAiError::Protocol {
-                        server: self.base.clone(),
-                        query,
-                        message: format!("not JSON: {e}"),
-                    })
-                }
+                Ok(resp) => match read_json_body(resp) {
+                    Ok(answer) => return Ok(answer),
+                    // The server went away while sending its answer: a
+                    // failure of the connection, retried like one.
+                    Err(BodyError::CutOff(e)) => {
+                        let err = OpenAiError::Connection {
+                            server: self.base.clone(),
+                            query,
+                            attempts,
+                            message: format!("the answer was cut off: {e}"),
+                        };
+                        (true, None, err)
+                    }
+                    Err(e) => {
+                        return Err(OpenAiError::Protocol {
+                            server: self.base.clone(),
+                            query,
+                            message: e.to_string(),
+                        })
+                    }
+                },
                 Err(ureq::Error::Status(status, resp)) => {
                     let retry_after = resp
                         .header("Retry-After")
@@ -572,6 +586,41 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// A transport error in words (ureq's own text names the URL and cause).
+/// The most bytes of a response body read: a broken or hostile server
+/// cannot grow a worker's memory past it (an answer of a few tokens, even
+/// with vLLM's prompt log-probabilities, is far smaller).
+const MAX_RESPONSE_BYTES: u64 = 16 << 20;
+
+/// Why a response body could not be read as JSON.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// The connection failed before the whole body arrived.
+    #[error("the body was cut off: {0}")]
+    CutOff(std::io::Error),
+    /// The body is larger than [`MAX_RESPONSE_BYTES`].
+    #[error("the body is over {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+    /// The whole body arrived and is not JSON.
+    #[error("not JSON: {0}")]
+    NotJson(serde_json::Error),
+}
+
+/// Reads a response's whole body (at most [`MAX_RESPONSE_BYTES`]), then
+/// parses it: read first so that a body cut off mid-way (a transport
+/// failure, worth a retry) is told apart from one that is not JSON.
+fn read_json_body(resp: ureq::Response) -> Result<Value, BodyError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    resp.into_reader()
+        .take(MAX_RESPONSE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(BodyError::CutOff)?;
+    if bytes.len() as u64 > MAX_RESPONSE_BYTES {
+        return Err(BodyError::TooLarge);
+    }
+    serde_json::from_slice(&bytes).map_err(BodyError::NotJson)
+}
+
 fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Status(code, _) => format!("HTTP status {code}"),
@@ -830,6 +879,92 @@ mod tests {
         };
         let e = settings(&cfg).err().unwrap().to_string();
         assert!(e.contains("ftp://***@h/v1") && !e.contains("pw"), "{e}");
+    }
+
+    /// A test double of a server on 127.0.0.1: it answers the `i`th
+    /// connection's request with the raw HTTP response `replies[i]`, then
+    /// closes that connection.
+    fn scripted_server(replies: Vec<String>) -> (String, std::thread::JoinHandle<()>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}/v1", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            for reply in replies {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                // The request: headers, then Content-Length bytes of body.
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).unwrap();
+                let mut stream = reader.into_inner();
+                stream.write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        (base, handle)
+    }
+
+    /// A [`Server`] for `base` that retries `retries` times.
+    fn client(base: &str, retries: u32) -> Server {
+        Server {
+            base: base.to_string(),
+            authorization: None,
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .build(),
+            model: "m".into(),
+            generation: Generation::of(&RunConfig::default()),
+            retries,
+            max_image_bytes: 1 << 20,
+            gauge: Arc::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// A 200 response whose header promises `length` bytes of `body`.
+    fn ok_response(body: &str, length: usize) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{body}"
+        )
+    }
+
+    #[test]
+    fn an_answer_cut_off_mid_body_is_retried_as_a_connection_failure() {
+        let whole = r#"{"choices":[{"message":{"content":"red"}}]}"#;
+        let (base, server) = scripted_server(vec![
+            ok_response(&whole[..10], whole.len()),
+            ok_response(whole, whole.len()),
+        ]);
+        let answer = client(&base, 1).post(7, &json!({})).unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], "red");
+        server.join().unwrap();
+
+        // Without a retry left, the error is the connection's, naming the
+        // server and the query.
+        let (base, server) = scripted_server(vec![ok_response(&whole[..10], whole.len())]);
+        let e = client(&base, 0).post(7, &json!({})).unwrap_err();
+        assert!(matches!(e, OpenAiError::Connection { query: 7, .. }), "{e}");
+        assert!(e.to_string().contains("cut off"), "{e}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_whole_answer_that_is_not_json_fails_at_once() {
+        let (base, server) = scripted_server(vec![ok_response("<html>", 6)]);
+        let e = client(&base, 3).post(2, &json!({})).unwrap_err();
+        assert!(matches!(e, OpenAiError::Protocol { query: 2, .. }), "{e}");
+        assert!(e.to_string().contains("not JSON"), "{e}");
+        server.join().unwrap();
     }
 
     #[test]
