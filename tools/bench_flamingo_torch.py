@@ -25,9 +25,9 @@ One invocation measures both sides:
    compared with open_flamingo's batch-1 ids (`ids_match_leverflow`).
 
 Both sides use the original's settings: beam 3, 5 new tokens, length penalty
-0, EOS `<|endoftext|>`. Each side encodes every distinct image of a batch
-once (open_flamingo encodes each prompt's images, so shared images cost more
-there; leverflow's `images_encoded` says how many it ran).
+0, EOS `<|endoftext|>`. leverflow encodes each distinct image of a batch
+once (its `images_encoded` says how many it ran); open_flamingo encodes every
+prompt's images, so images shared by prompts cost more there.
 
 Environment (see tests/fixtures/openflamingo_tiny/README.md §4): a venv with
 transformers 4.33.3, tokenizers 0.13.3, open-flamingo 2.0.1 (--no-deps),

@@ -585,7 +585,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// A transport error in words (ureq's own text names the URL and cause).
 /// The most bytes of a response body read: a broken or hostile server
 /// cannot grow a worker's memory past it (an answer of a few tokens, even
 /// with vLLM's prompt log-probabilities, is far smaller).
@@ -621,6 +620,7 @@ fn read_json_body(resp: ureq::Response) -> Result<Value, BodyError> {
     serde_json::from_slice(&bytes).map_err(BodyError::NotJson)
 }
 
+/// A transport error in words (ureq's own text names the URL and cause).
 fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Status(code, _) => format!("HTTP status {code}"),
